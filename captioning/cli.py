@@ -1,0 +1,62 @@
+"""The ``captioner`` command line.
+
+Sub-commands are contributed by packages through the ``captioner.commands`` entry-point group
+(``pyproject.toml``). Each entry point names a function ``register(subparsers)`` that adds its
+sub-parsers and sets ``func`` on them; ``func(args) -> int | None`` is the exit status.
+This keeps the core package free of imports from ``training`` and ``service``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from importlib.metadata import entry_points
+
+from captioning import __version__
+from captioning.errors import CaptionerError
+
+# No model hubs or telemetry: everything is built from configs and local files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="captioner",
+        description="Image captioning: synthetic data, offline training, model store, service.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for ep in sorted(entry_points(group="captioner.commands"), key=lambda e: e.name):
+        ep.load()(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        status = func(args)
+    except CaptionerError as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
