@@ -1,0 +1,398 @@
+"""Per-model batching pool: bounded priority queue -> batcher -> worker replicas.
+
+Why asyncio for the queue and threads for the work: admission, deadlines, cancellation and batch forming
+are bookkeeping that must react within microseconds to many concurrent requests, which is what the event
+loop is for (no locks: everything but ``runner`` runs on the loop). The model forward pass is a blocking
+torch call that releases the GIL, so it runs on a ``ThreadPoolExecutor`` with one thread per replica, each
+thread pinned to ``torch_threads`` intra-op threads (torch's thread count is per calling thread). Replicas
+share the model's read-only weights, so a second replica costs threads, not memory.
+
+Life of an item: ``submit`` (admission: at most ``capacity`` queued items per priority, else
+:class:`Overloaded` with a Retry-After estimate) -> queued -> the batcher, once a replica is free, takes the
+oldest highest-priority item and adds compatible items (same model object, same decode parameters) until
+``max_batch_size`` or ``max_wait_ms`` has passed -> items whose deadline has passed or whose caller went away
+are dropped right before the batch runs -> ``runner(handle, group, payloads)`` in a replica thread ->
+each item's future gets its result (or the batch's exception).
+
+Because an item carries the model object (``handle``) that preprocessed it, a hot swap never mixes
+versions in one batch: items queued before the swap run on the old object, later ones on the new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE = 0
+BACKGROUND = 1
+PRIORITY_NAMES = {INTERACTIVE: "interactive", BACKGROUND: "background"}
+
+
+class Overloaded(Exception):
+    def __init__(self, name: str, depth: int, retry_after: int):
+        super().__init__(f"model {name!r}: queue full ({depth} queued); retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    pass
+
+
+class Dropped(Exception):
+    """The item was cancelled (caller gone or gave up) before it ran."""
+
+
+class PoolClosed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class WorkItem:
+    payload: Any
+    handle: Any  # the model object that runs it
+    group: Hashable  # items with equal handle and group may share a batch
+    priority: int
+    deadline: float  # time.monotonic()
+    enqueued: float
+    future: asyncio.Future
+    state: str = "queued"  # queued -> running -> done | dropped
+    started: float = 0.0
+    batch_size: int = 0
+    batch_ms: float = 0.0
+
+    @property
+    def queue_ms(self) -> float:
+        return (self.started - self.enqueued) * 1000.0 if self.started else 0.0
+
+
+@dataclass
+class PoolStats:
+    batches: int = 0
+    items: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {"deadline": 0, "cancelled": 0})
+    ewma_batch_s: float = 0.0
+
+
+Runner = Callable[[Any, Hashable, list[Any]], Sequence[Any]]
+
+
+class BatchPool:
+    """One model's queue, batcher and replicas. Create, ``start()`` on the loop, ``close()`` to drain."""
+
+    def __init__(
+        self,
+        name: str,
+        runner: Runner,
+        *,
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        capacity: int = 64,
+        replicas: int = 1,
+        torch_threads: int = 1,
+        metrics: Any = None,
+    ):
+        self.name = name
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.capacity = capacity
+        self.replicas = replicas
+        self.torch_threads = torch_threads
+        self.metrics = metrics
+        self.stats = PoolStats()
+        self._queues: dict[int, deque[WorkItem]] = {INTERACTIVE: deque(), BACKGROUND: deque()}
+        self._queued = {INTERACTIVE: 0, BACKGROUND: 0}
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._batcher: asyncio.Task | None = None
+        self._running_batches: set[asyncio.Future] = set()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.replicas)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.replicas,
+            thread_name_prefix=f"pool-{self.name}",
+            initializer=_set_torch_threads,
+            initargs=(self.torch_threads,),
+        )
+        self._batcher = asyncio.create_task(self._batch_loop(), name=f"batcher-{self.name}")
+        self._report_depth()
+
+    @property
+    def alive(self) -> bool:
+        return self._batcher is not None and not self._batcher.done() and not self._closing
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Stop admitting, run everything already queued, wait for running batches, stop the threads."""
+        if self._batcher is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._batcher), timeout)
+            if self._running_batches:
+                await asyncio.wait_for(asyncio.gather(*self._running_batches, return_exceptions=True), timeout)
+        except TimeoutError:
+            log.warning("pool %s: drain did not finish within %.0f s; dropping what is left", self.name, timeout)
+            self._batcher.cancel()
+            for queue in self._queues.values():
+                while queue:
+                    self._drop(queue.popleft(), PoolClosed(f"model {self.name!r} stopped"), "cancelled")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- admission ------------------------------------------------------------------------------------
+    def depth(self, priority: int | None = None) -> int:
+        if priority is None:
+            return sum(self._queued.values())
+        return self._queued[priority]
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained: queued batches x mean batch time / replicas."""
+        batches = math.ceil(self.depth() / self.max_batch_size)
+        per_batch = self.stats.ewma_batch_s or 0.1
+        return max(1, math.ceil(batches * per_batch / self.replicas))
+
+    def submit(
+        self,
+        payloads: Sequence[Any],
+        *,
+        handle: Any,
+        group: Hashable = None,
+        priority: int = INTERACTIVE,
+        timeout: float = 30.0,
+    ) -> list[WorkItem]:
+        """Queue ``payloads`` together (all or none). Must be called on the pool's event loop."""
+        if self._closing or self._batcher is None:
+            raise PoolClosed(f"model {self.name!r} is not accepting work (shutting down)")
+        if self._queued[priority] + len(payloads) > self.capacity:
+            raise Overloaded(self.name, self._queued[priority], self.retry_after())
+        now = time.monotonic()
+        items = []
+        for payload in payloads:
+            item = WorkItem(
+                payload=payload,
+                handle=handle,
+                group=group,
+                priority=priority,
+                deadline=now + timeout,
+                enqueued=now,
+                future=self._loop.create_future(),
+            )
+            self._queues[priority].append(item)
+            items.append(item)
+        self._queued[priority] += len(items)
+        self._report_depth()
+        self._wakeup.set()
+        return items
+
+    def cancel(self, items: Sequence[WorkItem], reason: str = "cancelled") -> int:
+        """Drop items that have not started; running ones finish (their result is discarded)."""
+        dropped = 0
+        for item in items:
+            if item.state == "queued":
+                exc = DeadlineExceeded() if reason == "deadline" else Dropped()
+                self._drop(item, exc, reason)
+                dropped += 1
+        if dropped:
+            self._report_depth()
+        return dropped
+
+    # --- batcher --------------------------------------------------------------------------------------
+    def _drop(self, item: WorkItem, exc: BaseException, reason: str) -> None:
+        if item.state == "queued":
+            self._queued[item.priority] -= 1
+        item.state = "dropped"
+        self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
+        if self.metrics is not None:
+            self.metrics.dropped.labels(self.name, reason).inc()
+        if not item.future.done():
+            item.future.set_exception(exc)
+            item.future.exception()  # mark retrieved: the caller may already have gone
+
+    def _pop_first(self) -> WorkItem | None:
+        for priority in (INTERACTIVE, BACKGROUND):
+            queue = self._queues[priority]
+            while queue:
+                item = queue.popleft()
+                if item.state == "queued":
+                    return item
+        return None
+
+    def _take_compatible(self, first: WorkItem, room: int) -> list[WorkItem]:
+        taken: list[WorkItem] = []
+        for priority in (INTERACTIVE, BACKGROUND):
+            queue = self._queues[priority]
+            if not queue or room <= 0:
+                continue
+            kept: deque[WorkItem] = deque()
+            while queue:
+                item = queue.popleft()
+                if item.state != "queued":
+                    continue
+                if room > 0 and item.handle is first.handle and item.group == first.group:
+                    taken.append(item)
+                    room -= 1
+                else:
+                    kept.append(item)
+            self._queues[priority] = kept
+        return taken
+
+    async def _form_batch(self) -> list[WorkItem] | None:
+        while True:
+            first = self._pop_first()
+            while first is None:
+                if self._closing:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                first = self._pop_first()
+            batch = [first]
+            # the first item leaves the queue now: count it out so admission sees the room
+            self._queued[first.priority] -= 1
+            first.state = "forming"
+            until = time.monotonic() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                more = self._take_compatible(first, self.max_batch_size - len(batch))
+                for item in more:
+                    self._queued[item.priority] -= 1
+                    item.state = "forming"
+                batch.extend(more)
+                remaining = until - time.monotonic()
+                if len(batch) >= self.max_batch_size or remaining <= 0 or self._closing:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    pass
+            self._report_depth()
+            now = time.monotonic()
+            live = []
+            for item in batch:
+                if item.future.done():  # the caller went away while the batch was forming
+                    self._drop(item, Dropped(), "cancelled")
+                elif item.deadline <= now:
+                    self._drop(item, DeadlineExceeded(), "deadline")
+                else:
+                    live.append(item)
+            if live:
+                return live
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._form_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if batch is None:
+                self._slots.release()
+                return
+            now = time.monotonic()
+            for item in batch:
+                item.state = "running"
+                item.started = now
+                item.batch_size = len(batch)
+                if self.metrics is not None:
+                    self.metrics.queue_wait.labels(self.name).observe(now - item.enqueued)
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(self.name).observe(len(batch))
+            first = batch[0]
+            payloads = [item.payload for item in batch]
+            running = self._loop.run_in_executor(self._executor, self._run, first.handle, first.group, payloads)
+            self._running_batches.add(running)
+            running.add_done_callback(lambda fut, batch=batch: self._finish(batch, fut))
+
+    def _run(self, handle: Any, group: Hashable, payloads: list[Any]) -> tuple[Sequence[Any], float]:
+        start = time.perf_counter()
+        results = self.runner(handle, group, payloads)
+        if len(results) != len(payloads):
+            raise RuntimeError(f"model {self.name!r}: runner returned {len(results)} results for {len(payloads)} inputs")
+        return results, time.perf_counter() - start
+
+    def _finish(self, batch: list[WorkItem], fut: asyncio.Future) -> None:
+        self._running_batches.discard(fut)
+        self._slots.release()
+        exc = PoolClosed(f"model {self.name!r} stopped") if fut.cancelled() else fut.exception()
+        if exc is None:
+            results, seconds = fut.result()
+            self.stats.batches += 1
+            self.stats.items += len(batch)
+            alpha = 0.2
+            self.stats.ewma_batch_s = seconds if not self.stats.ewma_batch_s else (
+                (1 - alpha) * self.stats.ewma_batch_s + alpha * seconds
+            )
+            if self.metrics is not None:
+                self.metrics.inference.labels(self.name).observe(seconds)
+            for item, result in zip(batch, results, strict=True):
+                item.state = "done"
+                item.batch_ms = seconds * 1000.0
+                if not item.future.done():
+                    item.future.set_result(result)
+        else:
+            log.error("model %s: batch of %d failed: %r", self.name, len(batch), exc, exc_info=exc)
+            for item in batch:
+                item.state = "done"
+                if not item.future.done():
+                    item.future.set_exception(exc)
+                    item.future.exception()
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None:
+            for priority, count in self._queued.items():
+                self.metrics.queue_depth.labels(self.name, PRIORITY_NAMES[priority]).set(count)
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+async def wait_items(items: Sequence[WorkItem], pool: BatchPool, *, timeout: float, disconnected=None) -> list[Any]:
+    """Wait for every item's result. On timeout -> cancel what has not run, raise DeadlineExceeded; when
+    ``disconnected`` (an awaitable that finishes when the client goes away) finishes first -> cancel, raise
+    Dropped. Any item's exception is raised after the others are cancelled."""
+    gathered = asyncio.gather(*(item.future for item in items))
+    waiters = {gathered}
+    watcher = None
+    if disconnected is not None:
+        watcher = asyncio.ensure_future(disconnected)
+        waiters.add(watcher)
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        pool.cancel(items, "cancelled")
+        gathered.cancel()
+        raise
+    finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+    if gathered in done:
+        try:
+            return gathered.result()
+        except BaseException:
+            pool.cancel(items, "cancelled")
+            raise
+    gathered.cancel()
+    if watcher is not None and watcher in done:
+        pool.cancel(items, "cancelled")
+        raise Dropped("client disconnected")
+    pool.cancel(items, "deadline")
+    raise DeadlineExceeded()

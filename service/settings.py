@@ -1,0 +1,148 @@
+"""Every knob of the service, read from ``CAPTIONER_*`` environment variables (pydantic-settings).
+
+``Settings()`` reads the environment (and a ``.env`` file in the working directory, if any);
+``Settings(max_batch_size=1)`` overrides in code (tests, benchmarks, ``captioner serve --port``).
+The table in docs/service.md lists every field; ``python -m service.settings`` prints it from this class,
+so the two cannot drift apart unnoticed (tests compare them).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+# Pillow's names, as accepted by Image.open(fp, formats=[...]).
+KNOWN_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAPTIONER_", env_file=".env", extra="ignore", validate_default=True, frozen=True
+    )
+
+    # --- server -------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address uvicorn binds (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes; each loads its own models")
+    log_level: str = Field("info", description="uvicorn / service log level")
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="graceful shutdown: how long in-flight requests and batches may take to finish"
+    )
+
+    # --- models ---------------------------------------------------------------------------------------
+    model_store: Path | None = Field(
+        None, description="model store root (unset: the repository's model_store/, as captioning.store decides)"
+    )
+    models: str = Field(
+        "auto",
+        description="comma-separated model names to serve, e.g. `ucm-captioner,ucm-classifier`; `auto`: every "
+        "servable model in the store that has the serving alias",
+    )
+    alias: str = Field("production", description="store alias that is served and that reload switches to")
+    default_caption_model: str = Field(
+        "auto", description="captioner used when a request names none; `auto`: lightcap if served, else ucm"
+    )
+
+    # --- data -----------------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("captioner-data"), description="jobs database and job files live here")
+
+    # --- auth -----------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None, description="if set, every /v1 route needs `Authorization: Bearer KEY` (or `X-API-Key: KEY`)"
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="key for admin routes (model reload); unset: admin routes are refused"
+    )
+
+    # --- intake ---------------------------------------------------------------------------------------
+    max_body_bytes: int = Field(20 * MB, gt=0, description="request body cap, enforced while reading (413)")
+    max_job_body_bytes: int = Field(1024 * MB, gt=0, description="body cap of POST /v1/jobs uploads (413)")
+    max_image_pixels: int = Field(
+        50_000_000, gt=0, description="per-image width x height cap, read from the header before decoding (413)"
+    )
+    max_images_per_request: int = Field(32, ge=1, description="images one interactive request may carry (413)")
+    formats: str = Field(
+        ",".join(KNOWN_FORMATS), description="allowed image formats (Pillow names; subset of the default)"
+    )
+    intake_threads: int = Field(0, ge=0, description="threads decoding / preprocessing images (0: cores, max 4)")
+
+    # --- pool -----------------------------------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, description="largest batch a worker runs (1 turns batching off)")
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="how long a batch waits for more compatible requests once it has one"
+    )
+    queue_size: int = Field(64, ge=1, description="per-model bound on queued images of each priority (429 when full)")
+    replicas: int = Field(1, ge=1, description="worker threads per model, each running one batch at a time")
+    torch_threads: int = Field(0, ge=0, description="torch threads per replica (0: cores / replicas)")
+    request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 when passed)")
+    max_beam_size: int = Field(5, ge=1, description="largest beam_size a request may ask for")
+    max_length_limit: int = Field(64, ge=1, description="largest max_length a request may ask for")
+
+    # --- jobs -----------------------------------------------------------------------------------------
+    job_inflight: int = Field(16, ge=1, description="images of the running job queued in the pool at once")
+    job_max_entries: int = Field(100_000, ge=1, description="archive entries a job may have")
+    job_max_entry_bytes: int = Field(64 * MB, gt=0, description="largest archive entry extracted (bigger: refused)")
+    job_max_total_bytes: int = Field(8 * 1024 * MB, gt=0, description="total extracted bytes of one job")
+
+    @field_validator("formats")
+    @classmethod
+    def _check_formats(cls, value: str) -> str:
+        names = [f.strip().upper() for f in value.split(",") if f.strip()]
+        unknown = [f for f in names if f not in KNOWN_FORMATS]
+        if unknown or not names:
+            raise ValueError(f"unknown image format(s) {unknown or value!r}; choose from {', '.join(KNOWN_FORMATS)}")
+        return ",".join(names)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: str) -> str:
+        names = [m.strip() for m in value.split(",") if m.strip()]
+        if not names:
+            raise ValueError("models must be `auto` or a comma-separated list of model names")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> Settings:
+        for name in ("api_key", "admin_key"):
+            secret = getattr(self, name)
+            if secret is not None and len(secret.get_secret_value()) < 8:
+                raise ValueError(f"CAPTIONER_{name.upper()} must be at least 8 characters")
+        return self
+
+    # --- derived --------------------------------------------------------------------------------------
+    @property
+    def format_list(self) -> list[str]:
+        return self.formats.split(",")
+
+    @property
+    def model_names(self) -> list[str] | None:
+        """Explicit model names, or None for ``auto``."""
+        return None if self.models == "auto" else self.models.split(",")
+
+    @property
+    def threads_per_replica(self) -> int:
+        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.replicas)
+
+    @property
+    def decode_threads(self) -> int:
+        return self.intake_threads or min(4, os.cpu_count() or 1)
+
+
+def settings_table() -> str:
+    """The markdown table of every setting (docs/service.md embeds it)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if isinstance(default, Path):
+            default = str(default)
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `CAPTIONER_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(settings_table())
