@@ -1,0 +1,295 @@
+"""The LightCap captioner: modulated CLIP grid + concept tokens -> TinyBERT prefix LM -> ensemble head.
+
+Read top to bottom::
+
+    grid     [B,C,h,w]   frozen CLIP ResNet trunk (GridEncoder), computed outside this module
+    concepts             the concept extractor's top-K concepts of each image (ConceptInputs):
+                         CLIP text embeddings [B,K,D] + scores [B,K] (modulator), word pieces [B,Kt] (tokens)
+    grid     = modulator(grid, concepts)                      # channel-wise gate (optional)
+    visual   = LayerNorm(W_v grid.flatten)                    # [B,h*w,H]  visual tokens
+    concept  = word_embeddings(concept pieces)                # [B,Kt,H]   concept tokens (optional)
+    hidden   = fusion([visual | concept | caption])           # prefix-LM BERT, [B,P+T,H]
+    logits   = ensemble_head(hidden[:, P:])                   # [n_branches,B,T,V]
+
+Architecture numbers live in one ``arch`` dict (saved as ``model.json`` next to the weights), so a stored
+model is rebuilt exactly; ``build_arch(config, ...)`` makes it from a profile's ``model`` section.
+Teachers are the same class with a bigger ``fusion`` section and one head branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from captioning.errors import ConfigError
+from captioning.models.lightcap.fusion import PrefixLMFusion
+from captioning.models.lightcap.head import EnsembleHead
+from captioning.models.lightcap.modulator import ConceptModulator
+from captioning.models.lightcap.tokenizer import CaptionTokenizer
+
+ARCH_KEYS = (
+    "grid_channels", "concept_dim", "vocab_size", "fusion", "use_concepts", "use_modulator",
+    "modulator_hidden", "head_branches", "max_concepts", "max_concept_tokens", "max_caption_length",
+)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class ConceptInputs:
+    """The concepts of a batch of images, ready for the captioner."""
+
+    embeds: torch.Tensor       # [B,K,D] CLIP text embeddings of the concepts (zeros where padded)
+    scores: torch.Tensor       # [B,K]   extractor scores (0 where padded)
+    token_ids: torch.Tensor    # [B,Kt]  word pieces of the concept words, best concept first
+    token_valid: torch.Tensor  # [B,Kt]  bool
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def index(self, rows: torch.Tensor | slice) -> ConceptInputs:
+        return ConceptInputs(self.embeds[rows], self.scores[rows], self.token_ids[rows], self.token_valid[rows])
+
+    def to(self, device: torch.device | str) -> ConceptInputs:
+        return ConceptInputs(
+            self.embeds.to(device), self.scores.to(device), self.token_ids.to(device), self.token_valid.to(device)
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[ConceptInputs]) -> ConceptInputs:
+        return ConceptInputs(*(torch.cat([getattr(p, f) for p in parts]) for f in ("embeds", "scores", "token_ids", "token_valid")))
+
+
+class ConceptPacker:
+    """Turns the concept extractor's padded output into ``ConceptInputs``.
+
+    ``words``/``embeddings``: the extractor's concept vocabulary and its CLIP text embeddings ``[N_words, D]``
+    (no text is encoded here). Input: ``concept_ids [B,K']`` (-1 = none) and ``scores [B,K']``, as
+    ``ConceptExtractor.extract_tensors`` returns them. Concepts are taken best score first, at most
+    ``max_concepts``, and their word pieces are concatenated up to ``max_concept_tokens``.
+    """
+
+    def __init__(
+        self,
+        words: Sequence[str],
+        embeddings: torch.Tensor,
+        tokenizer: CaptionTokenizer,
+        *,
+        max_concepts: int,
+        max_concept_tokens: int,
+    ) -> None:
+        if len(words) != embeddings.shape[0]:
+            raise ConfigError(f"concept vocabulary has {len(words)} words but {embeddings.shape[0]} embeddings")
+        self.words = list(words)
+        self.embeddings = embeddings.float()                                        # [N_words, D]
+        self.max_concepts = int(max_concepts)
+        self.max_concept_tokens = int(max_concept_tokens)
+        self.pieces = [tokenizer.encode(w) for w in self.words]                     # word pieces per concept id
+
+    def __call__(self, concept_ids: torch.Tensor, scores: torch.Tensor) -> ConceptInputs:
+        B, K, Kt = concept_ids.shape[0], self.max_concepts, self.max_concept_tokens
+        if concept_ids.numel() and int(concept_ids.max()) >= len(self.words):
+            raise ConfigError(f"concept id {int(concept_ids.max())} is outside the vocabulary of {len(self.words)}")
+        scores = torch.where(concept_ids >= 0, scores.float(), torch.full_like(scores.float(), -1.0))
+        order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :K]    # best first
+        ids = concept_ids.gather(1, order)                                            # [B,<=K]
+        top_scores = scores.gather(1, order).clamp_min(0.0)
+        valid = ids >= 0
+        out_scores = torch.zeros(B, K)
+        out_scores[:, : ids.shape[1]] = torch.where(valid, top_scores, torch.zeros_like(top_scores))
+        embeds = torch.zeros(B, K, self.embeddings.shape[1])
+        embeds[:, : ids.shape[1]] = self.embeddings[ids.clamp_min(0)] * valid[..., None]
+        token_ids = torch.zeros(B, Kt, dtype=torch.long)
+        token_valid = torch.zeros(B, Kt, dtype=torch.bool)
+        for b in range(B):
+            pieces = [p for cid in ids[b].tolist() if cid >= 0 for p in self.pieces[cid]][:Kt]
+            if pieces:
+                token_ids[b, : len(pieces)] = torch.tensor(pieces, dtype=torch.long)
+                token_valid[b, : len(pieces)] = True
+        return ConceptInputs(embeds, out_scores, token_ids, token_valid)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_arch(
+    model_cfg: dict[str, Any], *, grid_channels: int, concept_dim: int, vocab_size: int
+) -> dict[str, Any]:
+    """The architecture dict of a ``model`` config section, given the extractor's and tokenizer's sizes."""
+    try:
+        arch = {
+            "grid_channels": int(grid_channels),
+            "concept_dim": int(concept_dim),
+            "vocab_size": int(vocab_size),
+            "fusion": dict(model_cfg["fusion"]),
+            "use_concepts": bool(model_cfg["use_concepts"]),
+            "use_modulator": bool(model_cfg["use_modulator"]),
+            "modulator_hidden": int(model_cfg["modulator_hidden"]),
+            "head_branches": int(model_cfg["head_branches"]),
+            "max_concepts": int(model_cfg["max_concepts"]),
+            "max_concept_tokens": int(model_cfg["max_concept_tokens"]),
+            "max_caption_length": int(model_cfg["max_caption_length"]),
+        }
+    except KeyError as exc:
+        raise ConfigError(f"lightcap config: model section is missing {exc.args[0]!r}") from exc
+    return arch
+
+
+@dataclass
+class LightCapOutput:
+    branch_logits: torch.Tensor                  # [n,B,T,V] one slice per head branch (caption positions)
+    hidden_states: tuple[torch.Tensor, ...] | None  # (embeddings, layer 1, ..., layer N), each [B,P+T,H]
+    attentions: tuple[torch.Tensor, ...] | None     # per layer [B,heads,P+T,P+T]
+    sequence_valid: torch.Tensor                  # [B,P+T] bool
+    prefix_length: int
+
+
+class LightCapCaptioner(nn.Module):
+    def __init__(self, arch: dict[str, Any], *, pretrained_dir: str | None = None) -> None:
+        super().__init__()
+        missing = [k for k in ARCH_KEYS if k not in arch]
+        if missing:
+            raise ConfigError(f"lightcap architecture is missing {missing}")
+        self.arch = dict(arch)
+        self.fusion = PrefixLMFusion(arch["fusion"], arch["vocab_size"], pretrained_dir=pretrained_dir)
+        hidden = self.fusion.hidden_size
+        self.modulator = (
+            ConceptModulator(arch["concept_dim"], arch["grid_channels"], arch["modulator_hidden"])
+            if arch["use_modulator"]
+            else None
+        )
+        self.visual_proj = nn.Linear(arch["grid_channels"], hidden)
+        self.visual_norm = nn.LayerNorm(hidden, eps=1e-12)
+        self.head = EnsembleHead(self.fusion.word_embeddings, arch["head_branches"])
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def use_concepts(self) -> bool:
+        return bool(self.arch["use_concepts"])
+
+    def num_parameters(self) -> int:
+        """Trainable parameters of the captioner (tied embeddings counted once; the frozen CLIP trunk and the
+        concept extractor are separate models)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def prefix(self, grid: torch.Tensor, concepts: ConceptInputs | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid [B,C,h,w] + concepts -> prefix embeddings [B,P,H] and validity [B,P]."""
+        if grid.shape[1] != self.arch["grid_channels"]:
+            raise ConfigError(f"grid has {grid.shape[1]} channels, the captioner expects {self.arch['grid_channels']}")
+        if self.modulator is not None:
+            if concepts is None:
+                raise ConfigError("this captioner's modulator needs concepts")
+            grid = self.modulator(grid, concepts.embeds, concepts.scores)                  # [B,C,h,w]
+        visual = self.visual_norm(self.visual_proj(grid.flatten(2).transpose(1, 2)))      # [B,hw,H]
+        visual_valid = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
+        if not self.use_concepts:
+            return visual, visual_valid
+        if concepts is None:
+            raise ConfigError("this captioner uses concept tokens but got no concepts")
+        concept_tokens = self.fusion.word_embeddings(concepts.token_ids)                  # [B,Kt,H]
+        return (
+            torch.cat([visual, concept_tokens], dim=1),
+            torch.cat([visual_valid, concepts.token_valid], dim=1),
+        )
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        grid: torch.Tensor,
+        concepts: ConceptInputs | None,
+        caption_in: torch.Tensor,        # [B,T] ids starting with [CLS]
+        caption_valid: torch.Tensor,     # [B,T] bool
+        *,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> LightCapOutput:
+        prefix_embeds, prefix_valid = self.prefix(grid, concepts)
+        out = self.fusion(
+            prefix_embeds, prefix_valid, caption_in, caption_valid,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )
+        P = prefix_embeds.shape[1]
+        caption_hidden = out.last_hidden_state[:, P:]                                    # [B,T,H]
+        return LightCapOutput(
+            branch_logits=self.head.branch_logits(caption_hidden),
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions if output_attentions else None,
+            sequence_valid=torch.cat([prefix_valid, caption_valid], dim=1),
+            prefix_length=P,
+        )
+
+    # ------------------------------------------------------------------ decoding
+    def decoder(self, *, use_cache: bool = True) -> LightCapDecoder:
+        return LightCapDecoder(self, use_cache=use_cache)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        grid: torch.Tensor,
+        concepts: ConceptInputs | None,
+        options,
+        *,
+        bos_id: int,
+        eos_id: int,
+        use_cache: bool = True,
+    ):
+        """Greedy / beam search (``captioning.decoding``) -> one ``Hypothesis`` per image."""
+        from captioning.decoding import decode
+
+        return decode(
+            self.decoder(use_cache=use_cache), (grid, concepts), options,
+            bos_id=bos_id, eos_id=eos_id, batch_size=grid.shape[0],
+        )
+
+
+def caption_loss(branch_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smoothing: float = 0.0):
+    """Mean over branches of each branch's token cross-entropy. targets/valid [B,T]."""
+    n, B, T, V = branch_logits.shape
+    per_token = F.cross_entropy(
+        branch_logits.reshape(n * B * T, V), targets.repeat(n, 1, 1).reshape(-1),
+        reduction="none", label_smoothing=float(smoothing),
+    ).view(n, B, T)
+    weights = valid.float()
+    return (per_token * weights).sum() / (weights.sum() * n).clamp_min(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+class LightCapDecoder:
+    """``captioning.decoding.StepModel`` for a LightCapCaptioner.
+
+    Cached (default): ``init_state`` runs the prefix once into a ``DynamicCache``; each ``step`` feeds one token
+    against it (O(1) new tokens per step). Uncached: each step re-runs the whole sequence so far; kept as the
+    reference the cache is tested against.
+    """
+
+    def __init__(self, model: LightCapCaptioner, *, use_cache: bool = True) -> None:
+        self.model = model
+        self.use_cache = use_cache
+
+    def init_state(self, batch: tuple[torch.Tensor, ConceptInputs | None]) -> dict[str, Any]:
+        grid, concepts = batch
+        prefix_embeds, prefix_valid = self.model.prefix(grid, concepts)
+        if self.use_cache:
+            return {"key_valid": prefix_valid, "cache": self.model.fusion.prefill(prefix_embeds, prefix_valid)}
+        tokens = torch.zeros(prefix_valid.shape[0], 0, dtype=torch.long, device=prefix_valid.device)
+        return {"prefix_valid": prefix_valid, "prefix_embeds": prefix_embeds, "tokens": tokens}
+
+    def step(self, last_tokens: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.use_cache:
+            key_valid = torch.cat([state["key_valid"], torch.ones_like(state["key_valid"][:, :1])], dim=1)
+            hidden = self.model.fusion.step(last_tokens, state["cache"], key_valid)          # [N,H]
+            return self.model.head(hidden), {"key_valid": key_valid, "cache": state["cache"]}
+        tokens = torch.cat([state["tokens"], last_tokens[:, None]], dim=1)                   # [N,t+1]
+        out = self.model.fusion(
+            state["prefix_embeds"], state["prefix_valid"], tokens, torch.ones_like(tokens, dtype=torch.bool)
+        )
+        hidden = out.last_hidden_state[:, -1]                                                 # [N,H]
+        return self.model.head(hidden), {**state, "tokens": tokens}
+
+    def reorder(self, state: dict[str, Any], indices: torch.Tensor) -> dict[str, Any]:
+        if self.use_cache:
+            state["cache"].reorder_cache(indices)
+            return {"key_valid": state["key_valid"][indices], "cache": state["cache"]}
+        return {k: v[indices] for k, v in state.items()}
