@@ -1,0 +1,131 @@
+"""Class-agnostic foreground detector of LightCap's concept extractor: ultralytics YOLOv5n with one class.
+
+The network is ultralytics' own ``DetectionModel`` built from ``yolov5n.yaml`` with ``nc=1`` (what
+``YOLO("yolov5n.yaml")`` builds, then re-headed for one class by ultralytics' trainer). The store keeps only
+its tensors (``detector.safetensors``); loading rebuilds the network from the yaml and loads them, so no
+pickle is ever read from the store.
+
+``ProposalDetector(cfg)``: ``cfg`` is the ``detector`` section of a concepts config::
+
+    yaml: yolov5n.yaml   # ultralytics model config
+    imgsz: 256           # side the network runs at (multiple of 32)
+    conf: 0.25           # confidence threshold of a proposal
+    iou: 0.6             # NMS IoU threshold
+    max_det: 50          # proposals kept per image
+
+``forward(images)``: ``images`` ``[B, 3, H, W]`` RGB in [0, 1] -> list of B ``(boxes [N, 4] xyxy in the
+input's pixels, scores [N])``, highest score first. Batched: one network pass for the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from captioning.errors import ConfigError
+
+WEIGHTS_FILE = "detector.safetensors"
+
+
+def _quiet_ultralytics() -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+
+
+class ProposalDetector(nn.Module):
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        _quiet_ultralytics()
+        from ultralytics.nn.tasks import DetectionModel
+
+        self.cfg = dict(cfg)
+        self.imgsz = int(cfg.get("imgsz", 640))
+        if self.imgsz % 32:
+            raise ConfigError(f"concepts config: detector.imgsz {self.imgsz} must be a multiple of 32")
+        self.conf = float(cfg.get("conf", 0.25))
+        self.iou = float(cfg.get("iou", 0.6))
+        self.max_det = int(cfg.get("max_det", 50))
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.model = DetectionModel(str(cfg.get("yaml", "yolov5n.yaml")), nc=1, verbose=False)
+        self.model.eval()
+
+    # weights ---------------------------------------------------------------------------------------------
+    def load_weights(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: detector weights not found")
+        self.load_tensors(load_file(str(path)), source=str(path))
+
+    def load_tensors(self, state: dict[str, torch.Tensor], *, source: str) -> None:
+        expected = self.model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            raise ConfigError(
+                f"{source}: detector weights do not fit {self.cfg.get('yaml')} with one class "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
+            )
+        self.model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+    def save_weights(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+        from safetensors.torch import save_file
+
+        state = {
+            k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.model.state_dict().items()
+        }
+        save_file(state, str(path))
+        return Path(path)
+
+    @staticmethod
+    def tensors_from_ultralytics_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+        """The fp32 tensors of an ultralytics training checkpoint (``best.pt``/``last.pt``, EMA preferred).
+
+        Only for files this project's own training just wrote (they are pickles); the store never holds one.
+        """
+        _quiet_ultralytics()
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+        model = ckpt.get("ema") or ckpt.get("model")
+        if model is None:
+            raise ConfigError(f"{path}: not an ultralytics checkpoint (no 'ema' or 'model')")
+        return {k: v.float() if v.is_floating_point() else v for k, v in model.float().state_dict().items()}
+
+    # inference ---------------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> ProposalDetector:  # inference-only module: the network stays in eval
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, *, conf: float | None = None, max_det: int | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from ultralytics.utils.nms import non_max_suppression
+
+        height, width = images.shape[-2:]
+        x = images
+        if (height, width) != (self.imgsz, self.imgsz):
+            x = nn.functional.interpolate(images, size=(self.imgsz, self.imgsz), mode="bilinear", align_corners=False)
+        prediction = self.model(x)  # eval: ([B, 4 + 1, anchors] xywh + score, raw head outputs)
+        detections = non_max_suppression(
+            prediction,
+            conf_thres=self.conf if conf is None else float(conf),
+            iou_thres=self.iou,
+            agnostic=True,
+            max_det=self.max_det if max_det is None else int(max_det),
+        )  # B x [N, 6] (x1, y1, x2, y2, score, class)
+        scale = torch.tensor([width / self.imgsz, height / self.imgsz] * 2, dtype=torch.float32, device=images.device)
+        out = []
+        for det in detections:
+            boxes = det[:, :4].float() * scale  # [N,4] in the input's pixels
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+            out.append((boxes, det[:, 4].float()))
+        return out
