@@ -309,17 +309,18 @@ class ConceptExtractor(nn.Module):
     # the task method ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def extract_tensors(
-        self, images: torch.Tensor, top_k: int | None = None
+        self, images: torch.Tensor, top_k: int | None = None, grid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-K de-duplicated concepts per image as padded tensors.
 
         Returns ``concept_ids [B, K]`` (-1 = padding), ``scores [B, K]`` (0 for padding), ``boxes [B, K, 4]``.
         ``vocab_embeddings[concept_ids.clamp(min=0)]`` gives their CLIP text embeddings.
+        ``grid``: the images' CLIP grid when the caller already has it (the LightCap captioner reuses it).
         """
         k = self.top_k if top_k is None else int(top_k)
         proposals = self.propose(images)
         boxes = [b for b, _ in proposals]
-        concept_ids, probs = self.classify_boxes(images, boxes)
+        concept_ids, probs = self.classify_boxes(images, boxes, grid=grid)
         batch = images.shape[0]
         out_ids = torch.full((batch, k), -1, dtype=torch.long)
         out_scores = torch.zeros((batch, k))
