@@ -42,7 +42,7 @@ def make_model(seed=0, std=0.3, **changes) -> LightCapCaptioner:
     torch.manual_seed(seed)
     model = LightCapCaptioner(make_arch(**changes)).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0, std)
     return model
@@ -184,7 +184,7 @@ def test_cached_decoding_gives_exactly_the_uncached_tokens(beam_size):
     cached = model.generate(grid, concepts, options, bos_id=2, eos_id=3, use_cache=True)
     uncached = model.generate(grid, concepts, options, bos_id=2, eos_id=3, use_cache=False)
     assert [h.tokens for h in cached] == [h.tokens for h in uncached]
-    for a, b in zip(cached, uncached):
+    for a, b in zip(cached, uncached, strict=True):
         assert a.log_prob == pytest.approx(b.log_prob, abs=1e-4)
     # and the captions really depend on the image (a cache that ignored the prefix would not show it)
     assert len({tuple(h.tokens) for h in cached}) > 1

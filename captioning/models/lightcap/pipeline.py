@@ -1,0 +1,243 @@
+"""LightCap end to end: concept extractor (frozen CLIP grid + concepts) -> captioner -> text.
+
+* ``build_captioner(model_cfg, ...)``: a new ``LightCapCaptioner`` from a profile's ``model``/``teacher`` section,
+  loading a local (Tiny)BERT directory into the fusion module when ``fusion.pretrained`` is set.
+* ``save_captioner(folder, ...)`` / ``load_captioner_folder(folder)``: the files of a published captioner::
+
+      captioner.safetensors   weights (tied word embedding stored once; fp16 for the tiny defaults)
+      model.json              the architecture dict (rebuilds the exact network) + decoding defaults
+      tokenizer.json          the caption tokenizer
+
+* ``LightCapPipeline``: the runtime object of task ``lightcap`` (docs/ARCHITECTURE.md "Inference contract"):
+  ``preprocess(pil) -> [3,S,S]`` and ``caption(images [B,3,S,S], ...) -> list[CaptionOut]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from captioning.errors import ConfigError, StoreError
+from captioning.models.lightcap.captioner import ConceptInputs, ConceptPacker, LightCapCaptioner, build_arch
+from captioning.models.lightcap.tokenizer import TOKENIZER_FILE, CaptionTokenizer
+
+WEIGHTS_FILE = "captioner.safetensors"
+ARCH_FILE = "model.json"
+TIED_PREFIX = "head.word_embeddings."  # the head's view of fusion.bert.embeddings.word_embeddings
+
+
+# ---------------------------------------------------------------------------------------------- building
+def make_tokenizer(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], captions: list[str] | None) -> CaptionTokenizer:
+    kind = tok_cfg.get("type", "trained")
+    if kind == "trained":
+        if captions is None:
+            raise ConfigError("tokenizer.type trained needs the training captions")
+        return CaptionTokenizer.train(
+            captions, vocab_size=int(tok_cfg["vocab_size"]), min_frequency=int(tok_cfg.get("min_frequency", 1))
+        )
+    if kind == "bert-dir":
+        folder = model_cfg["fusion"].get("pretrained") or tok_cfg.get("path")
+        if not folder:
+            raise ConfigError("tokenizer.type bert-dir needs model.fusion.pretrained (or tokenizer.path): a BERT directory")
+        return CaptionTokenizer.from_bert_dir(folder)
+    raise ConfigError(f"tokenizer.type {kind!r} is not one of trained, bert-dir")
+
+
+def build_captioner(
+    model_cfg: dict[str, Any], *, grid_channels: int, concept_dim: int, tokenizer: CaptionTokenizer
+) -> LightCapCaptioner:
+    """A fresh captioner; ``model_cfg["fusion"]["pretrained"]`` (a local BERT directory) is loaded when set."""
+    fusion = dict(model_cfg["fusion"])
+    pretrained = fusion.pop("pretrained", None)
+    vocab_size = max(tokenizer.vocab_size, int(fusion.get("vocab_size", 0) or 0))
+    if pretrained:
+        from transformers import BertConfig
+
+        if not (Path(pretrained) / "config.json").is_file():
+            raise ConfigError(f"model.fusion.pretrained: {pretrained} has no config.json (a local BERT directory expected)")
+        bert = BertConfig.from_pretrained(str(pretrained), local_files_only=True)
+        if bert.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"fusion.pretrained {pretrained}: {bert.vocab_size} word embeddings < tokenizer's {tokenizer.vocab_size}"
+            )
+        # the stored architecture is what was loaded, so the model rebuilds without the directory
+        fusion.update(
+            layers=bert.num_hidden_layers, hidden=bert.hidden_size, heads=bert.num_attention_heads,
+            intermediate=bert.intermediate_size, max_positions=bert.max_position_embeddings,
+        )
+        vocab_size = bert.vocab_size
+    fusion["vocab_size"] = vocab_size
+    arch = build_arch(
+        {**model_cfg, "fusion": fusion}, grid_channels=grid_channels, concept_dim=concept_dim, vocab_size=vocab_size
+    )
+    return LightCapCaptioner(arch, pretrained_dir=pretrained)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def save_captioner(
+    folder: str | Path,
+    model: LightCapCaptioner,
+    tokenizer: CaptionTokenizer,
+    *,
+    dtype: str = "float32",
+    decoding: dict[str, Any] | None = None,
+) -> list[Path]:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch_dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ConfigError(f"weights_dtype {dtype!r} is not one of float16, float32, bfloat16")
+    state = {
+        k: v.detach().to("cpu", torch_dtype if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith(TIED_PREFIX)
+    }
+    weights = folder / WEIGHTS_FILE
+    save_file(state, str(weights))
+    arch_path = folder / ARCH_FILE
+    arch_path.write_text(json.dumps({"arch": model.arch, "decoding": decoding or {}, "dtype": dtype}, indent=1))
+    tok_path = tokenizer.save(folder / TOKENIZER_FILE)
+    return [weights, arch_path, tok_path]
+
+
+def load_captioner_folder(folder: str | Path) -> tuple[LightCapCaptioner, CaptionTokenizer, dict[str, Any]]:
+    """(model in fp32 eval mode, tokenizer, the model.json dict) of a published captioner folder."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / ARCH_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{folder / ARCH_FILE}: cannot read the captioner architecture ({exc})") from exc
+    tokenizer = CaptionTokenizer.load(folder / TOKENIZER_FILE)
+    model = LightCapCaptioner(meta["arch"])
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{folder / WEIGHTS_FILE}: cannot read the captioner weights ({exc})") from exc
+    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(TIED_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise StoreError(
+            f"{folder / WEIGHTS_FILE}: does not fit model.json (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    if tokenizer.vocab_size > model.arch["vocab_size"]:
+        raise StoreError(f"{folder}: tokenizer has {tokenizer.vocab_size} words, the model {model.arch['vocab_size']}")
+    return model.eval(), tokenizer, meta
+
+
+# ---------------------------------------------------------------------------------------------- runtime
+class LightCapPipeline:
+    """Images -> captions with a concept extractor and a LightCap captioner (both frozen)."""
+
+    def __init__(
+        self,
+        extractor: Any,
+        model: LightCapCaptioner,
+        tokenizer: CaptionTokenizer,
+        *,
+        decoding: dict[str, Any] | None = None,
+        name: str = "lightcap",
+        version: int | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        self.extractor = extractor
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.decoding = dict(decoding or {})
+        self.name = name
+        self.version = version
+        self.manifest = manifest or {}
+        vocab = extractor.vocab
+        if vocab.dim != model.arch["concept_dim"]:
+            raise StoreError(
+                f"{name}: the concept extractor's embeddings are {vocab.dim}-d, the captioner expects {model.arch['concept_dim']}"
+            )
+        self.packer = ConceptPacker(
+            vocab.words, vocab.embeddings, tokenizer,
+            max_concepts=model.arch["max_concepts"], max_concept_tokens=model.arch["max_concept_tokens"],
+        )
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        return self.extractor.preprocess(image)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images [B,3,S,S] -> CLIP grid [B,C,h,w], concept ids [B,K] (-1 = none), scores [B,K]."""
+        grid = self.extractor.grid(images)
+        ids, scores, _ = self.extractor.extract_tensors(images, grid=grid)
+        return grid, ids, scores
+
+    def concept_inputs(self, ids: torch.Tensor, scores: torch.Tensor) -> ConceptInputs:
+        return self.packer(ids, scores)
+
+    def decode_options(self, **overrides: Any):
+        from captioning.decoding import DecodeOptions
+
+        return DecodeOptions.from_dict(self.decoding, **overrides)
+
+    @torch.no_grad()
+    def caption_features(self, grid: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, options) -> list:
+        from captioning.inference import CaptionOut
+
+        concepts = self.packer(ids, scores).to(grid.device)
+        hyps = self.model.generate(
+            grid.float(), concepts, options, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id
+        )
+        outs = []
+        for hyp in hyps:
+            words = self.tokenizer.words(hyp.tokens)
+            outs.append(CaptionOut(text=" ".join(words), tokens=words, score=float(hyp.mean_log_prob)))
+        return outs
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: torch.Tensor,
+        *,
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        length_penalty: float | None = None,
+        no_repeat_ngram_size: int | None = None,
+    ) -> list:
+        options = self.decode_options(
+            beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size,
+        )
+        grid, ids, scores = self.features(images)
+        outs = self.caption_features(grid, ids, scores, options)
+        for out, row_ids, row_scores in zip(outs, ids.tolist(), scores.tolist(), strict=True):
+            out.extra["concepts"] = [
+                {"concept": self.extractor.vocab.words[c], "score": round(float(s), 4)}
+                for c, s in zip(row_ids, row_scores, strict=True) if c >= 0
+            ]
+        return outs
+
+
+def concepts_parent(version) -> dict[str, Any]:
+    """The concept extractor a LightCap version was trained on (``extra.concepts``, else its ``concepts`` parent)."""
+    used = (version.manifest.get("extra") or {}).get("concepts")
+    if used:
+        return used
+    for parent in version.manifest.get("parents", []):
+        if parent.get("name") == "concepts":
+            return parent
+    raise StoreError(f"{version.name}@{version.version}: the manifest names no concept extractor")
+
+
+def load_lightcap(version, store) -> LightCapPipeline:
+    """The runtime object of a stored LightCap captioner (student or teacher) and its concept extractor."""
+    from captioning.inference import load_model
+
+    parent = concepts_parent(version)
+    extractor = load_model(store, f"{parent['name']}@{parent['version']}")
+    model, tokenizer, meta = load_captioner_folder(version.path)
+    return LightCapPipeline(
+        extractor, model, tokenizer, decoding=meta.get("decoding"),
+        name=version.name, version=version.version, manifest=version.manifest,
+    )
