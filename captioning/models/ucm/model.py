@@ -297,6 +297,25 @@ class ImageEncoder(nn.Module):
         return code, grid.flatten(2).transpose(1, 2)
 
 
+class DistillPair(nn.Module):
+    """Stage 3: the image encoder (classifier trunk + new code head) and the pre-trained text encoder."""
+
+    def __init__(self, vocab_size: int, text_cfg: dict[str, Any], image_cfg: dict[str, Any]):
+        super().__init__()
+        self.image = ImageEncoder(image_cfg, code_dim(text_cfg))
+        self.text = TextEncoder(
+            vocab_size,
+            int(text_cfg["embed_dim"]),
+            int(text_cfg["hidden_dim"]),
+            int(text_cfg["num_layers"]),
+            float(text_cfg.get("dropout", 0.0)),
+        )
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
+        """-> image codes [B, D], text codes of the captions [M, D]."""
+        return self.image(images)[0], self.text(tokens, lengths)
+
+
 class Captioner(nn.Module):
     """Distilled image encoder + pre-trained text decoder; a ``StepModel`` over image batches."""
 
@@ -313,8 +332,18 @@ class Captioner(nn.Module):
             feature_dim=self.encoder.feature_dim,
         )
 
-    def forward(self, images: torch.Tensor, inputs: torch.Tensor, teacher_forcing: float = 1.0) -> torch.Tensor:
+    def forward(
+        self,
+        images: torch.Tensor,
+        inputs: torch.Tensor,
+        owner: torch.Tensor | None = None,
+        teacher_forcing: float = 1.0,
+    ) -> torch.Tensor:
+        """images [B, 3, S, S], inputs [M, T] -> logits [M, T, V]; caption m describes image ``owner[m]``
+        (default: one caption per image), so an image is encoded once for all its captions."""
         code, grid = self.encoder(images)
+        if owner is not None:
+            code, grid = code[owner], grid[owner]
         return self.decoder(code, inputs, grid=grid, teacher_forcing=teacher_forcing)
 
     # decoding.StepModel
