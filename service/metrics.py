@@ -41,7 +41,7 @@ class Metrics:
             ["model", "reason"], registry=r,
         )
         self.images = Counter(
-            "captioner_images", "Images received by interactive routes, by outcome", ["route", "outcome"], registry=r,
+            "captioner_images", "Images answered successfully by interactive routes", ["route"], registry=r,
         )
         self.jobs = Counter(
             "captioner_jobs", "Batch job events (created, started, resumed, succeeded, failed, cancelled)",

@@ -64,7 +64,8 @@ class WorkItem:
     deadline: float  # time.monotonic()
     enqueued: float
     future: asyncio.Future
-    state: str = "queued"  # queued -> running -> done | dropped
+    owner: BatchPool
+    state: str = "queued"  # queued -> forming -> running -> done | dropped
     started: float = 0.0
     batch_size: int = 0
     batch_ms: float = 0.0
@@ -192,6 +193,7 @@ class BatchPool:
                 deadline=now + timeout,
                 enqueued=now,
                 future=self._loop.create_future(),
+                owner=self,
             )
             self._queues[priority].append(item)
             items.append(item)
@@ -365,10 +367,18 @@ def _set_torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-async def wait_items(items: Sequence[WorkItem], pool: BatchPool, *, timeout: float, disconnected=None) -> list[Any]:
-    """Wait for every item's result. On timeout -> cancel what has not run, raise DeadlineExceeded; when
-    ``disconnected`` (an awaitable that finishes when the client goes away) finishes first -> cancel, raise
-    Dropped. Any item's exception is raised after the others are cancelled."""
+def cancel_items(items: Sequence[WorkItem], reason: str = "cancelled") -> None:
+    by_pool: dict[int, tuple[BatchPool, list[WorkItem]]] = {}
+    for item in items:
+        by_pool.setdefault(id(item.owner), (item.owner, []))[1].append(item)
+    for pool, group in by_pool.values():
+        pool.cancel(group, reason)
+
+
+async def wait_items(items: Sequence[WorkItem], *, timeout: float, disconnected=None) -> list[Any]:
+    """Wait for every item's result (items may come from several pools). On timeout: cancel what has not
+    run and raise DeadlineExceeded. When ``disconnected`` (an awaitable that finishes when the client goes
+    away) finishes first: cancel, raise Dropped. An item's exception is raised after the rest are cancelled."""
     gathered = asyncio.gather(*(item.future for item in items))
     waiters = {gathered}
     watcher = None
@@ -376,9 +386,9 @@ async def wait_items(items: Sequence[WorkItem], pool: BatchPool, *, timeout: flo
         watcher = asyncio.ensure_future(disconnected)
         waiters.add(watcher)
     try:
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(waiters, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        pool.cancel(items, "cancelled")
+        cancel_items(items)
         gathered.cancel()
         raise
     finally:
@@ -388,11 +398,12 @@ async def wait_items(items: Sequence[WorkItem], pool: BatchPool, *, timeout: flo
         try:
             return gathered.result()
         except BaseException:
-            pool.cancel(items, "cancelled")
+            cancel_items(items)
             raise
-    gathered.cancel()
     if watcher is not None and watcher in done:
-        pool.cancel(items, "cancelled")
+        cancel_items(items, "cancelled")
+        gathered.cancel()
         raise Dropped("client disconnected")
-    pool.cancel(items, "deadline")
+    cancel_items(items, "deadline")
+    gathered.cancel()
     raise DeadlineExceeded()

@@ -31,6 +31,8 @@ CATALOG: dict[str, tuple[int, str, str]] = {
                           "CAPTIONER_MAX_JOB_BODY_BYTES for jobs)."),
     "too-many-images": (413, "Too many images", "More images than CAPTIONER_MAX_IMAGES_PER_REQUEST; use a job."),
     "invalid-archive": (400, "Invalid archive", "A job upload is neither a zip nor a tar archive nor an image."),
+    "refused-entry": (422, "Archive entry refused", "A job's archive entry was not extracted: absolute path, "
+                      "'..' escape, link, device, too large, or past the job's limits (reported per entry)."),
     "unauthorized": (401, "Unauthorized", "An API key is required: `Authorization: Bearer KEY` or `X-API-Key`."),
     "forbidden": (403, "Forbidden", "The key is not allowed here (admin routes need CAPTIONER_ADMIN_KEY)."),
     "not-found": (404, "Not found", "No such route, model or job."),
@@ -46,6 +48,10 @@ CATALOG: dict[str, tuple[int, str, str]] = {
                           "CAPTIONER_REQUEST_TIMEOUT_S; images still queued were not run."),
     "model-unavailable": (503, "Model unavailable", "No model of the needed kind is loaded on this instance."),
     "shutting-down": (503, "Shutting down", "The server is draining before it stops; retry on another replica."),
+    "not-ready": (503, "Not ready", "Models are still loading, one failed to load, or workers are down; "
+                  "`reasons` says which."),
+    "client-closed": (499, "Client closed request", "The client disconnected before the answer; its queued "
+                      "images were dropped (only seen in logs and metrics)."),
     "internal-error": (500, "Internal error", "An unexpected error; the server log has the details."),
 }
 

@@ -58,7 +58,7 @@ def test_concurrent_items_form_full_batches_with_exact_results():
         await pool.start()
         xs = [torch.randn(4) for _ in range(20)]
         items = pool.submit(xs, handle=model, group=("beam", 1))
-        results = await wait_items(items, pool, timeout=10)
+        results = await wait_items(items, timeout=10)
         await pool.close()
         return xs, results
 
@@ -80,7 +80,7 @@ def test_batch_size_one_turns_batching_off():
         pool = BatchPool("m", runner, max_batch_size=1, max_wait_ms=50)
         await pool.start()
         items = pool.submit([torch.randn(4) for _ in range(5)], handle=make_model())
-        await wait_items(items, pool, timeout=10)
+        await wait_items(items, timeout=10)
         await pool.close()
 
     run(main())
@@ -97,7 +97,7 @@ def test_incompatible_groups_and_model_objects_never_share_a_batch():
         a = pool.submit([torch.full((4,), 1.0)] * 3, handle=old, group=(1, 20))
         b = pool.submit([torch.full((4,), 2.0)] * 3, handle=old, group=(3, 20))
         c = pool.submit([torch.full((4,), 3.0)] * 3, handle=new, group=(1, 20))
-        out = await wait_items(a + b + c, pool, timeout=10)
+        out = await wait_items(a + b + c, timeout=10)
         await pool.close()
         return out
 
@@ -125,7 +125,7 @@ def test_interactive_items_run_before_queued_background_items():
         background = pool.submit([torch.full((4,), 9.0)] * 4, handle=model, priority=BACKGROUND)
         interactive = pool.submit([torch.full((4,), 1.0)] * 4, handle=model, priority=INTERACTIVE)
         gate.set()
-        await wait_items(blocker + background + interactive, pool, timeout=10)
+        await wait_items(blocker + background + interactive, timeout=10)
         await pool.close()
 
     run(main())
@@ -153,7 +153,7 @@ def test_full_queue_is_refused_and_every_accepted_item_answered():
         # job items have their own bound: a full interactive queue does not stop them
         accepted += pool.submit([torch.randn(4)], handle=model, priority=BACKGROUND)
         gate.set()
-        results = await wait_items(accepted, pool, timeout=10)
+        results = await wait_items(accepted, timeout=10)
         await pool.close()
         return info.value, results
 
@@ -176,15 +176,15 @@ def test_expired_and_cancelled_items_are_dropped_before_they_run():
         await asyncio.sleep(0.05)
         late = pool.submit([torch.full((4,), 5.0)], handle=model, timeout=0.1)
         with pytest.raises(DeadlineExceeded):
-            await wait_items(late, pool, timeout=0.1)
+            await wait_items(late, timeout=0.1)
         gone = pool.submit([torch.full((4,), 6.0)] * 2, handle=model)
         client_left = asyncio.get_running_loop().create_future()
         client_left.set_result(None)
         with pytest.raises(Dropped):
-            await wait_items(gone, pool, timeout=10, disconnected=client_left)
+            await wait_items(gone, timeout=10, disconnected=client_left)
         alive = pool.submit([torch.full((4,), 7.0)], handle=model)
         gate.set()
-        await wait_items(blocker + alive, pool, timeout=10)
+        await wait_items(blocker + alive, timeout=10)
         assert pool.depth() == 0
         await pool.close()
 
@@ -210,9 +210,9 @@ def test_a_failing_batch_fails_its_items_and_the_pool_keeps_serving():
         await pool.start()
         bad = pool.submit([torch.randn(4)], handle=model, group="bad")
         with pytest.raises(ValueError, match="shape mismatch"):
-            await wait_items(bad, pool, timeout=10)
+            await wait_items(bad, timeout=10)
         good = pool.submit([torch.randn(4)], handle=model, group="ok")
-        out = await wait_items(good, pool, timeout=10)
+        out = await wait_items(good, timeout=10)
         await pool.close()
         return out
 

@@ -1,0 +1,48 @@
+"""GET /v1/models, GET /v1/models/{name}, POST /v1/models/{name}/reload (admin)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+
+from service.deps import get_ctx, require_admin_key, require_api_key
+from service.flow import Ctx
+from service.problems import Problem
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.get("", summary="Served models: versions, aliases, metrics", dependencies=[Depends(require_api_key)])
+async def list_models(ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
+    registry = ctx.registry
+    try:
+        default = registry.default_captioner().name
+    except Problem:
+        default = None
+    return {
+        "models": [registry.describe(name) for name in registry.served],
+        "default_caption_model": default,
+        "alias": ctx.settings.alias,
+        "loading": registry.loading,
+        "failures": registry.failures,
+    }
+
+
+@router.get("/{name}", summary="One served model", dependencies=[Depends(require_api_key)],
+            responses={404: {"content": {"application/problem+json": {}}}})
+async def get_model(name: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
+    if name not in ctx.registry.served:
+        raise Problem("unknown-model", f"model {name!r} is not served here (served: {', '.join(ctx.registry.served) or 'none'})")
+    return ctx.registry.describe(name)
+
+
+@router.post(
+    "/{name}/reload",
+    summary="Swap to the alias's current version (admin); a version failing verification is refused",
+    dependencies=[Depends(require_admin_key)],
+    responses={s: {"content": {"application/problem+json": {}}} for s in (401, 403, 404, 409)},
+)
+async def reload_model(name: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
+    outcome = await ctx.registry.reload(name)
+    return {**outcome, "model": ctx.registry.describe(name)}
