@@ -268,6 +268,7 @@ def read_dataset_json(
     meta = {k: v for k, v in data.items() if k not in ("images", "dataset")}
     root = Path(path).parent
     listing = _DirListing()
+    folder_cache: dict[str | None, list[Path]] = {}
     records: list[ImageRecord] = []
     seen_imgids: dict[int, int] = {}
     seen_sentids: dict[int, int] = {}
@@ -317,7 +318,11 @@ def read_dataset_json(
                     path=path,
                     record=where,
                 )
-        folders = _image_folders(root, filepath)
+        folders = folder_cache.get(filepath)
+        if (
+            folders is None
+        ):  # one list of Paths per sub-folder: building Paths per image dominated COCO's load
+            folders = folder_cache[filepath] = _image_folders(root, filepath)
         if check_images:
             image_path = listing.find(folders, filename)
             if image_path is None:
