@@ -261,7 +261,7 @@ class ClipTokenizer:
             return []
         enc = self._tok.encode(text)
         unk = self._tok.token_to_id("<unk>")
-        return [text[start:end] for (start, end), i in zip(enc.offsets, enc.ids) if i == unk]
+        return [text[start:end] for (start, end), i in zip(enc.offsets, enc.ids, strict=True) if i == unk]
 
     def save(self, folder: str | Path) -> list[Path]:
         """Write what is needed to rebuild it (nothing for the BPE one, which ships with open_clip)."""

@@ -325,7 +325,7 @@ class ConceptExtractor(nn.Module):
         out_ids = torch.full((batch, k), -1, dtype=torch.long)
         out_scores = torch.zeros((batch, k))
         out_boxes = torch.zeros((batch, k, 4))
-        for i, ((img_boxes, objectness), ids, prob) in enumerate(zip(proposals, concept_ids, probs)):
+        for i, ((img_boxes, objectness), ids, prob) in enumerate(zip(proposals, concept_ids, probs, strict=True)):
             score = (objectness * prob).cpu()
             order = torch.argsort(score, descending=True)
             seen: set[int] = set()
@@ -346,11 +346,11 @@ class ConceptExtractor(nn.Module):
         """``images [B,3,S,S]`` -> per image its concepts, best first (at most ``top_k``, default 20)."""
         ids, scores, boxes = self.extract_tensors(images, top_k)
         out: list[list[Concept]] = []
-        for row_ids, row_scores, row_boxes in zip(ids.tolist(), scores.tolist(), boxes.tolist()):
+        for row_ids, row_scores, row_boxes in zip(ids.tolist(), scores.tolist(), boxes.tolist(), strict=True):
             out.append(
                 [
                     Concept(self.vocab.words[c], round(float(s), 6), tuple(round(v, 2) for v in b), self.vocab.labels[c])
-                    for c, s, b in zip(row_ids, row_scores, row_boxes)
+                    for c, s, b in zip(row_ids, row_scores, row_boxes, strict=True)
                     if c >= 0
                 ]
             )

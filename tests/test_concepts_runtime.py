@@ -1,0 +1,142 @@
+"""The concept extractor through the model store, on random weights (fast): publish clip, concepts-detector and
+concepts versions into a temporary store, load through ``captioning.inference.load_model``, extract from a few
+images; plus the training helpers that move boxes (augmentation, jitter) and choose the score threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioning.config import load_config
+from captioning.errors import StoreError
+from captioning.inference import Concept, load_model
+from captioning.models.lightcap.concepts_data import augment_views
+from captioning.store import ModelStore
+from training.concepts_align import jitter_boxes
+from training.eval_concepts import choose_min_score
+
+
+def _publish(store, name, folder, task, config, parents=()):
+    return store.publish(
+        name, folder, task=task, profile="tiny", metrics={}, config=config, command="pytest",
+        data={"name": "none"}, parents=list(parents),
+    )
+
+
+@pytest.fixture(scope="module")
+def random_store(tmp_path_factory):
+    from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
+    from captioning.models.lightcap.concepts import (
+        ALIGNER_FILE,
+        ConceptVocabulary,
+        RegionAligner,
+        concept_words,
+        embed_concepts,
+    )
+    from captioning.models.lightcap.concepts_data import save_tensors
+    from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("store")
+    store = ModelStore(root / "store")
+    # clip: a random tiny open_clip CLIP + its word-level tokenizer
+    clip_cfg = load_config("clip", "tiny")
+    cfg_concepts = load_config("concepts", "tiny")
+    words, labels = concept_words(cfg_concepts)
+    tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
+    model_cfg = clip_model_config(clip_cfg)
+    model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
+    clip_cfg["model"] = model_cfg
+    clip = build_clip(clip_cfg)
+    folder = root / "clip"
+    folder.mkdir()
+    save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
+    tokenizer.save(folder)
+    clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
+    # detector: random YOLOv5n, one class
+    detector = ProposalDetector(cfg_concepts["detector"])
+    folder = root / "det"
+    folder.mkdir()
+    detector.save_weights(folder / WEIGHTS_FILE)
+    det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg_concepts)
+    # concepts: vocabulary embedded with the clip text tower + a random aligner
+    vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
+    aligner = RegionAligner(512, cfg_concepts["align"]["hidden"], vocab.dim)
+    folder = root / "concepts"
+    folder.mkdir()
+    save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
+    vocab.save(folder)
+    cfg_concepts["extract"].update(proposal_conf=0.0, min_score=0.0)
+    parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
+    _publish(store, "concepts", folder, "concepts", cfg_concepts, parents)
+    return store, clip
+
+
+def test_extractor_loads_through_the_store_and_extracts_a_batch(random_store):
+    store, clip = random_store
+    extractor = load_model(store, "concepts@production")
+    assert extractor.name == "concepts" and extractor.version == 1
+    assert [p["name"] for p in extractor.manifest["parents"]] == ["clip", "concepts-detector"]
+    # the grid encoder is the published clip's visual trunk (fp16 in the store)
+    torch.testing.assert_close(
+        extractor.encoder.trunk.conv1.weight, clip.visual.conv1.weight.half().float()
+    )
+    images = [Image.new("RGB", (256, 256), (40, 120, 40)), Image.new("RGB", (300, 200), (90, 90, 90))]
+    batch = torch.stack([extractor.preprocess(im) for im in images])
+    assert batch.shape == (2, 3, 256, 256)
+    results = extractor.extract(batch)
+    assert len(results) == 2
+    for concepts in results:
+        assert 0 < len(concepts) <= 20
+        assert all(isinstance(c, Concept) and c.concept in extractor.vocab.words for c in concepts)
+        assert len({c.concept for c in concepts}) == len(concepts)
+    # no text is encoded at request time: the vocabulary is a stored tensor
+    assert extractor.vocab_embeddings.shape == (len(extractor.vocab), 128)
+
+
+def test_missing_parent_is_a_clear_store_error(random_store, tmp_path):
+    store, _ = random_store
+    concepts = store.resolve("concepts@1")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for rel in concepts.files:
+        (broken / rel).write_bytes(concepts.file(rel).read_bytes())
+    store.publish(
+        "concepts", broken, task="concepts", profile="tiny", metrics={}, config=concepts.manifest["config"],
+        command="pytest", data={"name": "none"}, parents=[{"name": "clip", "version": 1}],
+    )
+    with pytest.raises(StoreError, match="no 'concepts-detector' parent"):
+        load_model(store, "concepts@2")
+
+
+def test_augment_views_moves_boxes_with_the_pixels():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(8, 3, 64, 64, dtype=torch.uint8)
+    boxes = []
+    for i in range(8):
+        x1, y1 = 4 + i, 10 + 2 * i
+        images[i, :, y1:y1 + 9, x1:x1 + 20] = 255  # a 20 x 9 bright box
+        boxes.append(torch.tensor([[x1, y1, x1 + 20, y1 + 9]], dtype=torch.float32))
+    out, moved = augment_views(images, gen, boxes)
+    for img, b in zip(out, moved, strict=True):
+        ys, xs = torch.nonzero(img[0] > 0, as_tuple=True)
+        assert b[0].tolist() == [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def test_jitter_boxes_stays_near_and_inside():
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[10.0, 10.0, 50.0, 30.0], [0.0, 0.0, 256.0, 256.0]])
+    out = jitter_boxes(boxes, 0.1, 256, gen)
+    assert (out >= 0).all() and (out <= 256).all()
+    assert ((out[0] - boxes[0]).abs() <= torch.tensor([4.0, 2.0, 4.0, 2.0]) + 1e-5).all()
+    assert (out[:, 2:] > out[:, :2]).all()
+    assert torch.equal(jitter_boxes(boxes, 0.0, 256, gen), boxes)
+
+
+def test_choose_min_score_separates_right_from_wrong_concepts():
+    truth = np.array([[1, 0, 1, 0], [0, 1, 0, 0]], dtype=np.float32)
+    candidates = [[(0, 0.9), (2, 0.7), (3, 0.3)], [(1, 0.8), (0, 0.2)]]
+    threshold, f1 = choose_min_score(candidates, truth)
+    assert 0.3 < threshold <= 0.7 and f1 == pytest.approx(1.0)

@@ -1,0 +1,186 @@
+"""LightCap stage 0: the CLIP image and text towers (``captioner train clip``).
+
+LightCap freezes a pretrained CLIP. Nothing can be downloaded here, so the tiny profile first learns one: open_clip's
+own ``CLIP`` model (a small ModifiedResNet image tower and text transformer, ``captioning/configs/clip/tiny.yaml``)
+trained contrastively with ``open_clip.loss.ClipLoss`` on the dataset's image-caption pairs (each epoch, every
+training image with one of its captions, drawn from (seed, epoch, image)). Validation: image->text and
+text->image recall@1/5 over the val split's images and all their captions.
+
+Paper profile: ``--set checkpoint=/path/RN50.pt`` (OpenAI or open_clip RN50 file) is loaded and published without
+training (its retrieval figures on the val split are still measured when ``--data`` is given).
+
+Published as ``clip``: ``model.safetensors`` (the whole CLIP, ``weights_dtype``), ``tokenizer.json`` (word-level
+tokenizer), ``loss_curve.png``, ``metrics.json``; the manifest's config is the resolved open_clip model config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+import torch
+
+from captioning.config import load_config
+from captioning.data import load_dataset
+from captioning.errors import ConfigError, DataError
+from training.runner import TrainRun, add_common_args
+
+STAGE = "clip"
+WEIGHTS = "model.safetensors"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_args(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
+    from captioning.models.lightcap.concepts_data import (
+        caption_pairs,
+        dataset_info,
+        load_images_uint8,
+        publish_stage,
+        save_tensors,
+        staging_dir,
+    )
+
+    config = load_config("clip", args.profile, path=args.config, overrides=args.set)
+    corpus = load_dataset(args.data)
+    train = caption_pairs(corpus, "train")
+    val = caption_pairs(corpus, "val")
+    if not train.records and not config.get("checkpoint"):
+        raise DataError("no training images with captions in split 'train'", path=corpus.root)
+    run = TrainRun(STAGE, args, config)
+    train_cfg = config["train"]
+
+    # tokenizer and the resolved open_clip model config -----------------------------------------------------
+    kind = config.get("tokenizer", {}).get("type", "openai-bpe")
+    if kind == "word-level":
+        if config.get("checkpoint"):
+            raise ConfigError("clip config: a word-level tokenizer cannot go with a pretrained checkpoint")
+        texts = [c for caps in train.captions for c in caps] + concept_prompts(args.profile)
+        tokenizer = ClipTokenizer.train_word_level(
+            texts, config["tokenizer"]["context_length"], config["tokenizer"].get("min_freq", 1)
+        )
+    else:
+        tokenizer = ClipTokenizer.from_config(config)
+    model_cfg = clip_model_config(config)
+    model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
+    resolved = {**config, "model": model_cfg}
+    clip = build_clip(resolved)
+    image_size = int(model_cfg["vision_cfg"]["image_size"])
+    norm = _normaliser(config)
+
+    val_images = load_images_uint8(val.records, image_size, args.workers) if val.records else None
+    if not config.get("checkpoint"):
+        train_images = load_images_uint8(train.records, image_size, args.workers)
+        _train(run, clip, tokenizer, train, train_images, val, val_images, norm, train_cfg)
+
+    metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in clip.parameters())}
+    if val_images is not None:
+        metrics.update({f"val_{k}": v for k, v in retrieval(clip, tokenizer, val_images, val.captions, norm, run.device).items()})
+    if run.is_main:
+        staging = staging_dir(run)
+        save_tensors(clip.state_dict(), staging / WEIGHTS, config.get("weights_dtype", "float32"))
+        tokenizer.save(staging)
+        publish_stage(run, STAGE, staging, task="clip", metrics=metrics, data=dataset_info(corpus), config=resolved)
+    run.close()
+    return 0
+
+
+def concept_prompts(profile: str) -> list[str]:
+    """The concept prompts the concepts stage will embed, so the word-level tokenizer knows their words."""
+    from captioning.models.lightcap.concepts import concept_words
+
+    cfg = load_config("concepts", profile)
+    template = cfg.get("vocabulary", {}).get("template", "a photo of a {}")
+    return [template.format(w) for w in concept_words(cfg)[0]]
+
+
+def _normaliser(config: dict[str, Any]):
+    from captioning.models.lightcap.clip_encoder import OPENAI_MEAN, OPENAI_STD
+
+    image = config.get("image", {}) or {}
+    mean = torch.tensor(image.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1)
+    std = torch.tensor(image.get("std", OPENAI_STD)).view(1, 3, 1, 1)
+    return lambda uint8: (uint8.float() / 255.0 - mean.to(uint8.device)) / std.to(uint8.device)
+
+
+def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg) -> None:
+    import open_clip
+
+    from captioning.models.lightcap.concepts_data import augment_views
+
+    model = run.wrap_model(clip)
+    core = getattr(model, "module", model)
+    decay = [p for n, p in core.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in core.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(cfg["lr"]), betas=(0.9, 0.98), eps=1e-6,
+    )
+    epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
+    steps_per_epoch = math.ceil(len(train.records) / run.world_size / batch_size)
+    total, warmup = epochs * steps_per_epoch, int(cfg.get("warmup_steps", 0))
+
+    def lr_lambda(step: int) -> float:  # linear warm-up, cosine decay (open_clip's schedule)
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    loss_fn = open_clip.loss.ClipLoss(rank=run.rank, world_size=run.world_size)
+    run.load_checkpoint(model=model, optimizer=optimizer, scheduler=scheduler)
+    indices = torch.utils.data.TensorDataset(torch.arange(len(train.records)))
+    for epoch in run.epochs(epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
+        loader = run.loader(indices, batch_size=batch_size, shuffle=True, drop_last=run.distributed)
+        for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{epochs}", total=len(loader)):
+            texts = [train.caption_for(int(r), run.seed, epoch) for r in rows]
+            images = train_images[rows]
+            if cfg.get("augment"):
+                images = augment_views(images, gen)
+            images, tokens = norm(images.to(run.device)), tokenizer(texts).to(run.device)
+            image_features, text_features, logit_scale = model(images, tokens)
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                core.logit_scale.clamp_(0, math.log(100))
+            run.log_step(loss=loss.item())
+        extra: dict[str, Any] = {"logit_scale": float(core.logit_scale.exp())}
+        if val_images is not None:
+            scores = retrieval(core, tokenizer, val_images, val.captions, norm, run.device)
+            extra.update(val_i2t_r1=scores["i2t_r1"], val_t2i_r1=scores["t2i_r1"])
+        run.end_epoch(extra=extra, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+@torch.no_grad()
+def retrieval(clip, tokenizer, images, captions, norm, device, batch_size: int = 128) -> dict[str, float]:
+    """Image<->text recall@1/5 over a split: every image against all captions of the split, and back."""
+    was_training = clip.training
+    clip.eval()
+    image_emb = torch.cat(
+        [clip.encode_image(norm(images[i : i + batch_size].to(device)), normalize=True).float().cpu()
+         for i in range(0, len(images), batch_size)]
+    )  # [N, D]
+    texts = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])  # caption -> image
+    text_emb = torch.cat(
+        [clip.encode_text(tokenizer(texts[i : i + batch_size]).to(device), normalize=True).float().cpu()
+         for i in range(0, len(texts), batch_size)]
+    )  # [T, D]
+    clip.train(was_training)
+    sims = image_emb @ text_emb.T  # [N, T]
+    out = {}
+    for k in (1, 5):
+        top_texts = sims.topk(min(k, sims.shape[1]), dim=1).indices  # [N, k]
+        out[f"i2t_r{k}"] = float((owner[top_texts] == torch.arange(len(images))[:, None]).any(1).float().mean())
+        top_images = sims.T.topk(min(k, sims.shape[0]), dim=1).indices  # [T, k]
+        out[f"t2i_r{k}"] = float((top_images == owner[:, None]).any(1).float().mean())
+    return {k: round(v, 4) for k, v in out.items()}
+

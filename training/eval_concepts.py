@@ -1,0 +1,212 @@
+"""``captioner eval concepts``: the concept extractor on a dataset split.
+
+Figures (all at IoU 0.5, boxes compared in the extractor's ``image_size`` pixels):
+
+* ``box_ap@0.5``: class-agnostic AP of the detector's proposals (confidence >= 0.001, the usual AP protocol);
+* ``box_recall@0.5`` / ``box_precision@0.5``: of the proposals the extractor actually uses (``proposal_conf``);
+* ``gt_box_concept_accuracy``: each ground-truth box classified by the aligner (is the most similar concept the
+  box's own word?), which isolates the alignment from the detector;
+* ``concept_precision / recall / f1`` (micro over images): the image's extracted concepts (top K, de-duplicated,
+  above ``min_score``) against the set of its true concept words (the words of its boxes);
+* ``label_f1`` (+ precision / recall, micro): the same with concepts mapped onto the 17 remote-sensing labels,
+  against the labels of the image's boxes; ``label_f1_vs_multilabels``: against its ``multilabels.txt`` row
+  (which also has the surface labels (grass, pavement, water ...) that boxes never cover, so it is lower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from captioning.data import LABELS, load_dataset
+from captioning.errors import DataError, UsageError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder (UCM layout with boxes.json)")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--model", default="concepts", help="store spec (default concepts = its production alias)")
+    parser.add_argument("--store", type=Path, default=None, help="model store root (default: settings)")
+    parser.add_argument("--top-k", type=int, default=None, help="concepts per image (default: the model's, 20)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--draw", type=Path, default=None, help="write the first images, annotated, to this PNG")
+    parser.add_argument("--draw-count", type=int, default=4, help="how many images --draw shows (default 4)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from captioning.inference import load_model
+    from captioning.store import ModelStore
+
+    if args.threads:
+        torch.set_num_threads(int(args.threads))
+    corpus = load_dataset(args.data)
+    if not corpus.split(args.split):
+        raise UsageError(f"{corpus.root}: no images in split {args.split!r}")
+    store = ModelStore(args.store)
+    extractor = load_model(store, args.model)
+    if getattr(extractor, "vocab", None) is None:
+        raise UsageError(f"{args.model}: not a concept extractor (task {extractor.manifest.get('task')!r})")
+    result = evaluate_extractor(extractor, corpus, args.split, top_k=args.top_k, batch_size=args.batch_size)
+    figures = {"model": f"{extractor.name}@{extractor.version}", "data": str(corpus.root), "split": args.split, **result}
+    if args.draw:
+        draw_examples(extractor, corpus, args.split, args.draw, args.draw_count)
+        figures["drawing"] = str(args.draw)
+    if args.json:
+        print(json.dumps(figures, indent=1))
+    else:
+        for key, value in figures.items():
+            print(f"{key:32s} {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_extractor(
+    extractor, corpus, split: str, *, top_k: int | None = None, batch_size: int = 32, candidates: bool = False
+) -> dict[str, Any]:
+    """The figures above for one split. ``candidates=True`` also returns, per image, every de-duplicated concept
+    with its score regardless of ``min_score`` (for choosing ``min_score`` on val)."""
+    from captioning.metrics import box_recall_ap, multilabel_prf
+    from captioning.models.lightcap.concepts_data import box_split
+
+    if corpus.boxes is None:
+        raise DataError("the dataset has no boxes.json: concepts are evaluated against its boxes", path=corpus.root)
+    data = box_split(corpus, split, extractor.image_size)
+    vocab = extractor.vocab
+    unknown = sorted({c for concepts in data.concepts for c in concepts} - set(vocab.words))
+    if unknown:
+        raise DataError(f"box concepts not in the model's vocabulary: {unknown[:10]}", path=corpus.root)
+
+    low_conf, predicted, gt_hits, gt_total = [], [], 0, 0
+    cand: list[list[tuple[int, float]]] = []
+    min_score = extractor.min_score
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size].float() / 255.0
+        grid = extractor.grid(images)
+        low_conf.extend(extractor.detector(images, conf=0.001, max_det=max(100, extractor.max_proposals)))
+        gt_boxes = data.boxes[start : start + batch_size]
+        ids, _ = extractor.classify_boxes(images, gt_boxes, grid=grid)
+        for row_ids, words in zip(ids, data.concepts[start : start + batch_size], strict=True):
+            gt_hits += sum(int(vocab.words[int(i)] == w) for i, w in zip(row_ids, words, strict=True))
+            gt_total += len(words)
+        if candidates:
+            extractor.min_score = 0.0
+        concept_ids, scores, boxes = extractor.extract_tensors(images, top_k, grid=grid)
+        extractor.min_score = min_score
+        for row_ids, row_scores, row_boxes in zip(concept_ids, scores, boxes, strict=True):
+            keep = row_ids >= 0
+            cand.append([(int(c), float(s)) for c, s in zip(row_ids[keep], row_scores[keep], strict=True)])
+            above = keep & (row_scores >= min_score)
+            predicted.append((row_ids[above], row_scores[above], row_boxes[above]))
+
+    # boxes: AP over the full curve, recall/precision of the proposals the extractor uses
+    curve = box_recall_ap(low_conf, data.boxes, iou_threshold=0.5)
+    used = []
+    for boxes, scores in low_conf:
+        keep = scores >= extractor.proposal_conf
+        used.append((boxes[keep][: extractor.max_proposals], scores[keep][: extractor.max_proposals]))
+    operating = box_recall_ap(used, data.boxes, iou_threshold=0.5)
+
+    # concepts: per-image sets as indicator rows over the vocabulary
+    n, v = len(data), len(vocab)
+    true_concepts = np.zeros((n, v), dtype=np.float32)
+    pred_concepts = np.zeros((n, v), dtype=np.float32)
+    for i, (words, (ids, _, _)) in enumerate(zip(data.concepts, predicted, strict=True)):
+        true_concepts[i, [vocab.index[w] for w in words]] = 1
+        pred_concepts[i, ids.tolist()] = 1
+    concept_scores = multilabel_prf(true_concepts, pred_concepts, 0.5)
+
+    # labels: concepts mapped onto the 17
+    label_index = {label: j for j, label in enumerate(LABELS)}
+    concept_label = np.full(v, -1)
+    for j, label in enumerate(vocab.labels):
+        if label in label_index:
+            concept_label[j] = label_index[label]
+    pred_labels = np.zeros((n, len(LABELS)), dtype=np.float32)
+    true_labels = np.zeros((n, len(LABELS)), dtype=np.float32)
+    for i in range(n):
+        mapped = concept_label[pred_concepts[i] > 0]
+        pred_labels[i, mapped[mapped >= 0]] = 1
+        for label in data.labels[i]:
+            if label in label_index:
+                true_labels[i, label_index[label]] = 1
+    label_scores = multilabel_prf(true_labels, pred_labels, 0.5)
+
+    figures: dict[str, Any] = {
+        "images": n,
+        "boxes": int(curve["n_ground_truth"]),
+        "box_ap@0.5": round(curve["AP"], 4),
+        "box_recall@0.5": round(operating["recall"], 4),
+        "box_precision@0.5": round(operating["precision"], 4),
+        "proposals_per_image": round(operating["n_predictions"] / max(1, n), 2),
+        "gt_box_concept_accuracy": round(gt_hits / max(1, gt_total), 4),
+        "concept_precision": round(concept_scores["precision_micro"], 4),
+        "concept_recall": round(concept_scores["recall_micro"], 4),
+        "concept_f1": round(concept_scores["f1_micro"], 4),
+        "concepts_per_image": round(float(pred_concepts.sum() / max(1, n)), 2),
+        "true_concepts_per_image": round(float(true_concepts.sum() / max(1, n)), 2),
+        "label_precision": round(label_scores["precision_micro"], 4),
+        "label_recall": round(label_scores["recall_micro"], 4),
+        "label_f1": round(label_scores["f1_micro"], 4),
+    }
+    if corpus.labels is not None:
+        rows = [corpus.index_of(rec.imgid) for rec in data.records]
+        figures["label_f1_vs_multilabels"] = round(multilabel_prf(corpus.labels[rows], pred_labels, 0.5)["f1_micro"], 4)
+    figures["top_k"] = int(top_k or extractor.top_k)
+    figures["min_score"] = float(extractor.min_score)
+    if candidates:
+        figures["_candidates"] = cand
+        figures["_true_concepts"] = true_concepts
+    return figures
+
+
+def choose_min_score(candidates: list[list[tuple[int, float]]], true_concepts: np.ndarray) -> tuple[float, float]:
+    """The score threshold (on a 0.01 grid) with the best concept micro-F1 -> (threshold, F1)."""
+    best = (0.0, -1.0)
+    total_true = float(true_concepts.sum())
+    for threshold in np.round(np.arange(0.0, 1.0, 0.01), 2):
+        tp = fp = 0
+        for i, row in enumerate(candidates):
+            for c, s in row:
+                if s >= threshold:
+                    if true_concepts[i, c] > 0:
+                        tp += 1
+                    else:
+                        fp += 1
+        f1 = 2 * tp / max(1.0, 2 * tp + fp + (total_true - tp))
+        if f1 > best[1] + 1e-9:
+            best = (float(threshold), f1)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- drawing
+def draw_examples(extractor, corpus, split: str, path: Path, count: int = 4) -> Path:
+    """The first ``count`` images of the split, each with its extracted concepts drawn, side by side in one PNG."""
+    from PIL import Image
+
+    from captioning.data.images import load_image
+    from captioning.models.lightcap.concepts import draw_concepts
+
+    records = corpus.split(split)[: max(1, count)]
+    originals = [load_image(rec.path) for rec in records]
+    batch = torch.stack([extractor.preprocess(im) for im in originals])
+    results = extractor.extract(batch)
+    scale = max(1, 512 // max(originals[0].size))
+    panels = [draw_concepts(im, concepts, extractor.image_size, scale=scale) for im, concepts in zip(originals, results, strict=True)]
+    width, height = sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        sheet.paste(panel, (x, 0))
+        x += panel.width + 8
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
