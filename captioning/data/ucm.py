@@ -181,15 +181,16 @@ def find_dataset_json(root: str | os.PathLike) -> Path:
     raise DataError(f"no {' or '.join(DATASET_FILES)} in the dataset folder", path=root)
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, what: str = "file") -> Any:
+    """Parse a JSON file; a missing/unreadable file or bad JSON (with line and column) -> ``DataError``."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError("file does not exist", path=path) from None
+        raise DataError(f"{what} does not exist", path=path) from None
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from None
     except OSError as exc:
-        raise DataError(f"cannot read file ({exc.strerror})", path=path) from None
+        raise DataError(f"cannot read {what} ({exc.strerror})", path=path) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

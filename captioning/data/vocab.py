@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from captioning.data.ucm import read_json
 from captioning.errors import DataError
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -138,18 +139,7 @@ class Vocabulary:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DataError("vocabulary file does not exist", path=path) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read vocabulary file ({exc})", path=path) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}", path=path
-            ) from None
+        data = read_json(path, what="vocabulary file")
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DataError(f'not a vocabulary file (expected "format": {FORMAT!r})', path=path)
         if data.get("version") != FORMAT_VERSION:
