@@ -67,7 +67,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="lightcap | ucm | a store name (default: lightcap if present, else ucm)")
     parser.add_argument("--alias", default=None, help="store alias to load (default: CAPTIONER_ALIAS, production)")
     parser.add_argument("--store", type=Path, default=None, help="model store root (default: CAPTIONER_MODEL_STORE)")
-    parser.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
+    parser.add_argument("--beam-size", type=int, default=None, help="beam width (1: greedy; default: the model's)")
     parser.add_argument("--max-length", type=int, default=None, help="longest caption in tokens")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -115,7 +115,7 @@ def _load(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     for name, value in (("--beam-size", args.beam_size), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1")
     settings = _settings(model_store=args.store)
     store = ModelStore(settings.model_store)

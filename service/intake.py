@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -137,6 +138,19 @@ def decode_base64(value: Any, index: int, filename: str | None) -> bytes:
         raise ImageProblem("invalid-base64", index, filename, f"not valid base64 ({exc})") from None
 
 
+def pillow_open():
+    """Pillow's own ``Image.open``. ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that,
+    on an unidentified file, tries to install and register a HEIF decoder; untrusted uploads must never
+    trigger that, so intake calls the original (the wrapper keeps it as ``_image_open``)."""
+    opener = Image.open
+    if getattr(opener, "__module__", "PIL.Image") != "PIL.Image":
+        original = getattr(sys.modules.get(opener.__module__), "_image_open", None)
+        if getattr(original, "__module__", None) == "PIL.Image":
+            return original
+        raise RuntimeError(f"PIL.Image.open is replaced by {opener.__module__}.{opener.__name__}; refusing to use it")
+    return opener
+
+
 def decode_image(raw: RawImage, *, formats: list[str], max_pixels: int) -> DecodedImage:
     """Validate and decode one image; raise ImageProblem (never anything else for bad input)."""
     start = time.perf_counter()
@@ -152,7 +166,7 @@ def decode_image(raw: RawImage, *, formats: list[str], max_pixels: int) -> Decod
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data), formats=formats)
+            image = pillow_open()(io.BytesIO(data), formats=formats)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise fail("image-too-large", f"decompression bomb refused ({exc})") from None
         except UnidentifiedImageError:

@@ -433,7 +433,7 @@ class JobManager:
             await asyncio.to_thread(store.rebuild_results, job_id)
             pending = await asyncio.to_thread(store.pending, job_id)
             params = json.loads(job["params"])
-            group = (params.get("beam_size", 1), params.get("max_length"))
+            group = (params.get("beam_size"), params.get("max_length"))
             await self._feed(job_id, served, group, pending)
             if self._stopping or job_id in self._cancelled:
                 return

@@ -63,7 +63,7 @@ class Outcome:
         return "error" not in self.line
 
 
-def caption_files(model: Any, items: Iterable[tuple[str, Path]], settings: Settings, *, beam_size: int = 1,
+def caption_files(model: Any, items: Iterable[tuple[str, Path]], settings: Settings, *, beam_size: int | None = None,
                   max_length: int | None = None, batch_size: int = 8) -> Iterator[Outcome]:
     """Caption ``(key, path)`` pairs in batches; yields one outcome per input, in input order."""
     pending: list[tuple[str, Any]] = []
@@ -187,7 +187,7 @@ def merge(out: Path, shards: list[Path], expect: list[str] | None = None) -> int
 
 
 def run_batch(root: Path, out: Path, model: Any, settings: Settings, *, shard: tuple[int, int] = (0, 1),
-              beam_size: int = 1, max_length: int | None = None, batch_size: int = 8,
+              beam_size: int | None = None, max_length: int | None = None, batch_size: int = 8,
               progress: bool = True) -> dict[str, int]:
     index, count = shard
     images = [p for p in list_images(root) if shard_of(p, count) == index]

@@ -116,3 +116,182 @@ class ServerProcess:
                 self.terminate(30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+# --- freshly built models for tests and examples (random weights, real classes, real store) ----------
+SAMPLE_CAPTIONS = [
+    "there is an airplane at the airport",
+    "many buildings and some green trees are around a road",
+    "lots of boats docked neatly at the harbor",
+    "a river runs through the green forest",
+    "some cars are parked in the parking lot",
+]
+
+
+def _publish(store, name: str, folder: Path, task: str, config: dict, parents=()):
+    return store.publish(
+        name, folder, task=task, profile=config.get("profile", "tiny"), metrics={"note": "random weights"},
+        config=config, command="service.testing (random weights)", data={"name": "none (random weights)"},
+        parents=list(parents),
+    )
+
+
+def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | None = None,
+                classifier: bool = True, captioner: bool = True) -> dict[str, int]:
+    """Publish random-weight ``ucm-captioner`` and ``ucm-classifier`` versions built from the tiny profile
+    (``overrides`` shrink it further for tests); -> {name: version}."""
+    import json
+
+    import torch
+
+    from captioning.config import load_config
+    from captioning.data import LABELS, tokenize
+    from captioning.data.vocab import Vocabulary
+    from captioning.models.ucm.model import Captioner, MultiLabelClassifier
+    from captioning.models.ucm.store_io import VOCAB, WEIGHTS, save_weights
+
+    torch.manual_seed(seed)
+    config = load_config("ucm", "tiny", overrides=overrides)
+    out = {}
+    if captioner:
+        folder = Path(workdir) / f"ucm-captioner-{seed}"
+        folder.mkdir(parents=True)
+        vocab = Vocabulary.build([tokenize(c) for c in SAMPLE_CAPTIONS])
+        vocab.save(folder / VOCAB)
+        model = Captioner(len(vocab), config["text"], config["image"],
+                          attention_dim=int(config["captioner"].get("attention_dim", 0)))
+        save_weights(model, folder / WEIGHTS, config.get("weights_dtype", "float32"))
+        out["ucm-captioner"] = _publish(store, "ucm-captioner", folder, "ucm-captioner", config).version
+    if classifier:
+        folder = Path(workdir) / f"ucm-classifier-{seed}"
+        folder.mkdir(parents=True)
+        model = MultiLabelClassifier(config["image"], len(LABELS))
+        save_weights(model, folder / WEIGHTS, config.get("weights_dtype", "float32"))
+        (folder / "classifier.json").write_text(json.dumps({"labels": list(LABELS), "threshold": 0.5}))
+        out["ucm-classifier"] = _publish(store, "ucm-classifier", folder, "ucm-classifier", config).version
+    return out
+
+
+def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
+    """Publish random-weight ``clip``, ``concepts-detector`` and ``concepts`` versions (tiny profiles)."""
+    import torch
+
+    from captioning.config import load_config
+    from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
+    from captioning.models.lightcap.concepts import (
+        ALIGNER_FILE,
+        ConceptVocabulary,
+        RegionAligner,
+        concept_words,
+        embed_concepts,
+    )
+    from captioning.models.lightcap.concepts_data import save_tensors
+    from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+
+    torch.manual_seed(seed)
+    workdir = Path(workdir)
+    clip_cfg = load_config("clip", "tiny")
+    cfg = load_config("concepts", "tiny")
+    words, labels = concept_words(cfg)
+    tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
+    model_cfg = clip_model_config(clip_cfg)
+    model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
+    clip_cfg["model"] = model_cfg
+    clip = build_clip(clip_cfg)
+    folder = workdir / f"clip-{seed}"
+    folder.mkdir(parents=True)
+    save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
+    tokenizer.save(folder)
+    clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
+    detector = ProposalDetector(cfg["detector"])
+    folder = workdir / f"det-{seed}"
+    folder.mkdir(parents=True)
+    detector.save_weights(folder / WEIGHTS_FILE)
+    det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg)
+    vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
+    aligner = RegionAligner(512, cfg["align"]["hidden"], vocab.dim)
+    folder = workdir / f"concepts-{seed}"
+    folder.mkdir(parents=True)
+    save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
+    vocab.save(folder)
+    cfg["extract"].update(proposal_conf=0.0, min_score=0.0)  # random weights: keep every proposal
+    parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
+    return {"clip": clip_v.version, "concepts-detector": det_v.version,
+            "concepts": _publish(store, "concepts", folder, "concepts", cfg, parents).version}
+
+
+_BUILT: dict[tuple, Path] = {}
+
+
+def random_store(dest: Path, *, concepts: bool = True, overrides: tuple[str, ...] = ()):
+    """A model store at ``dest`` holding random-weight UCM models (and the concept extractor). Built once per
+    process and copied, so every test module gets its own store to modify without paying for the build."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from captioning.store import ModelStore
+
+    key = (concepts, overrides)
+    if key not in _BUILT:
+        root = Path(tempfile.mkdtemp(prefix="captioner-random-store-"))
+        atexit.register(shutil.rmtree, root, True)
+        store = ModelStore(root / "store")
+        publish_ucm(store, root / "work", overrides=list(overrides) or None)
+        if concepts:
+            publish_concepts(store, root / "work")
+        _BUILT[key] = root / "store"
+    shutil.copytree(_BUILT[key], dest)
+    return ModelStore(dest)
+
+
+# --- helpers for HTTP tests -------------------------------------------------------------------------
+def image_bytes(width=96, height=64, fmt="PNG", seed=0, **kw) -> bytes:
+    """A random RGB image encoded as ``fmt``."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), "RGB")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_bomb(width=60_000, height=60_000) -> bytes:
+    """A valid PNG header claiming ``width x height`` pixels, with a few kilobytes of compressed rows."""
+    import zlib
+
+    def chunk(kind, payload):
+        body = kind + payload
+        return len(payload).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    idat = zlib.compress(b"\x00" * (width + 1) * 16, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of ``name``'s samples matching ``labels`` in the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                total += sample.value
+    return total
+
+
+def assert_problem(response: httpx.Response, status: int, slug: str) -> dict:
+    """The response is problem+json of type ``/problems/<slug>`` with ``status``, and leaks no traceback."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    body = response.json()
+    assert body["type"] == f"/problems/{slug}", body
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return body

@@ -175,3 +175,14 @@ def test_base64_and_combined_errors():
     combined = combine(errors, 5)
     assert combined.status == 400 and "2 of 5 images were rejected" in combined.detail
     assert [e["type"] for e in combined.extra["errors"]] == ["/problems/empty-image", "/problems/unsupported-image"]
+
+
+def test_intake_bypasses_the_ultralytics_image_open_patch():
+    import ultralytics.utils.patches  # noqa: F401 - replaces PIL.Image.open process-wide
+
+    from service.intake import pillow_open
+
+    assert Image.open.__module__ != "PIL.Image"
+    assert pillow_open().__module__ == "PIL.Image"
+    p = problem(b"plain text, not a HEIF either\n" * 5, name="x.jpg")
+    assert p.slug == "unsupported-image"

@@ -22,7 +22,8 @@ class CaptionParams(BaseModel):
 
     model: str | None = Field(None, description="`lightcap` or `ucm` (or a served store name); default: lightcap "
                               "when served, else ucm (CAPTIONER_DEFAULT_CAPTION_MODEL)")
-    beam_size: int = Field(1, ge=1, description="beam width (1: greedy); at most CAPTIONER_MAX_BEAM_SIZE")
+    beam_size: int | None = Field(None, ge=1, description="beam width (1: greedy; default: the model's published "
+                                  "decoding); at most CAPTIONER_MAX_BEAM_SIZE")
     max_length: int | None = Field(None, ge=1, description="longest caption in tokens (default: the model's)")
     include_concepts: bool = Field(False, description="also return the concept extractor's concepts")
 

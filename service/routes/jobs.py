@@ -33,7 +33,7 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="captioner (`lightcap`, `ucm`); default as for /v1/caption")
-    beam_size: int = Field(1, ge=1, description="beam width (1: greedy)")
+    beam_size: int | None = Field(None, ge=1, description="beam width (1: greedy; default: the model's)")
     max_length: int | None = Field(None, ge=1, description="longest caption in tokens")
 
 
