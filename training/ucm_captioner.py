@@ -103,10 +103,13 @@ def run(args: argparse.Namespace) -> int:
         run.end_epoch(extra={"val_loss": validation_loss(core, val, run.device)}, model=model, optimizer=optimizer)
 
     metrics = {"decoding": options.to_dict()}
-    metrics.update(prefixed("val", evaluate_captions(core, vocab, val, options, run.device)))
+    meteor = bool(cfg.get("report_meteor", True))  # METEOR runs Java: seconds per call; test split only
+    metrics.update(prefixed("val", evaluate_captions(core, vocab, val, options, run.device, meteor=False)))
     if corpus.split("test"):
         test = caption_split(corpus, vocab, "test", size, max_words, args.workers)
-        metrics.update(prefixed("test", evaluate_captions(core, vocab, test, options, run.device, train=train)))
+        metrics.update(
+            prefixed("test", evaluate_captions(core, vocab, test, options, run.device, train=train, meteor=meteor))
+        )
     metrics["final_train_loss"] = run.history[-1]["loss"] if run.history else None
     metrics["final_val_loss"] = run.history[-1]["val_loss"] if run.history else None
 
