@@ -467,7 +467,8 @@ class ModelStore:
         if verify:
             problems = self._check_version(mv)
             if problems:
-                raise StoreError(f"{mv.spec} ({spec}) failed verification: " + "; ".join(p.message for p in problems))
+                asked = f" ({spec})" if spec != mv.spec else ""
+                raise StoreError(f"{mv.spec}{asked} failed verification: " + "; ".join(p.message for p in problems))
         return mv
 
     def list(self, name: str | None = None) -> list[ModelVersion]:
