@@ -726,14 +726,19 @@ class ModelStore:
                 final = model_dir / str(version)
                 os.rename(staging, final)  # the commit point: atomic on one filesystem
                 _fsync_dir(model_dir)
-                aliases, history = self._read_aliases(name)
-                changed = False
-                if alias is not None:
-                    changed |= self._point(aliases, history, alias, version, action="publish")
-                if PRODUCTION not in aliases:
-                    changed |= self._point(aliases, history, PRODUCTION, version, action="publish")
-                if changed:
-                    self._write_aliases(name, aliases, history)
+                try:
+                    aliases, history = self._read_aliases(name)
+                    changed = False
+                    if alias is not None:
+                        changed |= self._point(aliases, history, alias, version, action="publish")
+                    if PRODUCTION not in aliases:
+                        changed |= self._point(aliases, history, PRODUCTION, version, action="publish")
+                    if changed:
+                        self._write_aliases(name, aliases, history)
+                except (OSError, StoreError) as exc:
+                    raise StoreError(
+                        f"publish: {name}@{version} was published, but its aliases were not set: {exc}"
+                    ) from exc
             finally:
                 lock.release()
         except OSError as exc:
