@@ -9,3 +9,16 @@ os.environ.setdefault("CAPTIONER_NO_PROGRESS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small synthetic dataset (3 pictures per class, seed 0, 256 px, UCM layout); returns its folder."""
+    from captioning.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate(out, per_class=3, seed=0, size=256, workers=1)
+    return out

@@ -18,11 +18,17 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("out", type=Path, metavar="OUT", help="output folder (new or empty)")
-    p.add_argument("--per-class", type=int, default=100, help="pictures per class (default 100: 2,100 in all)")
+    p.add_argument(
+        "--per-class", type=int, default=100, help="pictures per class (default 100: 2,100 in all)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", type=int, default=256, help="picture side in pixels (default 256, like UCM)")
-    p.add_argument("--workers", type=int, default=None,
-                   help=f"worker processes (default: all cores, here {os.cpu_count()})")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help=f"worker processes (default: all cores, here {os.cpu_count()})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_synth)
 

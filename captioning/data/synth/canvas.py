@@ -48,7 +48,9 @@ def pick(rng: np.random.Generator, options: list[tuple]) -> tuple:
 
 
 def jitter(rng: np.random.Generator, rgb, amount: float = 10.0) -> np.ndarray:
-    return np.clip(np.asarray(rgb, dtype=np.float32) + rng.normal(0, amount, 3), 0, 255)
+    """Vary brightness (mostly) and hue (a little) around an anchor colour, so named colours stay true."""
+    rgb = np.asarray(rgb, dtype=np.float32)
+    return np.clip(rgb * (1 + rng.normal(0, amount / 160)) + rng.normal(0, amount / 3, 3), 0, 255)
 
 
 def object_colour(rng: np.random.Generator, concept: str, name: str | None = None) -> tuple[str, np.ndarray]:
@@ -78,7 +80,7 @@ class Noise:
     def fine(self, key: int = 0) -> np.ndarray:
         k = ("fine", key)
         if k not in self._fields:
-            self._fields[k] = self.rng.standard_normal((self.size, self.size)).astype(np.float32)
+            self._fields[k] = self.rng.standard_normal((self.size, self.size), dtype=np.float32)
         return self._fields[k]
 
 
@@ -186,7 +188,9 @@ class Canvas:
         per_concept: dict[str, int] = {}
         for rid in range(1, n):
             if lut[rid] == rid:
-                per_concept[self.regions[rid].concept] = per_concept.get(self.regions[rid].concept, 0) + counts[rid]
+                per_concept[self.regions[rid].concept] = (
+                    per_concept.get(self.regions[rid].concept, 0) + counts[rid]
+                )
         for concept, total in per_concept.items():
             if 0 < total < MIN_STUFF * area:
                 others = [r for r in range(1, n) if lut[r] == r and self.regions[r].concept != concept]
@@ -213,9 +217,13 @@ class Canvas:
 
     # ------------------------------------------------------------------ pass 2: objects and decals
 
-    def line(self, pts: np.ndarray, rgb, width: float, dash: tuple[float, float] | None = None, alpha: int = 255):
+    def line(
+        self, pts: np.ndarray, rgb, width: float, dash: tuple[float, float] | None = None, alpha: int = 255
+    ):
         """A painted line drawn over the surfaces (lane markings, foam); dashed if ``dash=(on, off)``."""
-        self._decals.append(("line", np.asarray(pts, dtype=np.float64), tuple(int(c) for c in rgb), width, dash, alpha))
+        self._decals.append(
+            ("line", np.asarray(pts, dtype=np.float64), tuple(int(c) for c in rgb), width, dash, alpha)
+        )
 
     def mark(self, pts: np.ndarray, rgb, alpha: int = 255):
         """A painted polygon over the surfaces (stall marks, crosswalk bars)."""
@@ -346,7 +354,9 @@ class Canvas:
                     cdraw.polygon(self._px(pts), fill=CONCEPT_IDS[concept] if concept else own)
                 else:
                     _, pts, colour, width = part
-                    draw.line(self._px(pts), fill=tuple(int(c) for c in colour), width=max(1, round(width * k)))
+                    draw.line(
+                        self._px(pts), fill=tuple(int(c) for c in colour), width=max(1, round(width * k))
+                    )
 
         # labels from what is visible
         concept_map = np.asarray(cmap)
@@ -368,19 +378,29 @@ class Canvas:
         """Lighting, colour cast, haze, sensor noise and a little blur."""
         rng, size = self.rng, self.size
         arr = np.asarray(img, dtype=np.float32)
-        gain = rng.uniform(0.88, 1.12) * (1 + rng.normal(0, 0.03, 3)).astype(np.float32)
+        gain = (rng.uniform(0.88, 1.12) * (1 + rng.normal(0, 0.03, 3))).astype(np.float32)
         direction = rng.uniform(0, 2 * math.pi)
         ramp = np.linspace(-1, 1, size, dtype=np.float32)
-        gradient = (math.cos(direction) * ramp[None, :] + math.sin(direction) * ramp[:, None]) * rng.uniform(0, 0.08)
-        light = 1 + gradient + rng.uniform(0.02, 0.07) * self.noise.smooth(3, key=99)
-        arr = arr * gain * light[..., None]
+        gradient = (math.cos(direction) * ramp[None, :] + math.sin(direction) * ramp[:, None]) * rng.uniform(
+            0, 0.08
+        )
+        light = (1 + gradient + rng.uniform(0.02, 0.07) * self.noise.smooth(3, key=99)).astype(np.float32)
+        arr *= light[..., None]
+        arr *= gain
+        contrast = np.float32(rng.uniform(0.9, 1.15))
         mean = arr.mean()
-        arr = mean + (arr - mean) * rng.uniform(0.9, 1.15)
+        arr -= mean
+        arr *= contrast
+        arr += mean
         if rng.random() < 0.3:
-            haze = rng.uniform(0.04, 0.14)
-            arr = arr * (1 - haze) + haze * np.array([200, 205, 215], dtype=np.float32)
-        arr += rng.normal(0, rng.uniform(1.5, 5.0), arr.shape).astype(np.float32)
-        out = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+            haze = np.float32(rng.uniform(0.04, 0.14))
+            arr *= 1 - haze
+            arr += haze * np.array([200, 205, 215], dtype=np.float32)
+        noise = rng.standard_normal(arr.shape, dtype=np.float32)
+        noise *= np.float32(rng.uniform(1.5, 5.0))
+        arr += noise
+        np.clip(arr, 0, 255, out=arr)
+        out = Image.fromarray(arr.astype(np.uint8))
         if rng.random() < 0.3:
             out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 0.8) * self.k))
         return out
@@ -437,7 +457,12 @@ def texture(cv: Canvas, reg: Region, idx: np.ndarray) -> np.ndarray:
         col[:, 2] -= 5 * f(6, 2)
     elif c == "sand":
         a = p.get("ripple", 0.7)
-        v = 1 + 0.04 * f(4) + 0.03 * n.fine().ravel()[idx] + 0.025 * np.sin((x * math.cos(a) + y * math.sin(a)) / 1.6)
+        v = (
+            1
+            + 0.04 * f(4)
+            + 0.03 * n.fine().ravel()[idx]
+            + 0.025 * np.sin((x * math.cos(a) + y * math.sin(a)) / 1.6)
+        )
         col = base[None, :] * v[:, None]
     elif c == "sea":
         a = p.get("deep", 0.0)  # direction towards deep water
@@ -461,7 +486,9 @@ def texture(cv: Canvas, reg: Region, idx: np.ndarray) -> np.ndarray:
         shrubby = f(60, 5) + 0.6 * f(18, 6)
         shrub = shrubby > np.quantile(shrubby, 1 - density) if len(idx) > 100 else shrubby > 0
         ground = base[None, :] * (1 + 0.06 * f(4) + 0.04 * n.fine().ravel()[idx])[:, None]
-        bush = np.array([72, 88, 52], dtype=np.float32) * (0.8 + 0.2 * f(30, 7))[:, None] * p.get("green", 1.0)
+        bush = (
+            np.array([72, 88, 52], dtype=np.float32) * (0.8 + 0.2 * f(30, 7))[:, None] * p.get("green", 1.0)
+        )
         col = np.where(shrub[:, None], bush, ground)
     elif c == "forest":
         crowns = f(30, 8)

@@ -81,8 +81,16 @@ def axis_words(angle: float) -> str:
     return "diagonally"
 
 
-SIDES = ("on the right side", "in the lower right part", "at the bottom", "in the lower left part",
-         "on the left side", "in the upper left part", "at the top", "in the upper right part")
+SIDES = (
+    "on the right side",
+    "in the lower right part",
+    "at the bottom",
+    "in the lower left part",
+    "on the left side",
+    "in the upper left part",
+    "at the top",
+    "in the upper right part",
+)
 
 
 def side_words(angle: float) -> str:
@@ -175,8 +183,15 @@ class Facts:
             return "colorful"
         return None
 
-    def np(self, concept: str, *, colour: bool | None = None, adj: str | None = None, mod: str | None = None,
-           count: bool = True) -> str:
+    def np(
+        self,
+        concept: str,
+        *,
+        colour: bool | None = None,
+        adj: str | None = None,
+        mod: str | None = None,
+        count: bool = True,
+    ) -> str:
         """'two large white airplanes', 'a red car', 'three white storage tanks': count, ``adj`` (size),
         colour (said with probability 0.6 unless ``colour`` is given), ``mod`` (noun modifier), noun."""
         n = self.n(concept)
@@ -273,8 +288,11 @@ def _agricultural(F: Facts) -> list[str]:
         out.append(f"{F.np('house')} {F.be('house')} next to the farmland")
     if F.f.get("road") and F.has("pavement"):
         out.append(f"A road runs {F.axis()} across the picture between the fields")
-    axes = {axis_words(F.cv.regions[r].params["rows"][0]) for r in range(1, len(F.cv.regions))
-            if F.cv.regions[r].concept == "field" and F.region_shares[r] >= 0.02}
+    axes = {
+        axis_words(F.cv.regions[r].params["rows"][0])
+        for r in range(1, len(F.cv.regions))
+        if F.cv.regions[r].concept == "field" and F.region_shares[r] >= 0.02
+    }
     if len(axes) == 1:
         out.append(f"The crop rows in the fields all run {axes.pop()}")
     elif len(axes) > 1:
@@ -302,8 +320,12 @@ def _airplane(F: Facts) -> list[str]:
     if size and n == 1:
         out.append(f"A {size} {F.colour('airplane')} airplane is stopped at the airport")
     if F.f.get("cars_beside_planes") and F.cars_np():
-        out.append(f"{F.np('airplane')} {be} stopped at the airport with {F.cars_np()} beside {F.it('airplane')}")
-        out.append(f"{F.cars_np()} {'is' if F.n('car') == 1 else 'are'} parked beside the {F.noun('airplane')}")
+        out.append(
+            f"{F.np('airplane')} {be} stopped at the airport with {F.cars_np()} beside {F.it('airplane')}"
+        )
+        out.append(
+            f"{F.cars_np()} {'is' if F.n('car') == 1 else 'are'} parked beside the {F.noun('airplane')}"
+        )
     if F.f.get("in_row"):
         out.append(f"{F.np('airplane')} {be} parked in a row on the apron")
     if F.f.get("terminal"):
@@ -329,7 +351,7 @@ def _baseballdiamond(F: Facts) -> list[str]:
         f"There {be} {F.np('diamond', mod='baseball', colour=False)} on the {F.sc('grass')} lawn",
         f"{F.np('diamond', mod='baseball', colour=False)} {be} surrounded by the {F.sc('grass')} grass of the park",
         f"The infield of the baseball {F.noun('diamond')} is {F.colour('diamond')} dirt with white lines",
-        f"It is a baseball {F.noun('diamond')} with {F.colour('diamond')} dirt and green grass",
+        f"The picture shows {F.np('diamond', mod='baseball', colour=False)} with {F.colour('diamond')} dirt and green grass",
     ]
     if F.f.get("trees_around") and F.n("tree"):
         out.append(f"{F.np('diamond', mod='baseball', colour=False)} {be} surrounded by {F.np('tree')}")
@@ -363,7 +385,10 @@ def _beach(F: Facts) -> list[str]:
             f"It is a {sand} beach beside the {sea} sea with white waves",
         ]
     elif F.has("sea"):
-        out += [f"The {sea} sea with many white waves is near the coast", f"White waves roll on the {sea} sea"]
+        out += [
+            f"The {sea} sea with many white waves is near the coast",
+            f"White waves roll on the {sea} sea",
+        ]
     behind = F.f.get("behind")
     if behind and F.has(behind) and F.has("sand"):
         out.append(f"The beach lies between the {sea} sea and the {F.surface_words(behind)}")
@@ -378,10 +403,16 @@ def _beach(F: Facts) -> list[str]:
     if F.n("car"):
         out.append(f"{F.np('car')} {F.be('car')} driving on the road along the coast")
     if F.has("sea"):
-        out.append(f"The sea is {side_words(F.f['to_sea'])} of the picture and the beach is beside it"
-                   if F.has("sand") else f"The sea is {side_words(F.f['to_sea'])} of the picture")
-        out.append(f"The coastline runs {F.axis()} across the picture between the sand and the sea" if F.has("sand")
-                   else f"The coastline runs {F.axis()} across the picture")
+        out.append(
+            f"The sea is {side_words(F.f['to_sea'])} of the picture and the beach is beside it"
+            if F.has("sand")
+            else f"The sea is {side_words(F.f['to_sea'])} of the picture"
+        )
+        out.append(
+            f"The coastline runs {F.axis()} across the picture between the sand and the sea"
+            if F.has("sand")
+            else f"The coastline runs {F.axis()} across the picture"
+        )
         out.append("White foam lines the edge of the sea along the shore")
     return out
 
@@ -400,18 +431,27 @@ def _buildings(F: Facts) -> list[str]:
     if roofs:
         out.append(f"{F.np('building', colour=False)} with {roofs} roofs {be} in the city")
     if F.cars_np():
-        out.append(f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} on the roads beside the {F.noun('building')}")
-        out.append(f"It is a busy area with {F.np('building')} and {F.np('car')}" if F.n("car") else
-                   f"A road with {F.cars_np()} passes the {F.noun('building')}")
+        out.append(
+            f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} on the roads beside the {F.noun('building')}"
+        )
+        out.append(
+            f"It is a busy area with {F.np('building')} and {F.np('car')}"
+            if F.n("car")
+            else f"A road with {F.cars_np()} passes the {F.noun('building')}"
+        )
     nr = F.f.get("n_roads", 0)
     if nr:
-        out.append(f"{count_word(nr, F.rng)} {'road goes' if nr == 1 else 'roads go'} between the {F.noun('building')} in the city")
+        out.append(
+            f"{count_word(nr, F.rng)} {'road goes' if nr == 1 else 'roads go'} between the {F.noun('building')} in the city"
+        )
     if F.has("grass"):
         out.append(f"{F.np('building')} and some {F.sc('grass')} lawns are near the roads")
     if F.n("tree"):
         out.append(f"{F.np('tree')} {F.be('tree')} planted beside the {F.noun('building')}")
     if not F.f.get("cross_street") and F.has("pavement"):
-        out.append(f"The {'road runs' if F.f['n_roads'] == 1 else 'roads run'} {F.axis()} between the {F.noun('building')}")
+        out.append(
+            f"The {'road runs' if F.f['n_roads'] == 1 else 'roads run'} {F.axis()} between the {F.noun('building')}"
+        )
     out.append(f"{F.np('building')} {be} located in the downtown area of the city")
     return out
 
@@ -429,13 +469,13 @@ def _chaparral(F: Facts) -> list[str]:
     if F.has("soil"):
         out.append(f"Some {F.sc('soil')} bare soil is among the shrubs of the chaparral")
         if F.f.get("dirt_road"):
-            out.append("A winding dirt road passes through the chaparral")
+            out.append("A winding dirt track passes through the chaparral")
     if F.f.get("road") and F.has("pavement"):
         out.append(f"A {F.f['road_shape']} road goes across the chaparral")
     if F.n("house"):
         out.append(f"{F.np('house')} {F.be('house')} beside the road in the chaparral")
     if F.f.get("dirt_road") and F.has("soil"):
-        out.append(f"A dirt road runs {F.axis('dirt_axis')} through the shrubs")
+        out.append(f"A dirt track runs {F.axis('dirt_axis')} through the shrubs")
     if F.f.get("road") and F.has("pavement"):
         out.append(f"A {F.f['road_shape']} road runs {F.axis()} across the chaparral")
     out.append(f"The hills are dotted with {density} dark green shrubs")
@@ -463,13 +503,16 @@ def _residential(F: Facts, density: str) -> list[str]:
     elif density == "medium":
         out += [
             f"{F.np('house')} {be} arranged along the {F.f['road_shape']} road",
-            f"Some houses with {F.sc(F.f['ground'])} lawns are in the {area}" if F.f["ground"] == "grass" and nh > 1
+            f"Some houses with {F.sc(F.f['ground'])} lawns are in the {area}"
+            if F.f["ground"] == "grass" and nh > 1
             else f"{F.np('house')} {be} neatly arranged in the neighborhood",
         ]
     else:
         out += [
             f"{F.np('house')} {be} scattered on the {F.ground()}",
-            f"A few houses with big yards are in the {area}" if 2 <= nh <= 5 else f"{F.np('house')} {be} far from each other",
+            f"A few houses with big yards are in the {area}"
+            if 2 <= nh <= 5
+            else f"{F.np('house')} {be} far from each other",
         ]
     if roofs:
         out.append(f"{F.np('house', colour=False)} with {roofs} roofs {be} in the {area}")
@@ -482,9 +525,13 @@ def _residential(F: Facts, density: str) -> list[str]:
     if F.n("pool"):
         out.append(f"{F.np('pool')} {F.be('pool')} beside the {F.noun('house')}")
     if F.cars_np():
-        out.append(f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} parked on the streets of the {area}")
+        out.append(
+            f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} parked on the streets of the {area}"
+        )
     if F.f["n_roads"] >= 2:
-        out.append(f"{count_word(F.f['n_roads'], F.rng)} {'straight' if F.f['road_shape'] == 'straight' else ''} streets go through the {area}")
+        out.append(
+            f"{count_word(F.f['n_roads'], F.rng)} {'straight' if F.f['road_shape'] == 'straight' else ''} streets go through the {area}"
+        )
     if not F.f.get("cross_street") and F.has("pavement"):
         st = "street runs" if F.f["n_roads"] == 1 else "streets run"
         out.append(f"The {st} {F.axis()} through the {area}")
@@ -532,11 +579,15 @@ def _freeway(F: Facts) -> list[str]:
     out = [
         f"There is a {shape} freeway with two lanes in each direction",
         f"Two {shape} roads run side by side with {median} between them",
-        f"The {shape} freeway goes through the {F.surface_words(side)}" if F.has(side) else f"A {shape} freeway crosses the scene",
+        f"The {shape} freeway goes through the {F.surface_words(side)}"
+        if F.has(side)
+        else f"A {shape} freeway crosses the scene",
     ]
     if cars:
         out.append(f"There is a {shape} freeway with {cars} on it")
-        out.append(f"{cars} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} driving on the {shape} freeway")
+        out.append(
+            f"{cars} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} driving on the {shape} freeway"
+        )
     else:
         out.append(f"There are no cars on the {shape} freeway")
         out.append(f"The {shape} freeway is empty and {median} divides it")
@@ -563,8 +614,11 @@ def _golfcourse(F: Facts) -> list[str]:
         out.append(f"{F.np('bunker', mod='sand', colour=False)} {F.be('bunker')} on the green golf course")
     if F.n("pond"):
         out.append(f"There {F.be('pond')} {F.np('pond')} on the golf course")
-        out.append(f"{F.np('pond')} and {F.np('bunker', mod='sand')} are on the golf course" if F.n("bunker")
-                   else f"The golf course has {F.np('pond')} and green grass")
+        out.append(
+            f"{F.np('pond')} and {F.np('bunker', mod='sand')} are on the golf course"
+            if F.n("bunker")
+            else f"The golf course has {F.np('pond')} and green grass"
+        )
     if F.n("tree"):
         out.append(f"{F.np('tree')} {F.be('tree')} scattered on the golf course")
     if F.f.get("woods") and F.has("forest"):
@@ -579,7 +633,11 @@ def _golfcourse(F: Facts) -> list[str]:
 
 def _harbor(F: Facts) -> list[str]:
     water = F.sc("water")
-    out = [f"It is a harbor with {water} water and {F.np('dock')}" if F.n("dock") else f"It is a harbor with {water} water"]
+    out = [
+        f"It is a harbor with {water} water and {F.np('dock')}"
+        if F.n("dock")
+        else f"It is a harbor with {water} water"
+    ]
     if F.n("boat"):
         out += [
             f"There {F.be('boat')} {F.np('boat')} docked at the harbor",
@@ -589,7 +647,9 @@ def _harbor(F: Facts) -> list[str]:
             out.append(f"{F.np('boat')} {F.be('boat')} moored beside {F.np('dock')}")
             out.append(f"The harbor has {F.np('dock')} and {F.np('boat')}")
     if F.n("dock"):
-        out.append(f"{F.np('dock')} {'stretches' if F.n('dock') == 1 else 'stretch'} into the {water} water of the harbor")
+        out.append(
+            f"{F.np('dock')} {'stretches' if F.n('dock') == 1 else 'stretch'} into the {water} water of the harbor"
+        )
     if F.n("ship"):
         out.append(f"{F.np('ship')} {F.be('ship')} anchored in the {water} water of the harbor")
     if F.n("building"):
@@ -617,7 +677,9 @@ def _intersection(F: Facts) -> list[str]:
     ]
     if cars:
         out.append(f"There {'is' if F.n('car') + F.n('truck') == 1 else 'are'} {cars} at the crossroads")
-        out.append(f"{cars} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} driving on the roads of the intersection")
+        out.append(
+            f"{cars} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} driving on the roads of the intersection"
+        )
     else:
         out.append("There are no cars at the intersection")
     if F.f.get("corners_with") == "house" and F.n("house"):
@@ -643,7 +705,7 @@ def _mobilehomepark(F: Facts) -> list[str]:
     out = [
         f"There {be} {F.np('mobile home')} in the mobile home park",
         f"{F.np('mobile home')} {be} lined along the roads",
-        f"It is a mobile home park with {F.np('mobile home')}",
+        f"This mobile home park has {F.np('mobile home')}",
     ]
     if F.f.get("in_rows"):
         out.append(f"{F.np('mobile home')} {be} arranged neatly in rows")
@@ -670,7 +732,9 @@ def _overpass(F: Facts) -> list[str]:
         "A road passes over another road on a bridge",
         "Two roads cross each other and one is above the other",
         "The bridge of the overpass casts a shadow on the road below",
-        f"It is an overpass surrounded by the {F.ground()}" if F.has(F.f["ground"]) else "It is an overpass with two roads",
+        f"It is an overpass surrounded by the {F.ground()}"
+        if F.has(F.f["ground"])
+        else "It is an overpass with two roads",
     ]
     if cars:
         out.append(f"There is an overpass with {cars} on the roads")
@@ -708,7 +772,11 @@ def _parkinglot(F: Facts) -> list[str]:
     elif full == "empty" and n:
         out.append(f"The parking lot is half empty with only {F.np('car')}")
     if F.n("building"):
-        out.append(f"A parking lot with {F.np('car')} is next to a large building" if n else "A large building stands next to the parking lot")
+        out.append(
+            f"A parking lot with {F.np('car')} is next to a large building"
+            if n
+            else "A large building stands next to the parking lot"
+        )
     if F.f.get("islands") and F.has("grass"):
         out.append(f"{F.sc('grass')} strips of grass divide the parking lot into parts")
     if F.n("tree"):
@@ -725,11 +793,18 @@ def _river(F: Facts) -> list[str]:
     col = F.sc("water")
     bank = F.f["bank"]
     out = [
-        f"A {shape} river flows through the {F.surface_words(bank)}" if F.has(bank) else f"A {shape} river flows across the land",
+        f"A {shape} river flows through the {F.surface_words(bank)}"
+        if F.has(bank)
+        else f"A {shape} river flows across the land",
         f"There is a {width} {col} river in the picture",
         f"The {col} water of the {shape} river is calm",
-        (f"A {width} river winds across the {F.surface_words(bank)}" if F.has(bank) else f"A {width} river winds across the land")
-        if shape == "curved" else f"A {width} {col} river runs straight across the land",
+        (
+            f"A {width} river winds across the {F.surface_words(bank)}"
+            if F.has(bank)
+            else f"A {width} river winds across the land"
+        )
+        if shape == "curved"
+        else f"A {width} {col} river runs straight across the land",
     ]
     other = F.f.get("other_bank")
     if other and F.has(other) and F.has(bank):
@@ -755,7 +830,7 @@ def _runway(F: Facts) -> list[str]:
         f"There is a long straight runway on the {ground}",
         f"A {col} runway with white markings lies on the {ground}",
         f"The runway is {col} with a dashed white line in the middle",
-        f"It is a long runway with white lines at the airport",
+        "It is a long runway with white lines at the airport",
     ]
     if F.f.get("threshold"):
         out.append("White stripes are painted at the end of the runway")
@@ -779,19 +854,25 @@ def _storagetanks(F: Facts) -> list[str]:
     be = F.be("tank")
     out = [
         f"There {be} {F.np('tank', mod='storage')} in the factory area",
-        f"{F.np('tank', mod='storage')} {be} on the {F.ground()}" if F.has(F.f["ground"]) else f"{F.np('tank', mod='storage')} {be} in the picture",
+        f"{F.np('tank', mod='storage')} {be} on the {F.ground()}"
+        if F.has(F.f["ground"])
+        else f"{F.np('tank', mod='storage')} {be} in the picture",
         f"It is an industrial area with {F.np('tank', adj='round')}",
     ]
     if F.f.get("tanks_grid"):
         out.append(f"{F.np('tank', mod='storage')} {be} arranged neatly in rows")
     elif n > 1:
-        out.append(f"{F.np('tank', mod='storage', colour=False)} of different sizes are scattered on the ground")
+        out.append(
+            f"{F.np('tank', mod='storage', colour=False)} of different sizes are scattered on the ground"
+        )
     if F.f.get("road") and F.has("pavement"):
         out.append(f"A straight road is beside the storage {F.noun('tank')} in the factory")
     if F.n("building"):
         out.append(f"{F.np('building')} {F.be('building')} near the storage {F.noun('tank')}")
     if F.cars_np():
-        out.append(f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} on the road near the {F.noun('tank')}")
+        out.append(
+            f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} on the road near the {F.noun('tank')}"
+        )
     out.append(f"{F.np('tank', mod='storage')} with dark shadows {be} in the industrial area")
     col = F.colour("tank")
     if col and n > 1:
@@ -806,7 +887,9 @@ def _tenniscourt(F: Facts) -> list[str]:
     kind = F.f["court_kind"]
     be = F.be("court")
     out = [
-        f"There {be} {F.np('court', mod=kind)} on the {F.ground()}" if F.has(F.f["ground"]) else f"There {be} {F.np('court', mod=kind)}",
+        f"There {be} {F.np('court', mod=kind)} on the {F.ground()}"
+        if F.has(F.f["ground"])
+        else f"There {be} {F.np('court', mod=kind)}",
         f"{F.np('court', mod=kind, colour=True)} with white lines {be} in the picture",
         f"It is a sports area with {F.np('court', mod=kind)}",
     ]
@@ -819,11 +902,16 @@ def _tenniscourt(F: Facts) -> list[str]:
     if F.f.get("road") and F.has("pavement"):
         out.append(f"A road passes by the {kind} {F.noun('court')} on one side")
     if F.cars_np():
-        out.append(f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} parked near the {F.noun('court')}")
+        out.append(
+            f"{F.cars_np()} {'is' if F.n('car') + F.n('truck') == 1 else 'are'} parked near the {F.noun('court')}"
+        )
     if n == 1:
         out.append(f"A {kind} court is located {F.where('court')}")
-    out.append("Each tennis court has a net in the middle" if kind == "tennis" else
-               "Each basketball court has a circle in the middle")
+    out.append(
+        "Each tennis court has a net in the middle"
+        if kind == "tennis"
+        else "Each basketball court has a circle in the middle"
+    )
     return out
 
 
@@ -832,8 +920,11 @@ def _fallback(F: Facts) -> list[str]:
     object could not be placed, and to top a list up to five)."""
     out = []
     for s, share in sorted(F.visible.items(), key=lambda kv: -kv[1])[:3]:
-        out.append(f"Most of the ground is covered by {F.surface_words(s)}" if share > 0.5
-                   else f"Some of the picture is covered by {F.surface_words(s)}")
+        out.append(
+            f"Most of the ground is covered by {F.surface_words(s)}"
+            if share > 0.5
+            else f"Some of the picture is covered by {F.surface_words(s)}"
+        )
         out.append(f"The picture shows an area of {F.surface_words(s)}")
     for c, _ in F.counts.most_common(3):
         out.append(f"There {F.be(c)} {F.np(c)} in the picture")

@@ -29,6 +29,7 @@ class Concept:
     looks: str  # what it looks like, for the docs
 
 
+# fmt: off
 _TABLE = [
     # objects
     Concept("airplane", "airplane", True, "airplanes", "swept-wing plane, 36-96 px long, white/gray with a coloured tail"),
@@ -58,6 +59,7 @@ _TABLE = [
     Concept("chaparral", "chaparral", False, "chaparral", "tan ground densely dotted with dark shrubs"),
     Concept("forest", "trees", False, "forest", "dense canopy of many crowns (not counted, not boxed)"),
 ]
+# fmt: on
 
 CONCEPTS: dict[str, Concept] = {c.name: c for c in _TABLE}
 OBJECTS: tuple[str, ...] = tuple(c.name for c in _TABLE if c.boxed)
@@ -69,6 +71,7 @@ CONCEPT_BY_ID: dict[int, str] = {i: n for n, i in CONCEPT_IDS.items()}
 assert all(c.label is None or c.label in LABELS for c in _TABLE)
 assert {c.label for c in _TABLE} - {None} == set(LABELS), "every label must be paintable"
 
+# fmt: off
 # Named colours: anchors in RGB; each painted thing jitters around its anchor.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (228, 228, 224),
@@ -125,3 +128,4 @@ STUFF_COLOURS: dict[str, list[tuple[str, tuple[int, int, int], float]]] = {
     "chaparral": [("brown", (150, 124, 90), 0.5), ("light brown", (178, 156, 116), 0.5)],
     "forest": [("dark green", (44, 78, 44), 0.45), ("green", (62, 104, 52), 0.4), ("light green", (92, 124, 62), 0.15)],
 }
+# fmt: on

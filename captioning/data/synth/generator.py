@@ -57,7 +57,9 @@ def render(scene: str, seed: int, imgid: int, size: int = 256) -> Rendered:
     COMPOSERS[scene](cv)
     image, labels, visible = cv.render()
     facts = Facts(scene, cv, visible, np.random.default_rng([seed, imgid, 7]))
-    boxes = [{"box": list(o.box), "concept": o.concept, "label": CONCEPTS[o.concept].label} for o in cv.objects]
+    boxes = [
+        {"box": list(o.box), "concept": o.concept, "label": CONCEPTS[o.concept].label} for o in cv.objects
+    ]
     return Rendered(scene, image, labels, boxes, captions(scene, facts, SENTENCES_PER_IMAGE), facts)
 
 
@@ -147,7 +149,9 @@ def generate(
             r = _work(job)
             results[r[0]] = r
     else:
-        ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        ctx = multiprocessing.get_context(
+            "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+        )
         chunk = max(1, min(16, len(jobs) // (workers * 8)))
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             for r in _progress(pool.map(_work, jobs, chunksize=chunk), len(jobs)):
@@ -188,8 +192,13 @@ def _write_tables(out: Path, per_class: int, seed: int, size: int, results: dict
             box_entries.append({"imgid": imgid, "filename": filename, "boxes": boxes})
     dataset = {
         "dataset": DATASET_NAME,
-        "synthetic": {"seed": seed, "per_class": per_class, "size": size, "generator": GENERATOR_VERSION,
-                      "tiff": TIFF_OPTIONS["compression"]},
+        "synthetic": {
+            "seed": seed,
+            "per_class": per_class,
+            "size": size,
+            "generator": GENERATOR_VERSION,
+            "tiff": TIFF_OPTIONS["compression"],
+        },
         "images": images,
     }
     (out / "dataset.json").write_text(json.dumps(dataset, separators=(",", ":")) + "\n", encoding="utf-8")
@@ -224,15 +233,18 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     return lines + ([line] if line else [])
 
 
-def make_gallery(out: Path, per_class: int, results: dict[int, tuple], path: Path, cols: int = 7,
-                 thumb: int = 200) -> Path:
+def make_gallery(
+    out: Path, per_class: int, results: dict[int, tuple], path: Path, cols: int = 7, thumb: int = 200
+) -> Path:
     """A grid with the first picture of every class and its first caption under it."""
     font = _font(13)
     pad, text_h = 8, 52
     rows = math.ceil(len(UCM_CLASSES) / cols)
-    sheet = Image.new("RGB", (cols * (thumb + pad) + pad, rows * (thumb + text_h + pad) + pad), (250, 250, 248))
+    sheet = Image.new(
+        "RGB", (cols * (thumb + pad) + pad, rows * (thumb + text_h + pad) + pad), (250, 250, 248)
+    )
     draw = ImageDraw.Draw(sheet)
-    for ci, scene in enumerate(UCM_CLASSES):
+    for ci in range(len(UCM_CLASSES)):
         imgid = ci * per_class
         r, c = divmod(ci, cols)
         x, y = pad + c * (thumb + pad), pad + r * (thumb + text_h + pad)

@@ -38,7 +38,9 @@ def ellipse(rx: float, ry: float, n: int = 20) -> np.ndarray:
     return np.stack([rx * np.cos(t), ry * np.sin(t)], axis=1)
 
 
-def blob(r: float, rng: np.random.Generator, n: int = 18, wobble: float = 0.25, stretch: float = 1.0) -> np.ndarray:
+def blob(
+    r: float, rng: np.random.Generator, n: int = 18, wobble: float = 0.25, stretch: float = 1.0
+) -> np.ndarray:
     """An irregular closed outline of mean radius r (ponds, bunkers, clearings)."""
     t = np.linspace(0, 2 * math.pi, n, endpoint=False)
     k = np.arange(1, 4)[:, None]
@@ -92,7 +94,9 @@ def line_across(angle: float, shift: float = 0.0, extra: float = 40.0, n: int = 
     return CENTRE + normal * shift + t[:, None] * direction
 
 
-def curve_across(rng: np.random.Generator, angle: float, bend: float, shift: float = 0.0, n: int = 40) -> np.ndarray:
+def curve_across(
+    rng: np.random.Generator, angle: float, bend: float, shift: float = 0.0, n: int = 40
+) -> np.ndarray:
     """A smooth curve crossing the whole scene roughly along ``angle``, bending sideways by up to ``bend``."""
     half = SCENE * 0.75
     local = bezier(

@@ -36,7 +36,14 @@ def airplane(rng, cx, cy, angle, length=None, colour=None) -> Obj:
     fus_w = L * rng.uniform(0.045, 0.065)
     fuselage = mirror([(0.5 * L, 0), (0.44 * L, fus_w), (-0.4 * L, fus_w * 0.9), (-0.5 * L, fus_w * 0.35)])
     root = 0.12 * L
-    wings = mirror([(root, fus_w), (root - sweep, span / 2), (root - sweep - 0.08 * L, span / 2), (root - 0.2 * L, fus_w)])
+    wings = mirror(
+        [
+            (root, fus_w),
+            (root - sweep, span / 2),
+            (root - sweep - 0.08 * L, span / 2),
+            (root - 0.2 * L, fus_w),
+        ]
+    )
     tail = mirror([(-0.36 * L, fus_w), (-0.44 * L, 0.19 * span), (-0.5 * L, 0.19 * span), (-0.47 * L, fus_w)])
     accent = object_colour(rng, "car")[1]
     fin = mirror([(-0.38 * L, fus_w * 0.5), (-0.5 * L, fus_w * 0.5)])
@@ -49,7 +56,9 @@ def airplane(rng, cx, cy, angle, length=None, colour=None) -> Obj:
     for side in (-1, 1):  # engines under the wings
         eng = rect(0.1 * L, 0.045 * L) + [root - 0.42 * sweep, side * 0.2 * span]
         parts.append(("poly", place(eng, cx, cy, angle), shade(body, 0.6), None))
-    parts.append(("line", place(np.array([[0.46 * L, 0], [0.3 * L, 0]]), cx, cy, angle), shade(body, 0.55), 1.0))
+    parts.append(
+        ("line", place(np.array([[0.46 * L, 0], [0.3 * L, 0]]), cx, cy, angle), shade(body, 0.55), 1.0)
+    )
     return Obj("airplane", name, parts, height=L * 0.12, attrs={"length": L})
 
 
@@ -87,7 +96,9 @@ def ship(rng, cx, cy, angle, length=None, colour=None) -> Obj:
     name, hull = object_colour(rng, "ship", colour)
     hull_pts = mirror([(0.5 * L, 0), (0.3 * L, W / 2), (-0.5 * L, W / 2)])
     deck_pts = mirror([(0.42 * L, 0), (0.27 * L, W * 0.38), (-0.46 * L, W * 0.38)])
-    deck = shade(np.array([120, 110, 100]) if rng.random() < 0.5 else np.array([90, 120, 90]), rng.uniform(0.8, 1.2))
+    deck = shade(
+        np.array([120, 110, 100]) if rng.random() < 0.5 else np.array([90, 120, 90]), rng.uniform(0.8, 1.2)
+    )
     parts = [
         ("poly", place(hull_pts, cx, cy, angle), hull, None),
         ("poly", place(deck_pts, cx, cy, angle), deck, None),
@@ -139,9 +150,23 @@ def building(rng, cx, cy, w, h, angle, colour=None) -> Obj:
         uw, uh = rng.uniform(3, 7), rng.uniform(3, 7)
         ux = rng.uniform(-w / 2 + inset + uw, w / 2 - inset - uw) if w > 2 * (inset + uw) else 0
         uy = rng.uniform(-h / 2 + inset + uh, h / 2 - inset - uh) if h > 2 * (inset + uh) else 0
-        parts.append(("poly", place(rect(uw, uh) + [ux, uy], cx, cy, angle), shade(WHITE, rng.uniform(0.6, 0.95)), None))
+        parts.append(
+            (
+                "poly",
+                place(rect(uw, uh) + [ux, uy], cx, cy, angle),
+                shade(WHITE, rng.uniform(0.6, 0.95)),
+                None,
+            )
+        )
     if rng.random() < 0.4:  # a ridge or skylight strip
-        parts.append(("line", place(np.array([[-w / 2 + inset, 0], [w / 2 - inset, 0]]), cx, cy, angle), shade(roof, 0.7), 1.5))
+        parts.append(
+            (
+                "line",
+                place(np.array([[-w / 2 + inset, 0], [w / 2 - inset, 0]]), cx, cy, angle),
+                shade(roof, 0.7),
+                1.5,
+            )
+        )
     return Obj("building", name, parts, height=rng.uniform(6, 18), attrs={"w": w, "h": h})
 
 
@@ -156,7 +181,15 @@ def house(rng, cx, cy, angle, w=None, h=None, colour=None) -> Obj:
     ]
     if rng.random() < 0.35:  # a wing of the house
         ww, wh = w * rng.uniform(0.3, 0.45), h * rng.uniform(0.4, 0.6)
-        parts.insert(2, ("poly", place(rect(ww, wh) + [w / 2 - ww / 2, h / 2 + wh / 2 - 1], cx, cy, angle), shade(roof, 0.95), None))
+        parts.insert(
+            2,
+            (
+                "poly",
+                place(rect(ww, wh) + [w / 2 - ww / 2, h / 2 + wh / 2 - 1], cx, cy, angle),
+                shade(roof, 0.95),
+                None,
+            ),
+        )
     return Obj("house", name, parts, height=rng.uniform(3.5, 7), attrs={"w": w, "h": h})
 
 
@@ -178,14 +211,17 @@ def court(rng, cx, cy, angle, kind="tennis", colour=None, length=None) -> Obj:
     if kind == "tennis":
         L = length or rng.uniform(46, 64)
         W = L * 0.48
-        apron = shade(surface, rng.uniform(0.7, 0.85)) if rng.random() < 0.7 else object_colour(rng, "court")[1]
+        apron = (
+            shade(surface, rng.uniform(0.7, 0.85)) if rng.random() < 0.7 else object_colour(rng, "court")[1]
+        )
         pl, pw = L * 0.8, W * 0.62
         parts = [
             ("poly", place(rect(L, W), cx, cy, angle), apron, None),
             ("poly", place(rect(pl, pw), cx, cy, angle), surface, None),
         ]
         lines = [
-            rect(pl, pw), rect(pl, pw * 0.75),
+            rect(pl, pw),
+            rect(pl, pw * 0.75),
             np.array([[-pl * 0.27, 0], [pl * 0.27, 0]]),
             np.array([[-pl * 0.27, -pw * 0.375], [-pl * 0.27, pw * 0.375]]),
             np.array([[pl * 0.27, -pw * 0.375], [pl * 0.27, pw * 0.375]]),
@@ -193,12 +229,21 @@ def court(rng, cx, cy, angle, kind="tennis", colour=None, length=None) -> Obj:
         for ln in lines:
             pts = np.concatenate([ln, ln[:1]]) if len(ln) == 4 else ln
             parts.append(("line", place(pts, cx, cy, angle), WHITE, line_w))
-        parts.append(("line", place(np.array([[0, -W * 0.42], [0, W * 0.42]]), cx, cy, angle), shade(DARK, 1.2), line_w))
+        parts.append(
+            (
+                "line",
+                place(np.array([[0, -W * 0.42], [0, W * 0.42]]), cx, cy, angle),
+                shade(DARK, 1.2),
+                line_w,
+            )
+        )
     else:  # basketball
         L = length or rng.uniform(34, 50)
         W = L * 0.55
-        parts = [("poly", place(rect(L, W), cx, cy, angle), surface, None),
-                 ("poly", place(rect(L * 0.9, W * 0.86), cx, cy, angle), shade(surface, 1.08), None)]
+        parts = [
+            ("poly", place(rect(L, W), cx, cy, angle), surface, None),
+            ("poly", place(rect(L * 0.9, W * 0.86), cx, cy, angle), shade(surface, 1.08), None),
+        ]
         key = rect(L * 0.18, W * 0.3)
         for pts in (
             np.concatenate([rect(L * 0.9, W * 0.86), rect(L * 0.9, W * 0.86)[:1]]),
@@ -218,7 +263,14 @@ def dock(rng, x0, y0, angle, length, colour=None, head: bool | None = None) -> O
     local = rect(length, W) + [length / 2, 0]
     parts = [("poly", place(local, x0, y0, angle), deck, None)]
     if head if head is not None else rng.random() < 0.35:
-        parts.append(("poly", place(rect(W * 1.6, W * 3.2) + [length - W * 0.8, 0], x0, y0, angle), shade(deck, 0.95), None))
+        parts.append(
+            (
+                "poly",
+                place(rect(W * 1.6, W * 3.2) + [length - W * 0.8, 0], x0, y0, angle),
+                shade(deck, 0.95),
+                None,
+            )
+        )
     parts.append(("line", place(np.array([[1, 0], [length - 1, 0]]), x0, y0, angle), shade(deck, 0.8), 0.8))
     return Obj("dock", name, parts, height=1.2, attrs={"length": length, "width": W})
 
@@ -229,7 +281,12 @@ def tree(rng, cx, cy, r=None, colour=None) -> Obj:
     outline = blob(r, rng, n=16, wobble=0.18)
     parts = [
         ("poly", outline + [cx, cy], shade(crown, 0.85), None),
-        ("poly", blob(r * 0.62, rng, n=12, wobble=0.2) + [cx - 0.22 * r, cy - 0.22 * r], shade(crown, 1.12), None),
+        (
+            "poly",
+            blob(r * 0.62, rng, n=12, wobble=0.2) + [cx - 0.22 * r, cy - 0.22 * r],
+            shade(crown, 1.12),
+            None,
+        ),
     ]
     return Obj("tree", name, parts, height=r * rng.uniform(0.9, 1.4), attrs={"radius": r})
 
@@ -264,7 +321,9 @@ def pond(rng, cx, cy, r=None, colour=None) -> Obj:
 def bunker(rng, cx, cy, r=None, colour=None) -> Obj:
     r = r or rng.uniform(6, 12)
     name, sand = object_colour(rng, "bunker", colour)
-    shape = place(blob(r, rng, n=16, wobble=0.35, stretch=rng.uniform(1.0, 1.8)), cx, cy, rng.uniform(0, math.pi))
+    shape = place(
+        blob(r, rng, n=16, wobble=0.35, stretch=rng.uniform(1.0, 1.8)), cx, cy, rng.uniform(0, math.pi)
+    )
     return Obj("bunker", name, [("poly", shape, sand, None)], height=0.0, attrs={"radius": r})
 
 

@@ -54,14 +54,18 @@ def side_poly(curve: np.ndarray, side: int = 1, far: float = 600.0) -> np.ndarra
     return np.concatenate([curve, [curve[-1] + n * far, curve[0] + n * far]])
 
 
-def patch(cv: Canvas, concept: str, cx: float, cy: float, r: float, colour: str | None = None, **params) -> int:
+def patch(
+    cv: Canvas, concept: str, cx: float, cy: float, r: float, colour: str | None = None, **params
+) -> int:
     rid = cv.region(concept, colour, **params)
     shape = blob(r, cv.rng, n=20, wobble=0.3, stretch=cv.rng.uniform(1.0, 1.7))
     cv.poly(rid, place(shape, cx, cy, cv.rng.uniform(0, math.pi)))
     return rid
 
 
-def edge_strip(cv: Canvas, concept: str, angle: float, depth: float, colour: str | None = None, bend: float = 12) -> int:
+def edge_strip(
+    cv: Canvas, concept: str, angle: float, depth: float, colour: str | None = None, bend: float = 12
+) -> int:
     """A surface along one picture edge: the side beyond a wavy line ``depth`` units in from that edge."""
     rid = cv.region(concept, colour)
     direction = np.array([math.cos(angle), math.sin(angle)])  # towards the edge
@@ -87,8 +91,16 @@ class Road:
         return p[keep], a[keep]
 
 
-def road(cv: Canvas, pts: np.ndarray, width: float, *, rid: int | None = None, centre: str | None = "dash",
-         edges: bool = False, colour: str | None = None) -> Road:
+def road(
+    cv: Canvas,
+    pts: np.ndarray,
+    width: float,
+    *,
+    rid: int | None = None,
+    centre: str | None = "dash",
+    edges: bool = False,
+    colour: str | None = None,
+) -> Road:
     rid = rid if rid is not None else cv.region("pavement", colour)
     cv.band(rid, pts, width)
     if centre == "dash":
@@ -108,7 +120,9 @@ def straight_or_curved(cv: Canvas, angle: float, p_curved: float, bend: float = 
     return line_across(angle, shift), False
 
 
-def scatter(cv: Canvas, n: int, make: Callable[[float, float], Obj], on=None, area=None, tries: int = 25, **kw) -> int:
+def scatter(
+    cv: Canvas, n: int, make: Callable[[float, float], Obj], on=None, area=None, tries: int = 25, **kw
+) -> int:
     """Try to add ``n`` objects at random points of ``area`` (x0, y0, x1, y1; default the picture)."""
     x0, y0, x1, y1 = area or (0, 0, SCENE, SCENE)
     added = 0
@@ -120,8 +134,15 @@ def scatter(cv: Canvas, n: int, make: Callable[[float, float], Obj], on=None, ar
     return added
 
 
-def around(cv: Canvas, anchors: list[Obj], n: int, make: Callable[[float, float], Obj], dist: tuple[float, float],
-           on=None, tries: int = 25) -> int:
+def around(
+    cv: Canvas,
+    anchors: list[Obj],
+    n: int,
+    make: Callable[[float, float], Obj],
+    dist: tuple[float, float],
+    on=None,
+    tries: int = 25,
+) -> int:
     """Add up to n objects at a distance in ``dist`` from the centres of ``anchors``."""
     added = 0
     if not anchors:
@@ -165,8 +186,17 @@ def cars_on(cv: Canvas, rd: Road, n: int, *, trucks: int = 0, two_way: bool = Tr
     return added
 
 
-def along(cv: Canvas, pts: np.ndarray, dist: float, spacing: float, make: Callable[[float, float, float], Obj],
-          on=None, sides=(1, -1), jitter: float = 2.0, limit: int = 99) -> list[Obj]:
+def along(
+    cv: Canvas,
+    pts: np.ndarray,
+    dist: float,
+    spacing: float,
+    make: Callable[[float, float, float], Obj],
+    on=None,
+    sides=(1, -1),
+    jitter: float = 2.0,
+    limit: int = 99,
+) -> list[Obj]:
     """Objects in rows beside a line (houses along a street, trees along a river)."""
     placed: list[Obj] = []
     for side in sides:
@@ -241,16 +271,37 @@ def agricultural(cv: Canvas) -> None:
         cars_on(cv, road_, randint(cv, 1, 3))
     if maybe(cv, 0.35):  # a row of trees along a plot edge
         if len(cuts_u):
-            line = rotate(np.array([[float(rng.choice(cuts_u)), -200.0], [float(rng.choice(cuts_u)) + 0.01, 200.0]]), a0) + CENTRE
+            line = (
+                rotate(
+                    np.array(
+                        [[float(rng.choice(cuts_u)), -200.0], [float(rng.choice(cuts_u)) + 0.01, 200.0]]
+                    ),
+                    a0,
+                )
+                + CENTRE
+            )
         else:
             line = line_across(a0, shift=rng.uniform(-90, 90))
-        got = along(cv, line, 7, rng.uniform(14, 22), lambda x, y, a: O.tree(rng, x, y, rng.uniform(5, 8)),
-                    on=("field", "soil", "grass"), sides=(1,), limit=randint(cv, 3, 12))
+        got = along(
+            cv,
+            line,
+            7,
+            rng.uniform(14, 22),
+            lambda x, y, a: O.tree(rng, x, y, rng.uniform(5, 8)),
+            on=("field", "soil", "grass"),
+            sides=(1,),
+            limit=randint(cv, 3, 12),
+        )
         cv.facts["tree_row"] = len(got) > 0
     if maybe(cv, 0.2):  # a farmstead
         x, y = rng.uniform(30, 226), rng.uniform(30, 226)
-        scatter(cv, randint(cv, 1, 2), lambda x_, y_: O.house(rng, x_, y_, a0, w=rng.uniform(18, 30)),
-                on=("field", "soil"), area=(x - 25, y - 25, x + 25, y + 25))
+        scatter(
+            cv,
+            randint(cv, 1, 2),
+            lambda x_, y_: O.house(rng, x_, y_, a0, w=rng.uniform(18, 30)),
+            on=("field", "soil"),
+            area=(x - 25, y - 25, x + 25, y + 25),
+        )
 
 
 def airplane(cv: Canvas) -> None:
@@ -272,7 +323,9 @@ def airplane(cv: Canvas) -> None:
         d = rng.uniform(0, 2 * math.pi)
         w, h = rng.uniform(70, 120), rng.uniform(30, 45)
         cx, cy = CENTRE + np.array([math.cos(d), math.sin(d)]) * 118
-        cv.try_add(O.building(rng, cx, cy, w, h, d + math.pi / 2), ("pavement", "grass", "soil"), min_inside=0.55)
+        cv.try_add(
+            O.building(rng, cx, cy, w, h, d + math.pi / 2), ("pavement", "grass", "soil"), min_inside=0.55
+        )
     n = int(rng.choice([1, 2, 3, 4], p=[0.45, 0.3, 0.15, 0.1]))
     in_row = n > 1 and maybe(cv, 0.4)
     heading = rng.uniform(0, 2 * math.pi)
@@ -283,13 +336,22 @@ def airplane(cv: Canvas) -> None:
             break
         ang = heading if in_row else rng.uniform(0, 2 * math.pi)
         L = length * rng.uniform(0.95, 1.05) if in_row else rng.uniform(38, 92)
-        cv.try_add(O.airplane(rng, rng.uniform(30, 226), rng.uniform(30, 226), ang, L, same_colour), ("pavement",),
-                   min_inside=0.9)
+        cv.try_add(
+            O.airplane(rng, rng.uniform(30, 226), rng.uniform(30, 226), ang, L, same_colour),
+            ("pavement",),
+            min_inside=0.9,
+        )
     cv.facts["in_row"] = in_row and cv.count("airplane") > 1
     planes = cv.of("airplane")
     if maybe(cv, 0.5):
-        got = around(cv, planes, randint(cv, 1, 8),
-                     lambda x, y: O.car(rng, x, y, rng.uniform(0, 2 * math.pi)), (25, 55), ("pavement",))
+        got = around(
+            cv,
+            planes,
+            randint(cv, 1, 8),
+            lambda x, y: O.car(rng, x, y, rng.uniform(0, 2 * math.pi)),
+            (25, 55),
+            ("pavement",),
+        )
         cv.facts["cars_beside_planes"] = got > 0
     cv.facts["terminal"] = cv.count("building") > 0
 
@@ -302,7 +364,9 @@ def baseballdiamond(cv: Canvas) -> None:
     rd = None
     if maybe(cv, 0.4):
         cv.facts["axis"] = a0 + float(rng.choice([0, math.pi / 2]))
-        pts, curved = straight_or_curved(cv, cv.facts["axis"], 0.3, shift=rng.choice([-1, 1]) * rng.uniform(80, 105))
+        pts, curved = straight_or_curved(
+            cv, cv.facts["axis"], 0.3, shift=rng.choice([-1, 1]) * rng.uniform(80, 105)
+        )
         rd = road(cv, pts, rng.uniform(10, 15))
     lot = None
     if maybe(cv, 0.25):
@@ -315,18 +379,41 @@ def baseballdiamond(cv: Canvas) -> None:
     for _ in range(n * 40):
         if cv.count("diamond") >= n:
             break
-        cv.try_add(O.diamond(rng, rng.uniform(40, 216), rng.uniform(40, 216), rng.uniform(0, 2 * math.pi),
-                             rng.uniform(40, 70) if n == 2 else None), ("grass",), min_inside=0.8)
+        cv.try_add(
+            O.diamond(
+                rng,
+                rng.uniform(40, 216),
+                rng.uniform(40, 216),
+                rng.uniform(0, 2 * math.pi),
+                rng.uniform(40, 70) if n == 2 else None,
+            ),
+            ("grass",),
+            min_inside=0.8,
+        )
     if maybe(cv, 0.6):
-        cv.facts["trees_around"] = around(cv, cv.of("diamond"), randint(cv, 3, 12),
-                                          lambda x, y: O.tree(rng, x, y), (60, 110), ("grass",)) > 0
+        cv.facts["trees_around"] = (
+            around(
+                cv,
+                cv.of("diamond"),
+                randint(cv, 3, 12),
+                lambda x, y: O.tree(rng, x, y),
+                (60, 110),
+                ("grass",),
+            )
+            > 0
+        )
     if rd is not None and maybe(cv, 0.5):
         cars_on(cv, rd, randint(cv, 1, 5))
     if lot is not None:
         rows_of_cars(cv, lot_angle=a0, n=randint(cv, 2, 12))
     if maybe(cv, 0.3):
-        scatter(cv, randint(cv, 1, 3), lambda x, y: O.building(rng, x, y, rng.uniform(26, 50), rng.uniform(22, 40), a0),
-                ("grass", "pavement"), min_inside=0.6)
+        scatter(
+            cv,
+            randint(cv, 1, 3),
+            lambda x, y: O.building(rng, x, y, rng.uniform(26, 50), rng.uniform(22, 40), a0),
+            ("grass", "pavement"),
+            min_inside=0.6,
+        )
     cv.facts["road"] = rd is not None
     cv.facts["lot"] = lot is not None
 
@@ -334,8 +421,14 @@ def baseballdiamond(cv: Canvas) -> None:
 def rows_of_cars(cv: Canvas, lot_angle: float, n: int, area=None) -> int:
     """Cars parked side by side on pavement (anywhere pavement is, or within ``area``)."""
     rng = cv.rng
-    return scatter(cv, n, lambda x, y: O.car(rng, x, y, lot_angle + math.pi / 2 + float(rng.choice([0, math.pi]))),
-                   ("pavement",), area=area, tries=30)
+    return scatter(
+        cv,
+        n,
+        lambda x, y: O.car(rng, x, y, lot_angle + math.pi / 2 + float(rng.choice([0, math.pi]))),
+        ("pavement",),
+        area=area,
+        tries=30,
+    )
 
 
 def beach(cv: Canvas) -> None:
@@ -362,8 +455,13 @@ def beach(cv: Canvas) -> None:
     cv.line(coast, WHITE, rng.uniform(2.5, 4.5), alpha=200)
     cv.line(coast + d * rng.uniform(5, 9), WHITE, 1.5, alpha=140)
     cv.layout_done()
-    cv.facts.update(coast="curved" if curved else "straight", behind=behind, road=rd is not None, to_sea=to_sea,
-                    axis=to_sea + math.pi / 2)
+    cv.facts.update(
+        coast="curved" if curved else "straight",
+        behind=behind,
+        road=rd is not None,
+        to_sea=to_sea,
+        axis=to_sea + math.pi / 2,
+    )
     if rd is not None and maybe(cv, 0.5):
         cars_on(cv, rd, randint(cv, 1, 4))
     if behind in ("grass", "soil") and maybe(cv, 0.4):
@@ -382,7 +480,14 @@ def buildings(cv: Canvas) -> None:
     for s in rng.uniform(-100, 100, randint(cv, 1, 2)):
         roads.append(road(cv, line_across(a0, s), rng.uniform(12, 18), centre="dash", colour="dark gray"))
     if maybe(cv, 0.4):
-        roads.append(road(cv, line_across(a0 + math.pi / 2, rng.uniform(-80, 80)), rng.uniform(12, 18), colour="dark gray"))
+        roads.append(
+            road(
+                cv,
+                line_across(a0 + math.pi / 2, rng.uniform(-80, 80)),
+                rng.uniform(12, 18),
+                colour="dark gray",
+            )
+        )
         cv.facts["cross_street"] = True
     if maybe(cv, 0.35):
         for _ in range(randint(cv, 1, 2)):
@@ -390,9 +495,21 @@ def buildings(cv: Canvas) -> None:
     cv.layout_done()
     n = randint(cv, 3, 9)
     big = n <= 4
-    scatter(cv, n, lambda x, y: O.building(rng, x, y, rng.uniform(40, 90) if big else rng.uniform(26, 60),
-                                           rng.uniform(30, 70) if big else rng.uniform(22, 46), a0),
-            ("pavement", "grass"), min_inside=0.6, tries=30)
+    scatter(
+        cv,
+        n,
+        lambda x, y: O.building(
+            rng,
+            x,
+            y,
+            rng.uniform(40, 90) if big else rng.uniform(26, 60),
+            rng.uniform(30, 70) if big else rng.uniform(22, 46),
+            a0,
+        ),
+        ("pavement", "grass"),
+        min_inside=0.6,
+        tries=30,
+    )
     n_cars = randint(cv, 0, 14)
     got = 0
     for rd in roads:
@@ -422,11 +539,22 @@ def chaparral(cv: Canvas) -> None:
         pts, curved = straight_or_curved(cv, cv.facts["axis"], 0.6)
         rd = road(cv, pts, rng.uniform(8, 11), centre=None)
     cv.layout_done()
-    cv.facts.update(density="dense" if density > 0.5 else "sparse", dirt_road=dirt, road=rd is not None,
-                    road_shape="curved" if rd is not None and rd.curved else "straight")
+    cv.facts.update(
+        density="dense" if density > 0.5 else "sparse",
+        dirt_road=dirt,
+        road=rd is not None,
+        road_shape="curved" if rd is not None and rd.curved else "straight",
+    )
     if rd is not None and maybe(cv, 0.5):
-        along(cv, rd.pts, rd.width / 2 + 14, rng.uniform(30, 60),
-              lambda x, y, a: O.house(rng, x, y, a), ("chaparral", "soil"), limit=randint(cv, 1, 3))
+        along(
+            cv,
+            rd.pts,
+            rd.width / 2 + 14,
+            rng.uniform(30, 60),
+            lambda x, y, a: O.house(rng, x, y, a),
+            ("chaparral", "soil"),
+            limit=randint(cv, 1, 3),
+        )
 
 
 def residential(cv: Canvas, density: str) -> None:
@@ -445,13 +573,16 @@ def residential(cv: Canvas, density: str) -> None:
         for s in shifts:
             streets.append(road(cv, line_across(a0, s), rng.uniform(9, 12), centre=None))
         if maybe(cv, 0.5):
-            streets.append(road(cv, line_across(a0 + math.pi / 2, rng.uniform(-60, 60)), rng.uniform(9, 12), centre=None))
+            streets.append(
+                road(cv, line_across(a0 + math.pi / 2, rng.uniform(-60, 60)), rng.uniform(9, 12), centre=None)
+            )
             cv.facts["cross_street"] = True
     else:
         n = 1 if density == "sparse" else randint(cv, 1, 2)
         for i in range(n):
-            pts, curved = straight_or_curved(cv, a0 + i * math.pi / 2, 0.45 if density == "medium" else 0.6,
-                                             shift=rng.uniform(-40, 40))
+            pts, curved = straight_or_curved(
+                cv, a0 + i * math.pi / 2, 0.45 if density == "medium" else 0.6, shift=rng.uniform(-40, 40)
+            )
             streets.append(road(cv, pts, rng.uniform(8, 12), centre=None))
         cv.facts["cross_street"] = n > 1
     cv.layout_done()
@@ -463,23 +594,40 @@ def residential(cv: Canvas, density: str) -> None:
     for i in rng.permutation(len(streets)):
         st = streets[int(i)]
         w_mean = rng.uniform(*house_size)
-        houses += along(cv, st.pts, st.width / 2 + w_mean * 0.55 + rng.uniform(2, 6), rng.uniform(*spacing),
-                        lambda x, y, a, w_mean=w_mean: O.house(rng, x, y, a, w=w_mean * rng.uniform(0.9, 1.1)),
-                        (ground,), limit=min(per_street, limit - len(houses)))
+        houses += along(
+            cv,
+            st.pts,
+            st.width / 2 + w_mean * 0.55 + rng.uniform(2, 6),
+            rng.uniform(*spacing),
+            lambda x, y, a, w_mean=w_mean: O.house(rng, x, y, a, w=w_mean * rng.uniform(0.9, 1.1)),
+            (ground,),
+            limit=min(per_street, limit - len(houses)),
+        )
     if density != "dense" and len(houses) < limit:
         scatter(cv, limit - len(houses), lambda x, y: O.house(rng, x, y, a0), (ground,))
     pools = 0
     if density != "dense" and maybe(cv, 0.4) or density == "dense" and maybe(cv, 0.12):
-        pools = around(cv, cv.of("house"), randint(cv, 1, 3), lambda x, y: O.pool(rng, x, y, a0), (16, 26), (ground,))
-    n_trees = {"dense": randint(cv, 0, 8), "medium": randint(cv, 3, 12), "sparse": randint(cv, 5, 14)}[density]
+        pools = around(
+            cv, cv.of("house"), randint(cv, 1, 3), lambda x, y: O.pool(rng, x, y, a0), (16, 26), (ground,)
+        )
+    n_trees = {"dense": randint(cv, 0, 8), "medium": randint(cv, 3, 12), "sparse": randint(cv, 5, 14)}[
+        density
+    ]
     trees = scatter(cv, n_trees, lambda x, y: O.tree(rng, x, y), (ground,))
     if maybe(cv, 0.6):
         n_cars = randint(cv, 1, 6 if density == "dense" else 4)
         for i, st in enumerate(streets):
             cars_on(cv, st, n_cars // len(streets) + (1 if i < n_cars % len(streets) else 0))
-    cv.facts.update(road=len(streets) > 0, n_roads=len(streets), ground=ground, pools_beside_houses=pools > 0, axis=a0,
-                    road_shape="curved" if any(s.curved for s in streets) else "straight",
-                    houses_along_road=len(houses) > 0, trees=trees)
+    cv.facts.update(
+        road=len(streets) > 0,
+        n_roads=len(streets),
+        ground=ground,
+        pools_beside_houses=pools > 0,
+        axis=a0,
+        road_shape="curved" if any(s.curved for s in streets) else "straight",
+        houses_along_road=len(houses) > 0,
+        trees=trees,
+    )
 
 
 def forest(cv: Canvas) -> None:
@@ -539,14 +687,36 @@ def freeway(cv: Canvas) -> None:
         cars_on(cv, cw, k, trucks=trucks if i == 0 else 0, two_way=False, lanes=2)
     trees_side = 0
     if side in ("grass", "soil") and maybe(cv, 0.5):
-        trees_side = along(cv, centre, road_w / 2 + rng.uniform(12, 30), rng.uniform(14, 30),
-                           lambda x, y, a: O.tree(rng, x, y), (side,), limit=randint(cv, 2, 10), jitter=6)
+        trees_side = along(
+            cv,
+            centre,
+            road_w / 2 + rng.uniform(12, 30),
+            rng.uniform(14, 30),
+            lambda x, y, a: O.tree(rng, x, y),
+            (side,),
+            limit=randint(cv, 2, 10),
+            jitter=6,
+        )
         trees_side = len(trees_side)
     if side == "grass" and maybe(cv, 0.2):
-        along(cv, centre, road_w / 2 + rng.uniform(30, 45), rng.uniform(30, 45),
-              lambda x, y, a: O.house(rng, x, y, a), ("grass",), limit=randint(cv, 1, 5))
-    cv.facts.update(road_shape="curved" if curved else "straight", median=median, side=side, ramp=ramp, axis=a0,
-                    trees_along=trees_side > 0, road=True)
+        along(
+            cv,
+            centre,
+            road_w / 2 + rng.uniform(30, 45),
+            rng.uniform(30, 45),
+            lambda x, y, a: O.house(rng, x, y, a),
+            ("grass",),
+            limit=randint(cv, 1, 5),
+        )
+    cv.facts.update(
+        road_shape="curved" if curved else "straight",
+        median=median,
+        side=side,
+        ramp=ramp,
+        axis=a0,
+        trees_along=trees_side > 0,
+        road=True,
+    )
 
 
 def golfcourse(cv: Canvas) -> None:
@@ -558,7 +728,12 @@ def golfcourse(cv: Canvas) -> None:
     cv.band(fair, fairway, rng.uniform(50, 80))
     path = maybe(cv, 0.3)
     if path:
-        road(cv, curve_across(rng, rng.uniform(0, math.pi), 40, shift=rng.uniform(-70, 70)), rng.uniform(5, 7), centre=None)
+        road(
+            cv,
+            curve_across(rng, rng.uniform(0, math.pi), 40, shift=rng.uniform(-70, 70)),
+            rng.uniform(5, 7),
+            centre=None,
+        )
     woods = maybe(cv, 0.3)
     if woods:
         edge_strip(cv, "forest", rng.uniform(0, 2 * math.pi), rng.uniform(25, 45))
@@ -575,7 +750,9 @@ def golfcourse(cv: Canvas) -> None:
 def harbor(cv: Canvas) -> None:
     rng = cv.rng
     base(cv, "water", colour=str(rng.choice(["blue", "dark blue", "green"])))
-    land_dir = rng.uniform(0, 2 * math.pi) if maybe(cv, 0.6) else float(rng.choice([0, 0.5, 1, 1.5]) * math.pi)
+    land_dir = (
+        rng.uniform(0, 2 * math.pi) if maybe(cv, 0.6) else float(rng.choice([0, 0.5, 1, 1.5]) * math.pi)
+    )
     d = np.array([math.cos(land_dir), math.sin(land_dir)])
     depth = rng.uniform(25, 60)
     # the quay: a straight edge ``depth`` in from the picture edge in direction d
@@ -610,18 +787,33 @@ def harbor(cv: Canvas) -> None:
                 bl = rng.uniform(15, 24)
                 pos = dk.attrs["foot"] - d * (t + 1)
                 pos = pos + qdir * side * (dk.attrs["width"] / 2 + bl / 2 + 1.5)
-                cv.try_add(O.boat(rng, pos[0], pos[1], land_dir + math.pi / 2 * side + math.pi, boat_colour, bl),
-                           ("water",), min_inside=0.8)
+                cv.try_add(
+                    O.boat(rng, pos[0], pos[1], land_dir + math.pi / 2 * side + math.pi, boat_colour, bl),
+                    ("water",),
+                    min_inside=0.8,
+                )
                 if cv.count("boat") >= 24:
                     break
     if maybe(cv, 0.3):
-        scatter(cv, randint(cv, 1, 2), lambda x, y: O.ship(rng, x, y, land_dir + math.pi / 2 + rng.normal(0, 0.3)),
-                ("water",), min_inside=0.8)
+        scatter(
+            cv,
+            randint(cv, 1, 2),
+            lambda x, y: O.ship(rng, x, y, land_dir + math.pi / 2 + rng.normal(0, 0.3)),
+            ("water",),
+            min_inside=0.8,
+        )
     if maybe(cv, 0.3):
-        scatter(cv, randint(cv, 1, 3), lambda x, y: O.boat(rng, x, y, rng.uniform(0, 2 * math.pi)), ("water",))
+        scatter(
+            cv, randint(cv, 1, 3), lambda x, y: O.boat(rng, x, y, rng.uniform(0, 2 * math.pi)), ("water",)
+        )
     if maybe(cv, 0.45):
-        scatter(cv, randint(cv, 1, 3), lambda x, y: O.building(rng, x, y, rng.uniform(26, 50), rng.uniform(20, 35),
-                                                              land_dir), ("pavement",), min_inside=0.5)
+        scatter(
+            cv,
+            randint(cv, 1, 3),
+            lambda x, y: O.building(rng, x, y, rng.uniform(26, 50), rng.uniform(20, 35), land_dir),
+            ("pavement",),
+            min_inside=0.5,
+        )
     if maybe(cv, 0.4):
         rows_of_cars(cv, land_dir, randint(cv, 1, 6))
     cv.facts.update(road=False, land_dir=land_dir)
@@ -636,14 +828,18 @@ def intersection(cv: Canvas) -> None:
     w0, w1 = rng.uniform(14, 22), rng.uniform(12, 20)
     rid = cv.region("pavement", colour="dark gray" if corner == "pavement" else None)
     cv.facts["yellow"] = maybe(cv, 0.5)
-    roads = [road(cv, line_across(a0, 0), w0, rid=rid, centre="yellow" if cv.facts["yellow"] else "dash"),
-             road(cv, line_across(a1, 0), w1, rid=rid, centre="dash")]
+    roads = [
+        road(cv, line_across(a0, 0), w0, rid=rid, centre="yellow" if cv.facts["yellow"] else "dash"),
+        road(cv, line_across(a1, 0), w1, rid=rid, centre="dash"),
+    ]
     for rd, other in ((roads[0], roads[1]), (roads[1], roads[0])):  # crosswalks
         ang = math.atan2(rd.pts[-1, 1] - rd.pts[0, 1], rd.pts[-1, 0] - rd.pts[0, 0])
         for sgn in (1, -1):
             c = CENTRE + sgn * np.array([math.cos(ang), math.sin(ang)]) * (other.width / 2 + 5)
             for k in np.linspace(-rd.width / 2 + 2, rd.width / 2 - 2, 5):
-                cv.mark(place(rect(6, 1.6), *(c + np.array([-math.sin(ang), math.cos(ang)]) * k), ang), WHITE, 200)
+                cv.mark(
+                    place(rect(6, 1.6), *(c + np.array([-math.sin(ang), math.cos(ang)]) * k), ang), WHITE, 200
+                )
     cv.layout_done()
     n = int(rng.choice([0, randint(cv, 1, 4), randint(cv, 5, 12)], p=[0.15, 0.5, 0.35]))
     for i, rd in enumerate(roads):
@@ -652,8 +848,13 @@ def intersection(cv: Canvas) -> None:
     if maybe(cv, 0.6):
         if corner == "pavement":
             corners_with = "building"
-            scatter(cv, randint(cv, 2, 5), lambda x, y: O.building(rng, x, y, rng.uniform(30, 60), rng.uniform(25, 50), a0),
-                    ("pavement",), min_inside=0.6)
+            scatter(
+                cv,
+                randint(cv, 2, 5),
+                lambda x, y: O.building(rng, x, y, rng.uniform(30, 60), rng.uniform(25, 50), a0),
+                ("pavement",),
+                min_inside=0.6,
+            )
         else:
             corners_with = "house"
             scatter(cv, randint(cv, 2, 8), lambda x, y: O.house(rng, x, y, a0), (corner,))
@@ -671,8 +872,15 @@ def mobilehomepark(cv: Canvas) -> None:
     streets = []
     for s in np.arange(-130, 130, spacing) + rng.uniform(0, spacing):
         if abs(s) < 125:
-            streets.append(road(cv, line_across(a0, s), rng.uniform(8, 10), centre=None,
-                                colour="dark gray" if ground == "pavement" else None))
+            streets.append(
+                road(
+                    cv,
+                    line_across(a0, s),
+                    rng.uniform(8, 10),
+                    centre=None,
+                    colour="dark gray" if ground == "pavement" else None,
+                )
+            )
     cv.layout_done()
     perpendicular = maybe(cv, 0.5)
     limit = randint(cv, 8, 26)
@@ -683,19 +891,44 @@ def mobilehomepark(cv: Canvas) -> None:
         st = streets[int(i)]
         cap = min(per_street, limit - len(homes))
         if perpendicular:
-            homes += along(cv, st.pts, st.width / 2 + 15, rng.uniform(11, 13),
-                           lambda x, y, a: O.mobile_home(rng, x, y, a + math.pi / 2, colour), (ground,),
-                           limit=cap, jitter=1)
+            homes += along(
+                cv,
+                st.pts,
+                st.width / 2 + 15,
+                rng.uniform(11, 13),
+                lambda x, y, a: O.mobile_home(rng, x, y, a + math.pi / 2, colour),
+                (ground,),
+                limit=cap,
+                jitter=1,
+            )
         else:
-            homes += along(cv, st.pts, st.width / 2 + 7, rng.uniform(30, 34),
-                           lambda x, y, a: O.mobile_home(rng, x, y, a, colour), (ground,), limit=cap, jitter=1)
-    trees = scatter(cv, randint(cv, 0, 6), lambda x, y: O.tree(rng, x, y, rng.uniform(5, 9)),
-                    (ground,)) if ground != "pavement" else 0
+            homes += along(
+                cv,
+                st.pts,
+                st.width / 2 + 7,
+                rng.uniform(30, 34),
+                lambda x, y, a: O.mobile_home(rng, x, y, a, colour),
+                (ground,),
+                limit=cap,
+                jitter=1,
+            )
+    trees = (
+        scatter(cv, randint(cv, 0, 6), lambda x, y: O.tree(rng, x, y, rng.uniform(5, 9)), (ground,))
+        if ground != "pavement"
+        else 0
+    )
     if maybe(cv, 0.5):
         for st in streets:
             cars_on(cv, st, randint(cv, 0, 2))
-    cv.facts.update(road=len(streets) > 0, n_roads=len(streets), road_shape="straight", ground=ground, axis=a0,
-                    in_rows=len(homes) > 3, trees=trees)
+    cv.facts.update(
+        road=len(streets) > 0,
+        n_roads=len(streets),
+        road_shape="straight",
+        ground=ground,
+        axis=a0,
+        in_rows=len(homes) > 3,
+        trees=trees,
+    )
 
 
 def overpass(cv: Canvas) -> None:
@@ -705,7 +938,9 @@ def overpass(cv: Canvas) -> None:
     a0 = grid_angle(cv)
     a1 = a0 + rng.uniform(0.9, 2.2)
     pave = cv.region("pavement")
-    lower = road(cv, line_across(a0, rng.uniform(-30, 30)), rng.uniform(20, 30), rid=pave, centre="dash", edges=True)
+    lower = road(
+        cv, line_across(a0, rng.uniform(-30, 30)), rng.uniform(20, 30), rid=pave, centre="dash", edges=True
+    )
     upper_curved = maybe(cv, 0.3)
     upper_pts = curve_across(rng, a1, 25) if upper_curved else line_across(a1, rng.uniform(-30, 30))
     bridge = cv.region("pavement", colour="light gray")
@@ -716,16 +951,28 @@ def overpass(cv: Canvas) -> None:
     cv.line(offset(upper.pts, upper.width / 2 + 3), (30, 30, 30), 5, alpha=110)
     ramp = maybe(cv, 0.35)
     if ramp:
-        road(cv, curve_across(rng, a0 + rng.uniform(0.3, 0.7), 35, shift=rng.uniform(25, 60)), rng.uniform(9, 12), rid=pave,
-             centre=None)
+        road(
+            cv,
+            curve_across(rng, a0 + rng.uniform(0.3, 0.7), 35, shift=rng.uniform(25, 60)),
+            rng.uniform(9, 12),
+            rid=pave,
+            centre=None,
+        )
     cv.layout_done()
     n = int(rng.choice([0, randint(cv, 1, 4), randint(cv, 5, 12)], p=[0.1, 0.5, 0.4]))
     cars_on(cv, lower, n - n // 3, trucks=1 if maybe(cv, 0.3) else 0, lanes=2)
     cars_on(cv, upper, n // 3)
     if ground != "chaparral" and maybe(cv, 0.5):
         trees_near(cv, randint(cv, 2, 10), on=(ground,))
-    cv.facts.update(road=True, n_roads=2, road_shape="curved" if upper_curved else "straight", ramp=ramp, ground=ground,
-                    axis=a0, axis2=a1)
+    cv.facts.update(
+        road=True,
+        n_roads=2,
+        road_shape="curved" if upper_curved else "straight",
+        ramp=ramp,
+        ground=ground,
+        axis=a0,
+        axis2=a1,
+    )
 
 
 def parkinglot(cv: Canvas) -> None:
@@ -742,7 +989,11 @@ def parkinglot(cv: Canvas) -> None:
     if building_edge:
         d = a0 + float(rng.choice([0.5, 1.5])) * math.pi
         cx, cy = CENTRE + np.array([math.cos(d), math.sin(d)]) * rng.uniform(100, 120)
-        cv.try_add(O.building(rng, cx, cy, rng.uniform(100, 180), rng.uniform(40, 60), a0), ("pavement", "grass"), min_inside=0.4)
+        cv.try_add(
+            O.building(rng, cx, cy, rng.uniform(100, 180), rng.uniform(40, 60), a0),
+            ("pavement", "grass"),
+            min_inside=0.4,
+        )
     # stall rows: pairs of rows back to back, stall width ~ 11 units
     fill = rng.uniform(0.25, 1.0)
     stall_w, stall_l = rng.uniform(10, 12), rng.uniform(20, 24)
@@ -755,14 +1006,27 @@ def parkinglot(cv: Canvas) -> None:
                 cv.line(p, WHITE, 0.8, alpha=210)
                 if cv.count("car") < cap and maybe(cv, fill):
                     c = rotate(np.array([[u + stall_w / 2, row_c]]), a0)[0] + CENTRE
-                    cv.try_add(O.car(rng, c[0], c[1], a0 + math.pi / 2 + (math.pi if side < 0 else 0),
-                                     length=stall_l * rng.uniform(0.62, 0.78)), ("pavement",), min_inside=0.9)
+                    cv.try_add(
+                        O.car(
+                            rng,
+                            c[0],
+                            c[1],
+                            a0 + math.pi / 2 + (math.pi if side < 0 else 0),
+                            length=stall_l * rng.uniform(0.62, 0.78),
+                        ),
+                        ("pavement",),
+                        min_inside=0.9,
+                    )
     trees = 0
     if islands and maybe(cv, 0.6):
         trees = trees_near(cv, randint(cv, 2, 8), on=("grass",), r=(5, 9))
     cars = cv.count("car")
-    cv.facts.update(axis=a0, fullness="full" if fill > 0.8 and cars >= 10 else ("empty" if fill < 0.45 else None),
-                    islands=islands, trees=trees)
+    cv.facts.update(
+        axis=a0,
+        fullness="full" if fill > 0.8 and cars >= 10 else ("empty" if fill < 0.45 else None),
+        islands=islands,
+        trees=trees,
+    )
 
 
 def river(cv: Canvas) -> None:
@@ -786,20 +1050,40 @@ def river(cv: Canvas) -> None:
     cv.band(water, pts, width)
     bridge = None
     if maybe(cv, 0.15):
-        bridge = road(cv, line_across(a0 + math.pi / 2 + rng.normal(0, 0.2), rng.uniform(-60, 60)), rng.uniform(10, 14))
+        bridge = road(
+            cv, line_across(a0 + math.pi / 2 + rng.normal(0, 0.2), rng.uniform(-60, 60)), rng.uniform(10, 14)
+        )
     cv.layout_done()
     trees = 0
     open_banks = [b for b in (bank, other) if b in ("grass", "soil", "field")]
     if open_banks and maybe(cv, 0.6):
-        trees = len(along(cv, pts, width / 2 + rng.uniform(9, 16), rng.uniform(14, 28),
-                          lambda x, y, a: O.tree(rng, x, y), tuple(open_banks), limit=randint(cv, 2, 12), jitter=4))
+        trees = len(
+            along(
+                cv,
+                pts,
+                width / 2 + rng.uniform(9, 16),
+                rng.uniform(14, 28),
+                lambda x, y, a: O.tree(rng, x, y),
+                tuple(open_banks),
+                limit=randint(cv, 2, 12),
+                jitter=4,
+            )
+        )
     if bridge is not None and maybe(cv, 0.5):
         cars_on(cv, bridge, randint(cv, 1, 3))
     if maybe(cv, 0.15):
         scatter(cv, randint(cv, 1, 3), lambda x, y: O.boat(rng, x, y, a0 + rng.normal(0, 0.3)), ("water",))
-    cv.facts.update(river_shape="curved" if curved else "straight", bank=bank, other_bank=other, axis=a0,
-                    sandbar=sandbar, bridge=bridge is not None, trees_along=trees > 0, road=bridge is not None,
-                    river_width="wide" if width > 48 else "narrow")
+    cv.facts.update(
+        river_shape="curved" if curved else "straight",
+        bank=bank,
+        other_bank=other,
+        axis=a0,
+        sandbar=sandbar,
+        bridge=bridge is not None,
+        trees_along=trees > 0,
+        road=bridge is not None,
+        river_width="wide" if width > 48 else "narrow",
+    )
 
 
 def runway(cv: Canvas) -> None:
@@ -818,7 +1102,9 @@ def runway(cv: Canvas) -> None:
     if threshold:  # piano keys across the runway near one end
         u = rng.uniform(-60, 60)
         for k in np.linspace(-W / 2 + 4, W / 2 - 4, 8):
-            cv.mark(place(rect(22, 2.2), *(rotate(np.array([[u, k + shift]]), a0)[0] + CENTRE), a0), WHITE, 235)
+            cv.mark(
+                place(rect(22, 2.2), *(rotate(np.array([[u, k + shift]]), a0)[0] + CENTRE), a0), WHITE, 235
+            )
     taxiway = maybe(cv, 0.5)
     if taxiway:
         ts = shift + float(rng.choice([-1, 1])) * (W / 2 + rng.uniform(25, 45))
@@ -830,12 +1116,28 @@ def runway(cv: Canvas) -> None:
     n_runways = 1
     if maybe(cv, 0.15):
         n_runways = 2
-        road(cv, line_across(a0 + rng.uniform(0.4, 0.9), rng.uniform(-40, 40)), W * 0.8, rid=pave, centre="dash")
+        road(
+            cv,
+            line_across(a0 + rng.uniform(0.4, 0.9), rng.uniform(-40, 40)),
+            W * 0.8,
+            rid=pave,
+            centre="dash",
+        )
     cv.layout_done()
     if maybe(cv, 0.1):
-        cv.try_add(O.airplane(rng, *(rotate(np.array([[rng.uniform(-60, 60), shift]]), a0)[0] + CENTRE), a0,
-                              length=rng.uniform(40, 60)), ("pavement",), min_inside=0.9)
-    cv.facts.update(road=False, threshold=threshold, taxiway=taxiway, n_runways=n_runways, ground=ground, axis=a0)
+        cv.try_add(
+            O.airplane(
+                rng,
+                *(rotate(np.array([[rng.uniform(-60, 60), shift]]), a0)[0] + CENTRE),
+                a0,
+                length=rng.uniform(40, 60),
+            ),
+            ("pavement",),
+            min_inside=0.9,
+        )
+    cv.facts.update(
+        road=False, threshold=threshold, taxiway=taxiway, n_runways=n_runways, ground=ground, axis=a0
+    )
 
 
 def storagetanks(cv: Canvas) -> None:
@@ -845,8 +1147,13 @@ def storagetanks(cv: Canvas) -> None:
     a0 = grid_angle(cv)
     rd = None
     if maybe(cv, 0.5):
-        rd = road(cv, line_across(a0, float(rng.choice([-1, 1])) * rng.uniform(70, 105)), rng.uniform(9, 13),
-                  centre=None, colour="dark gray" if ground == "pavement" else None)
+        rd = road(
+            cv,
+            line_across(a0, float(rng.choice([-1, 1])) * rng.uniform(70, 105)),
+            rng.uniform(9, 13),
+            centre=None,
+            colour="dark gray" if ground == "pavement" else None,
+        )
     if ground != "grass" and maybe(cv, 0.3):
         patch(cv, "grass", rng.uniform(30, 226), rng.uniform(30, 226), rng.uniform(18, 30))
     cv.layout_done()
@@ -859,16 +1166,38 @@ def storagetanks(cv: Canvas) -> None:
         ox, oy = rng.uniform(-20, 20), rng.uniform(-20, 20)
         for i in range(rows):
             for j in range(cols):
-                c = rotate(np.array([[(j - (cols - 1) / 2) * pitch + ox, (i - (rows - 1) / 2) * pitch + oy]]), a0)[0] + CENTRE
-                cv.try_add(O.tank(rng, c[0], c[1], r * rng.uniform(0.97, 1.03), colour), (ground, "grass"), min_inside=0.85)
+                c = (
+                    rotate(
+                        np.array([[(j - (cols - 1) / 2) * pitch + ox, (i - (rows - 1) / 2) * pitch + oy]]), a0
+                    )[0]
+                    + CENTRE
+                )
+                cv.try_add(
+                    O.tank(rng, c[0], c[1], r * rng.uniform(0.97, 1.03), colour),
+                    (ground, "grass"),
+                    min_inside=0.85,
+                )
     else:
-        scatter(cv, randint(cv, 2, 9), lambda x, y: O.tank(rng, x, y, None, colour), (ground, "grass"), min_inside=0.85)
+        scatter(
+            cv,
+            randint(cv, 2, 9),
+            lambda x, y: O.tank(rng, x, y, None, colour),
+            (ground, "grass"),
+            min_inside=0.85,
+        )
     if maybe(cv, 0.4):
-        scatter(cv, randint(cv, 1, 3), lambda x, y: O.building(rng, x, y, rng.uniform(26, 60), rng.uniform(20, 40), a0),
-                (ground, "grass"), min_inside=0.6)
+        scatter(
+            cv,
+            randint(cv, 1, 3),
+            lambda x, y: O.building(rng, x, y, rng.uniform(26, 60), rng.uniform(20, 40), a0),
+            (ground, "grass"),
+            min_inside=0.6,
+        )
     if rd is not None and maybe(cv, 0.5):
         cars_on(cv, rd, randint(cv, 1, 3), trucks=randint(cv, 0, 1))
-    cv.facts.update(tanks_grid=grid and cv.count("tank") >= 4, road=rd is not None, ground=ground, road_shape="straight")
+    cv.facts.update(
+        tanks_grid=grid and cv.count("tank") >= 4, road=rd is not None, ground=ground, road_shape="straight"
+    )
 
 
 def tenniscourt(cv: Canvas) -> None:
@@ -878,8 +1207,14 @@ def tenniscourt(cv: Canvas) -> None:
     a0 = grid_angle(cv)
     rd = None
     if maybe(cv, 0.4):
-        rd = road(cv, line_across(a0 + float(rng.choice([0, math.pi / 2])), float(rng.choice([-1, 1])) * rng.uniform(85, 110)),
-                  rng.uniform(10, 14), colour="dark gray" if ground == "pavement" else None)
+        rd = road(
+            cv,
+            line_across(
+                a0 + float(rng.choice([0, math.pi / 2])), float(rng.choice([-1, 1])) * rng.uniform(85, 110)
+            ),
+            rng.uniform(10, 14),
+            colour="dark gray" if ground == "pavement" else None,
+        )
     cv.layout_done()
     n = int(rng.choice([1, 2, 3, 4], p=[0.3, 0.35, 0.2, 0.15]))
     kind = "tennis" if maybe(cv, 0.85) else "basketball"
@@ -892,15 +1227,29 @@ def tenniscourt(cv: Canvas) -> None:
         cv.try_add(O.court(rng, c[0], c[1], a0, kind, colour, L), (ground,), min_inside=0.85)
     trees = 0
     if ground == "grass" and maybe(cv, 0.6):
-        trees = around(cv, cv.of("court"), randint(cv, 2, 10), lambda x, y: O.tree(rng, x, y), (L * 0.6, L * 1.3), ("grass",))
+        trees = around(
+            cv,
+            cv.of("court"),
+            randint(cv, 2, 10),
+            lambda x, y: O.tree(rng, x, y),
+            (L * 0.6, L * 1.3),
+            ("grass",),
+        )
     if maybe(cv, 0.35):
-        scatter(cv, randint(cv, 1, 3), lambda x, y: O.building(rng, x, y, rng.uniform(28, 56), rng.uniform(22, 40), a0),
-                (ground,), min_inside=0.6)
+        scatter(
+            cv,
+            randint(cv, 1, 3),
+            lambda x, y: O.building(rng, x, y, rng.uniform(28, 56), rng.uniform(22, 40), a0),
+            (ground,),
+            min_inside=0.6,
+        )
     if rd is not None and maybe(cv, 0.5):
         cars_on(cv, rd, randint(cv, 1, 4))
     if ground == "pavement" and maybe(cv, 0.35):
         rows_of_cars(cv, a0, randint(cv, 1, 6))
-    cv.facts.update(court_kind=kind, trees_around=trees > 0, road=rd is not None, ground=ground, road_shape="straight")
+    cv.facts.update(
+        court_kind=kind, trees_around=trees > 0, road=rd is not None, ground=ground, road_shape="straight"
+    )
 
 
 COMPOSERS: dict[str, Callable[[Canvas], None]] = {
