@@ -31,10 +31,10 @@ TIED_PREFIX = "head.word_embeddings."  # the head's view of fusion.bert.embeddin
 
 # ---------------------------------------------------------------------------------------------- building
 def make_tokenizer(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], captions: list[str] | None) -> CaptionTokenizer:
-    kind = tok_cfg.get("type", "trained")
-    if kind == "trained":
+    kind = tok_cfg.get("type", "word-level")
+    if kind == "word-level":
         if captions is None:
-            raise ConfigError("tokenizer.type trained needs the training captions")
+            raise ConfigError("tokenizer.type word-level needs the training captions")
         return CaptionTokenizer.train(
             captions, vocab_size=int(tok_cfg["vocab_size"]), min_frequency=int(tok_cfg.get("min_frequency", 1))
         )
@@ -43,7 +43,7 @@ def make_tokenizer(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], captions:
         if not folder:
             raise ConfigError("tokenizer.type bert-dir needs model.fusion.pretrained (or tokenizer.path): a BERT directory")
         return CaptionTokenizer.from_bert_dir(folder)
-    raise ConfigError(f"tokenizer.type {kind!r} is not one of trained, bert-dir")
+    raise ConfigError(f"tokenizer.type {kind!r} is not one of word-level, bert-dir")
 
 
 def build_captioner(

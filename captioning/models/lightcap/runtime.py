@@ -73,3 +73,12 @@ def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
     extractor = ConceptExtractor(encoder, detector, aligner, vocab, cfg)
     extractor.name, extractor.version, extractor.manifest = version.name, version.version, version.manifest
     return extractor.eval()
+
+
+def load_captioner(version: ModelVersion, store: ModelStore) -> Any:
+    """Task ``lightcap``: the LightCap captioner (``captioner.safetensors``, ``model.json``, ``tokenizer.json``) with
+    the concept extractor it was trained on (its ``concepts`` parent, exact version), as one runtime object:
+    ``preprocess(pil)`` and ``caption(images, beam_size=..., max_length=..., ...)`` (captioning/models/lightcap/pipeline.py)."""
+    from captioning.models.lightcap.pipeline import load_lightcap
+
+    return load_lightcap(version, store)

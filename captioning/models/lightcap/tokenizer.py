@@ -1,9 +1,9 @@
-"""The caption tokenizer of the LightCap fusion module (a `tokenizers` WordPiece tokenizer).
+"""The caption tokenizer of the LightCap fusion module (a `tokenizers` tokenizer: word-level or BERT WordPiece).
 
 Two ways to get one, same class:
 
-* ``CaptionTokenizer.train(captions, vocab_size=...)`` learns a domain WordPiece vocabulary from the training
-  captions (tiny profile), BERT-style normalisation (lower case, punctuation split);
+* ``CaptionTokenizer.train(captions, vocab_size=...)`` builds a domain word-level vocabulary from the training
+  captions (tiny profile), BERT-style normalisation (lower case, punctuation split), deterministic ids;
 * ``CaptionTokenizer.from_bert_dir(path)`` reads a local (Tiny)BERT checkpoint directory's ``tokenizer.json`` or
   ``vocab.txt`` (paper profile: the 30,522-word uncased BERT vocabulary).
 
@@ -41,22 +41,34 @@ class CaptionTokenizer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def train(cls, captions: Iterable[str], *, vocab_size: int, min_frequency: int = 1) -> CaptionTokenizer:
-        """Learn a WordPiece vocabulary (at most ``vocab_size`` entries) from caption strings."""
-        from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+        """A word-level vocabulary of the training captions (BERT normalisation and punctuation split).
 
-        tok = Tokenizer(models.WordPiece(unk_token=UNK))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=int(vocab_size), min_frequency=int(min_frequency), special_tokens=list(SPECIALS),
-            show_progress=False,
-        )
-        captions = list(captions)
-        if not captions:
+        The words are chosen and numbered here -- most frequent first, ties alphabetical, at most ``vocab_size``
+        entries with the specials -- so the same captions always give the same ids (``tokenizers``' own trainers
+        break frequency ties differently from run to run, which would make training irreproducible).
+        Unseen words map to ``[UNK]``.
+        """
+        from collections import Counter
+
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+        normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True, clean_text=True)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        counts: Counter[str] = Counter()
+        n_captions = 0
+        for caption in captions:
+            n_captions += 1
+            counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+        if not n_captions:
             raise DataError("no training captions to learn a tokenizer from")
-        tok.train_from_iterator(captions, trainer=trainer)
-        return cls(tok, source="trained on captions")
+        words = sorted((w for w, n in counts.items() if n >= int(min_frequency) and w not in SPECIALS),
+                       key=lambda w: (-counts[w], w))
+        words = words[: max(0, int(vocab_size) - len(SPECIALS))]
+        vocab = {w: i for i, w in enumerate([*SPECIALS, *words])}
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+        tok.normalizer = normalizer
+        tok.pre_tokenizer = pre_tokenizer
+        return cls(tok, source="word-level vocabulary of the training captions")
 
     @classmethod
     def from_bert_dir(cls, path: str | Path) -> CaptionTokenizer:
