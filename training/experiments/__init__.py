@@ -1,0 +1,1 @@
+"""Documented experiments: ``captioner experiment <name>`` (table in training/cli.py's EXPERIMENTS)."""
