@@ -255,3 +255,23 @@ def test_clear_errors(trained, data, tmp_path):
     with pytest.raises(ConfigError, match="text.hidden_dim: 12 there, 24 here"):
         call(["train", "ucm-distill", "--data", str(data), "--store", store, *small("text.hidden_dim=24")])
     assert main(["train", "ucm-distill", "--data", str(data), "--store", str(empty), *small()]) == 2  # no traceback
+
+
+def test_classifier_starts_from_a_local_pretrained_file(data, tmp_path):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    reference = ResNet(BasicBlock, [1, 1, 1, 1])  # the tiny trunk's architecture, as a torchvision file
+    weights = tmp_path / "imagenet-like.pth"
+    torch.save(reference.state_dict(), weights)
+    store = tmp_path / "store"
+    zero = ["--set", "classifier.fine_tune_epochs=0", "--set", "classifier.head_epochs=1"]
+    assert train("ucm-classifier", data, store, tmp_path / "run", "--pretrained", str(weights), *zero) == 0
+    version = ModelStore(store).resolve("ucm-classifier@latest")
+    assert version.manifest["config"]["image"]["pretrained"] == str(weights)
+    assert f"--pretrained {weights}" in version.manifest["command"]
+    trunk = load_file(str(version.file("model.safetensors")))
+    # head-only training leaves the loaded trunk as it was (up to the fp16 of the published file)
+    assert torch.equal(trunk["trunk.layer3.0.conv1.weight"].float(), reference.layer3[0].conv1.weight.half().float())
+    with pytest.raises(ConfigError, match="missing.pth: pretrained ResNet state dict not found"):
+        call(["train", "ucm-classifier", "--data", str(data), "--store", str(store), "--pretrained",
+              str(tmp_path / "missing.pth"), *small()])
