@@ -140,3 +140,33 @@ def test_choose_min_score_separates_right_from_wrong_concepts():
     candidates = [[(0, 0.9), (2, 0.7), (3, 0.3)], [(1, 0.8), (0, 0.2)]]
     threshold, f1 = choose_min_score(candidates, truth)
     assert 0.3 < threshold <= 0.7 and f1 == pytest.approx(1.0)
+
+
+def test_eval_cli_reports_figures_and_draws(random_store, synth_data, tmp_path, capsys):
+    import json
+
+    from captioning.cli import main
+
+    store, _ = random_store
+    drawing = tmp_path / "example.png"
+    status = main([
+        "eval", "concepts", "--data", str(synth_data), "--split", "test", "--store", str(store.root),
+        "--model", "concepts@1", "--json", "--draw", str(drawing), "--draw-count", "2",
+    ])
+    assert status == 0
+    figures = json.loads(capsys.readouterr().out)
+    # the ground truth it counted is the test split of boxes.json
+    data = json.loads((synth_data / "dataset.json").read_text())
+    test_ids = {im["imgid"] for im in data["images"] if im["split"] == "test"}
+    boxes = [im["boxes"] for im in json.loads((synth_data / "boxes.json").read_text())["images"] if im["imgid"] in test_ids]
+    assert figures["images"] == len(test_ids) and figures["boxes"] == sum(len(b) for b in boxes)
+    assert figures["true_concepts_per_image"] == pytest.approx(
+        sum(len({x["concept"] for x in b}) for b in boxes) / len(boxes), abs=0.01
+    )
+    for key in ("box_ap@0.5", "box_recall@0.5", "gt_box_concept_accuracy", "concept_precision", "concept_recall",
+                "concept_f1", "label_f1", "label_f1_vs_multilabels"):
+        assert 0.0 <= figures[key] <= 1.0, key
+    assert figures["model"] == "concepts@1" and figures["top_k"] == 20
+    assert 0 < figures["concepts_per_image"] <= 20  # min_score 0: every image gets concepts
+    with Image.open(drawing) as sheet:
+        assert sheet.width == 2 * 512 + 8 and sheet.height == 512

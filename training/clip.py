@@ -152,7 +152,7 @@ def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg
             with torch.no_grad():
                 core.logit_scale.clamp_(0, math.log(100))
             run.log_step(loss=loss.item())
-        extra: dict[str, Any] = {"logit_scale": float(core.logit_scale.exp())}
+        extra: dict[str, Any] = {"logit_scale": core.logit_scale.detach().exp().item()}
         if val_images is not None:
             scores = retrieval(core, tokenizer, val_images, val.captions, norm, run.device)
             extra.update(val_i2t_r1=scores["i2t_r1"], val_t2i_r1=scores["t2i_r1"])
