@@ -220,26 +220,53 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
             "concepts": _publish(store, "concepts", folder, "concepts", cfg, parents).version}
 
 
+def publish_lightcap(store, workdir: Path, *, seed: int = 0, concepts: str = "concepts@production") -> dict[str, int]:
+    """Publish a random-weight ``lightcap`` captioner (tiny profile) on top of the store's concept extractor."""
+    import torch
+
+    from captioning.config import load_config
+    from captioning.inference import load_model
+    from captioning.models.lightcap.pipeline import build_captioner, make_tokenizer, save_captioner
+
+    torch.manual_seed(seed)
+    config = load_config("lightcap", "tiny")
+    extractor = load_model(store, concepts)
+    tokenizer = make_tokenizer(config["tokenizer"], config["model"], SAMPLE_CAPTIONS)
+    model = build_captioner(config["model"], grid_channels=extractor.encoder.channels,
+                            concept_dim=extractor.vocab.dim, tokenizer=tokenizer)
+    folder = Path(workdir) / f"lightcap-{seed}"
+    save_captioner(folder, model, tokenizer, dtype=config.get("weights_dtype", "float32"), decoding=config["decoding"])
+    parent = {"name": extractor.name, "version": extractor.version}
+    version = store.publish(
+        "lightcap", folder, task="lightcap", profile="tiny", metrics={"note": "random weights"}, config=config,
+        command="service.testing (random weights)", data={"name": "none (random weights)"}, parents=[parent],
+        extra={"concepts": parent, "role": "student"},
+    )
+    return {"lightcap": version.version}
+
+
 _BUILT: dict[tuple, Path] = {}
 
 
-def random_store(dest: Path, *, concepts: bool = True, overrides: tuple[str, ...] = ()):
-    """A model store at ``dest`` holding random-weight UCM models (and the concept extractor). Built once per
-    process and copied, so every test module gets its own store to modify without paying for the build."""
+def random_store(dest: Path, *, concepts: bool = True, lightcap: bool = False, overrides: tuple[str, ...] = ()):
+    """A model store at ``dest`` holding random-weight UCM models (and the concept extractor, and LightCap on
+    it). Built once per process and copied, so every test module gets its own store to modify cheaply."""
     import atexit
     import shutil
     import tempfile
 
     from captioning.store import ModelStore
 
-    key = (concepts, overrides)
+    key = (concepts, lightcap, overrides)
     if key not in _BUILT:
         root = Path(tempfile.mkdtemp(prefix="captioner-random-store-"))
         atexit.register(shutil.rmtree, root, True)
         store = ModelStore(root / "store")
         publish_ucm(store, root / "work", overrides=list(overrides) or None)
-        if concepts:
+        if concepts or lightcap:
             publish_concepts(store, root / "work")
+        if lightcap:
+            publish_lightcap(store, root / "work")
         _BUILT[key] = root / "store"
     shutil.copytree(_BUILT[key], dest)
     return ModelStore(dest)

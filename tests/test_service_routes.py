@@ -32,7 +32,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return random_store(tmp_path_factory.mktemp("service-store") / "store")
+    return random_store(tmp_path_factory.mktemp("service-store") / "store", lightcap=True)
 
 
 def settings_for(store, tmp_path, **overrides) -> Settings:
@@ -59,7 +59,8 @@ def test_caption_accepts_multipart_json_and_raw_bodies(server):
     url, _ = server
     files = [("files", ("a.png", image_bytes(seed=1), "image/png")),
              ("files", ("b.jpg", image_bytes(seed=2, fmt="JPEG"), "image/jpeg"))]
-    r = httpx.post(f"{url}/v1/caption", files=files, data={"beam_size": "2", "max_length": "8"}, headers=AUTH)
+    r = httpx.post(f"{url}/v1/caption", files=files, data={"model": "ucm", "beam_size": "2", "max_length": "8"},
+                   headers=AUTH)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [(x["index"], x["filename"]) for x in results] == [(0, "a.png"), (1, "b.jpg")]
@@ -82,7 +83,9 @@ def test_caption_accepts_multipart_json_and_raw_bodies(server):
                    headers={**AUTH, "Content-Type": "image/png"})
     assert r.status_code == 200, r.text
     result = r.json()["results"][0]
+    assert (result["model"], result["version"]) == ("lightcap", 1)  # the default once LightCap is served
     assert result["filename"] == "raw.png" and result["concepts_model"]["name"] == "concepts"
+    assert "concepts" in result["extra"]  # the concepts LightCap itself was given
     for c in result["concepts"]:
         x1, y1, x2, y2 = c["box"]
         assert 0 <= x1 <= x2 <= 96.01 and 0 <= y1 <= y2 <= 64.01  # in the uploaded image's pixels
@@ -118,13 +121,14 @@ def test_models_listing_and_unknown_model(server):
     url, _ = server
     body = httpx.get(f"{url}/v1/models", headers=AUTH).json()
     by_name = {m["name"]: m for m in body["models"]}
-    assert set(by_name) == {"ucm-captioner", "ucm-classifier", "concepts"}
+    assert set(by_name) == {"lightcap", "ucm-captioner", "ucm-classifier", "concepts"}
+    assert by_name["lightcap"]["parents"] == [{"name": "concepts", "version": 1}]
     cap = by_name["ucm-captioner"]
     assert cap["serving_version"] == 1 and cap["aliases"]["production"] == 1 and cap["role"] == "caption"
     assert cap["metrics"] == {"note": "random weights"} and cap["versions"][0]["version"] == 1
-    assert body["default_caption_model"] == "ucm-captioner"
+    assert body["default_caption_model"] == "lightcap"
     assert_problem(httpx.get(f"{url}/v1/models/nope", headers=AUTH), 404, "unknown-model")
-    r = httpx.post(f"{url}/v1/caption?model=lightcap", content=image_bytes(), headers={**AUTH, "Content-Type": "image/png"})
+    r = httpx.post(f"{url}/v1/caption?model=nope", content=image_bytes(), headers={**AUTH, "Content-Type": "image/png"})
     assert_problem(r, 404, "unknown-model")
 
 
@@ -142,9 +146,11 @@ def test_bad_images_get_their_own_problem_types(server):
     body = assert_problem(post_file(url, "notes.jpg", b"just some text\n" * 20), 415, "unsupported-image")
     assert "notes.jpg" in body["detail"] and "text" in body["detail"]
     assert_problem(post_file(url, "empty.png", b""), 400, "empty-image")
-    big = image_bytes(2500, 2000)  # 5 MP > the 4 MP cap of this server (and < its 2 MB body cap: PNG of noise?)
-    if len(big) < 2 * 1024 * 1024:
-        assert_problem(post_file(url, "big.png", big), 413, "image-too-large")
+    buf = io.BytesIO()
+    Image.new("RGB", (2500, 2000), (40, 120, 60)).save(buf, format="PNG")  # 5 MP > this server's 4 MP cap
+    assert len(buf.getvalue()) < 100_000
+    body = assert_problem(post_file(url, "big.png", buf.getvalue()), 413, "image-too-large")
+    assert "2500x2000 = 5000000 pixels" in body["detail"]
 
 
 def test_one_bad_image_names_itself_among_good_ones(server):
@@ -210,7 +216,8 @@ def test_api_key_and_admin_key(server):
 def test_health_ready_metrics_and_openapi(server):
     url, _ = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
-    assert httpx.get(f"{url}/readyz").json()["models"] == {"ucm-captioner": 1, "ucm-classifier": 1, "concepts": 1}
+    assert httpx.get(f"{url}/readyz").json()["models"] == {"lightcap": 1, "ucm-captioner": 1, "ucm-classifier": 1,
+                                                           "concepts": 1}
     httpx.post(f"{url}/v1/labels", content=image_bytes(), headers={**AUTH, "Content-Type": "image/png"})
     text = httpx.get(f"{url}/metrics").text
     for name in ("captioner_http_request_duration_seconds_bucket", "captioner_queue_wait_seconds_bucket",

@@ -63,6 +63,7 @@ async def caption(request: Request, ctx: Annotated[Ctx, Depends(get_ctx)]) -> di
             "caption": out.text,
             "score": finite(out.score),
             "tokens": list(out.tokens),
+            **({"extra": out.extra} if getattr(out, "extra", None) else {}),  # model-specific, e.g. LightCap's concepts
             "model": handle.name,
             "version": handle.version,
             "input": pr.decoded.info(),
