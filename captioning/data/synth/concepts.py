@@ -40,7 +40,7 @@ _TABLE = [
     Concept("tank", "tanks", True, "tanks", "round storage tank with a rim and a long shadow, 18-48 px across"),
     Concept("building", "buildings", True, "buildings", "large flat roof with a parapet and roof units, 26-90 px"),
     Concept("house", "buildings", True, "houses", "small gabled roof in two shades, 15-27 px"),
-    Concept("mobile home", "mobile-home", True, "mobile homes", "long narrow box in rows, 20-30 px by 7-10 px"),
+    Concept("mobile home", "mobile-home", True, "mobile homes", "long box with a ribbed roof and a porch, in rows, 22-32 px"),
     Concept("court", "court", True, "courts", "tennis or basketball court: coloured surface with white lines"),
     Concept("dock", "dock", True, "docks", "long narrow pier from the shore into the water"),
     Concept("tree", "trees", True, "trees", "round crown with a highlight and a shadow, 10-28 px"),

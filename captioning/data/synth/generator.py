@@ -250,7 +250,7 @@ def make_gallery(
         x, y = pad + c * (thumb + pad), pad + r * (thumb + text_h + pad)
         with Image.open(out / "imgs" / f"{imgid + 1}.tif") as im:
             sheet.paste(im.convert("RGB").resize((thumb, thumb), Image.BICUBIC), (x, y))
-        caption = results[imgid][3][0]
+        caption = results[imgid][3][0].removesuffix(" .") + "."
         for k, line in enumerate(_wrap(caption, font, thumb, draw)[:3]):
             draw.text((x, y + thumb + 3 + k * 16), line, fill=(20, 20, 20), font=font)
     sheet.save(path)

@@ -194,14 +194,26 @@ def house(rng, cx, cy, angle, w=None, h=None, colour=None) -> Obj:
 
 
 def mobile_home(rng, cx, cy, angle, colour=None) -> Obj:
-    L = rng.uniform(20, 30)
-    W = rng.uniform(7, 10)
+    """A long box with a ribbed roof and a porch on one long side (cars are shorter and have windows)."""
+    L = rng.uniform(22, 32)
+    W = rng.uniform(8.5, 11)
     name, body = object_colour(rng, "mobile home", colour)
+    side = 1 if rng.random() < 0.5 else -1
+    porch_x = rng.uniform(-0.25, 0.25) * L
+    porch = shade(
+        np.array([120, 100, 80]) if rng.random() < 0.5 else np.array([150, 150, 145]), rng.uniform(0.85, 1.15)
+    )
     parts = [
         ("poly", place(rect(L, W), cx, cy, angle), body, None),
-        ("poly", place(rect(L * 0.2, W * 0.8) + [-0.38 * L, 0], cx, cy, angle), shade(body, 0.85), None),
-        ("line", place(np.array([[-0.5 * L, 0], [0.5 * L, 0]]), cx, cy, angle), shade(body, 0.75), 1.0),
+        ("poly", place(rect(0.28 * L, 0.45 * W) + [porch_x, side * 0.72 * W], cx, cy, angle), porch, None),
     ]
+    for y in (-0.25 * W, 0.25 * W):  # roof ribs
+        parts.append(
+            ("line", place(np.array([[-0.47 * L, y], [0.47 * L, y]]), cx, cy, angle), shade(body, 0.85), 0.7)
+        )
+    parts.append(
+        ("line", place(np.array([[-0.5 * L, 0], [0.5 * L, 0]]), cx, cy, angle), shade(body, 0.7), 1.0)
+    )
     return Obj("mobile home", name, parts, height=2.5, attrs={"length": L})
 
 
@@ -211,8 +223,12 @@ def court(rng, cx, cy, angle, kind="tennis", colour=None, length=None) -> Obj:
     if kind == "tennis":
         L = length or rng.uniform(46, 64)
         W = L * 0.48
+        # the apron around the playing area: a darker shade of it, or neutral gray
+        gray = np.array([112, 112, 106])
         apron = (
-            shade(surface, rng.uniform(0.7, 0.85)) if rng.random() < 0.7 else object_colour(rng, "court")[1]
+            shade(surface, rng.uniform(0.7, 0.85))
+            if rng.random() < 0.7
+            else shade(gray, rng.uniform(0.8, 1.2))
         )
         pl, pw = L * 0.8, W * 0.62
         parts = [

@@ -197,19 +197,25 @@ def along(
     jitter: float = 2.0,
     limit: int = 99,
 ) -> list[Obj]:
-    """Objects in rows beside a line (houses along a street, trees along a river)."""
-    placed: list[Obj] = []
+    """Objects in rows beside a line (houses along a street, trees along a river). Slots run along one side
+    and back along the other; filling starts at a random slot, so a limit leaves one contiguous block."""
+    slots = []
     for side in sides:
         p, a = resample(pts, spacing, start=cv.rng.uniform(0, spacing))
         keep = points_inside(p, -10)
-        for (x, y), ang in zip(p[keep], a[keep], strict=True):
-            if len(placed) >= limit:
-                return placed
-            normal = np.array([-math.sin(ang), math.cos(ang)]) * side
-            cx, cy = np.array([x, y]) + normal * (dist + cv.rng.uniform(-jitter, jitter))
-            obj = make(cx, cy, ang)
-            if cv.try_add(obj, on):
-                placed.append(obj)
+        slots += [(side, xy, ang) for xy, ang in zip(p[keep], a[keep], strict=True)]
+    if not slots:
+        return []
+    first = int(cv.rng.integers(len(slots)))
+    placed: list[Obj] = []
+    for side, xy, ang in slots[first:] + slots[:first]:
+        if len(placed) >= limit:
+            break
+        normal = np.array([-math.sin(ang), math.cos(ang)]) * side
+        cx, cy = xy + normal * (dist + cv.rng.uniform(-jitter, jitter))
+        obj = make(cx, cy, ang)
+        if cv.try_add(obj, on):
+            placed.append(obj)
     return placed
 
 
@@ -586,9 +592,9 @@ def residential(cv: Canvas, density: str) -> None:
             streets.append(road(cv, pts, rng.uniform(8, 12), centre=None))
         cv.facts["cross_street"] = n > 1
     cv.layout_done()
-    house_size = {"dense": (15, 21), "medium": (18, 25), "sparse": (20, 28)}[density]
-    spacing = {"dense": (20, 25), "medium": (30, 42), "sparse": (50, 80)}[density]
-    limit = {"dense": randint(cv, 12, 24), "medium": randint(cv, 6, 13), "sparse": randint(cv, 2, 6)}[density]
+    house_size = {"dense": (18, 24), "medium": (18, 25), "sparse": (20, 28)}[density]
+    spacing = {"dense": (22, 27), "medium": (30, 42), "sparse": (50, 80)}[density]
+    limit = {"dense": randint(cv, 16, 28), "medium": randint(cv, 6, 13), "sparse": randint(cv, 2, 6)}[density]
     houses = []
     per_street = math.ceil(limit / len(streets))
     for i in rng.permutation(len(streets)):
@@ -610,7 +616,7 @@ def residential(cv: Canvas, density: str) -> None:
         pools = around(
             cv, cv.of("house"), randint(cv, 1, 3), lambda x, y: O.pool(rng, x, y, a0), (16, 26), (ground,)
         )
-    n_trees = {"dense": randint(cv, 0, 8), "medium": randint(cv, 3, 12), "sparse": randint(cv, 5, 14)}[
+    n_trees = {"dense": randint(cv, 0, 5), "medium": randint(cv, 3, 12), "sparse": randint(cv, 5, 14)}[
         density
     ]
     trees = scatter(cv, n_trees, lambda x, y: O.tree(rng, x, y), (ground,))
@@ -883,7 +889,7 @@ def mobilehomepark(cv: Canvas) -> None:
             )
     cv.layout_done()
     perpendicular = maybe(cv, 0.5)
-    limit = randint(cv, 8, 26)
+    limit = randint(cv, 12, 28)
     homes = []
     colour = None if maybe(cv, 0.5) else "white"
     per_street = math.ceil(limit / max(1, len(streets)))
@@ -894,8 +900,8 @@ def mobilehomepark(cv: Canvas) -> None:
             homes += along(
                 cv,
                 st.pts,
-                st.width / 2 + 15,
-                rng.uniform(11, 13),
+                st.width / 2 + 18,
+                rng.uniform(15, 17),
                 lambda x, y, a: O.mobile_home(rng, x, y, a + math.pi / 2, colour),
                 (ground,),
                 limit=cap,
@@ -905,8 +911,8 @@ def mobilehomepark(cv: Canvas) -> None:
             homes += along(
                 cv,
                 st.pts,
-                st.width / 2 + 7,
-                rng.uniform(30, 34),
+                st.width / 2 + 10,
+                rng.uniform(35, 38),
                 lambda x, y, a: O.mobile_home(rng, x, y, a, colour),
                 (ground,),
                 limit=cap,
