@@ -1,0 +1,263 @@
+"""Load benchmark of the REST service: throughput and p50/p95/p99 latency per route at several concurrencies,
+with batching on (``CAPTIONER_MAX_BATCH_SIZE=8``) and off (``=1``) measured in the same run, plus the peak
+resident memory of each server process.
+
+Two ``captioner serve`` processes (one per mode) run side by side on the same store; every cell (route x
+concurrency) is measured on both, one right after the other, so background load on the machine hits both
+modes alike and the on/off ratio stays meaningful. The load is closed-loop: ``concurrency`` clients, each
+sending its next request as soon as the previous one is answered, for ``--duration`` seconds after a short
+warm-up. Images are synthetic aerial scenes (captioning.data.synth, seed 999: not a training seed), 256x256
+PNG, one image per request.
+
+    .venv/bin/python bench/service_bench.py                       # default store (model_store/)
+    .venv/bin/python bench/service_bench.py --duration 5 --concurrency 1,8 --store /tmp/store --tag smoke
+
+Writes ``bench/results/service.json`` and ``bench/results/service.md`` (``--tag`` adds a suffix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.testing import ServerProcess, metric  # noqa: E402
+
+MODES = {"batching on": 8, "batching off": 1}
+
+
+def scene_images(count: int, size: int = 256) -> list[bytes]:
+    from captioning.data.synth.concepts import UCM_CLASSES
+    from captioning.data.synth.generator import render
+
+    out = []
+    for i in range(count):
+        image = render(UCM_CLASSES[i % len(UCM_CLASSES)], 999, i, size).image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "python": platform.python_version(),
+        "torch": torch.__version__, "platform": platform.platform(),
+    }
+
+
+def loadavg() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return []
+
+
+def peak_rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
+
+
+async def run_cell(url: str, path: str, params: dict, images: list[bytes], concurrency: int, duration: float,
+                   warmup: float) -> dict:
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    stop_at = 0.0
+    measuring = False
+
+    async def client(worker: int, http: httpx.AsyncClient):
+        i = worker
+        while time.perf_counter() < stop_at:
+            body = images[i % len(images)]
+            i += concurrency
+            start = time.perf_counter()
+            r = await http.post(f"{url}{path}", params=params, content=body, headers={"Content-Type": "image/png"})
+            elapsed = time.perf_counter() - start
+            if measuring:
+                statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    latencies.append(elapsed)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        stop_at = time.perf_counter() + warmup
+        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
+        measuring = True
+        began = time.perf_counter()
+        stop_at = began + duration
+        await asyncio.gather(*(client(w, http) for w in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    lat = np.array(latencies) * 1000.0
+    return {
+        "requests": len(latencies),
+        "seconds": round(elapsed, 3),
+        "throughput_rps": round(len(latencies) / elapsed, 3),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+        "p95_ms": round(float(np.percentile(lat, 95)), 1) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+        "mean_ms": round(float(lat.mean()), 1) if len(lat) else None,
+        "statuses": statuses,
+    }
+
+
+def batch_stats(url: str, model: str) -> tuple[float, float]:
+    return (metric(url, "captioner_batch_size_sum", {"model": model}),
+            metric(url, "captioner_batch_size_count", {"model": model}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=REPO / "model_store")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each cell")
+    parser.add_argument("--images", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=0, help="CAPTIONER_TORCH_THREADS (0: all cores)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. smoke)")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    from captioning.store import ModelStore
+
+    store = ModelStore(args.store)
+    names = set(store.models()) if store.root.is_dir() else set()
+    served = [n for n in ("lightcap", "ucm-captioner", "ucm-classifier", "concepts") if n in names]
+    if not served:
+        print(f"no servable model in {store.root}; train the defaults first", file=sys.stderr)
+        return 2
+    default_captioner = "lightcap" if "lightcap" in served else "ucm-captioner"
+    routes = [("caption", "/v1/caption", {}, default_captioner)]
+    if default_captioner == "lightcap" and "ucm-captioner" in served:
+        routes.append(("caption (ucm)", "/v1/caption", {"model": "ucm"}, "ucm-captioner"))
+    if "ucm-classifier" in served:
+        routes.append(("labels", "/v1/labels", {}, "ucm-classifier"))
+    if "concepts" in served:
+        routes.append(("concepts", "/v1/concepts", {}, "concepts"))
+    versions = {n: store.resolve(f"{n}@production").version for n in served}
+
+    images = scene_images(args.images)
+    work = Path(tempfile.mkdtemp(prefix="service-bench-"))
+    servers = {}
+    started = time.time()
+    result: dict = {
+        "machine": machine(), "store": str(store.root), "models": versions, "concurrency": levels,
+        "duration_s": args.duration, "warmup_s": args.warmup, "image": "256x256 PNG synthetic scene",
+        "settings": {"torch_threads": args.threads or "cores", "replicas": 1, "max_wait_ms": args.max_wait_ms,
+                     "queue_size": 256, "intake_threads": "default"},
+        "loadavg_before": loadavg(), "cells": [],
+    }
+    try:
+        for mode, batch in MODES.items():
+            env = {
+                "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_DATA_DIR": str(work / f"data-{batch}"),
+                "CAPTIONER_MODELS": ",".join(served), "CAPTIONER_MAX_BATCH_SIZE": str(batch),
+                "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms), "CAPTIONER_QUEUE_SIZE": "256",
+                "CAPTIONER_REQUEST_TIMEOUT_S": "300", "CAPTIONER_LOG_LEVEL": "warning",
+                "CAPTIONER_TORCH_THREADS": str(args.threads), "CAPTIONER_API_KEY": "", "CAPTIONER_ADMIN_KEY": "",
+            }
+            env = {k: v for k, v in env.items() if v}
+            servers[mode] = ServerProcess(env, log_path=work / f"server-{batch}.log").start()
+        for label, path, params, model in routes:
+            for concurrency in levels:
+                for mode, server in servers.items():
+                    before = batch_stats(server.url, model)
+                    cell = asyncio.run(run_cell(server.url, path, params, images, concurrency, args.duration,
+                                                args.warmup))
+                    after = batch_stats(server.url, model)
+                    runs = after[1] - before[1]
+                    cell.update(route=label, path=path, model=model, mode=mode, concurrency=concurrency,
+                                mean_batch_size=round((after[0] - before[0]) / runs, 2) if runs else None)
+                    result["cells"].append(cell)
+                    print(f"{label:14s} c={concurrency:<3d} {mode:13s} {cell['throughput_rps']:7.2f} req/s  "
+                          f"p50 {cell['p50_ms']} p95 {cell['p95_ms']} p99 {cell['p99_ms']} ms  "
+                          f"batch {cell['mean_batch_size']}", flush=True)
+        result["peak_rss_mib"] = {mode: peak_rss_mib(s.proc.pid) for mode, s in servers.items()}
+    finally:
+        for server in servers.values():
+            try:
+                server.terminate(60)
+            except Exception:  # noqa: BLE001
+                server.kill()
+    result["loadavg_after"] = loadavg()
+    result["wall_s"] = round(time.time() - started, 1)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{args.tag}" if args.tag else ""
+    (args.out_dir / f"service{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out_dir / f"service{suffix}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, no GPU; load generator "
+        f"on the same machine. Load average before/after: {result['loadavg_before']} / {result['loadavg_after']}.",
+        f"Models: {', '.join(f'{k}@{v}' for k, v in result['models'].items())}. One 256x256 PNG per request, "
+        f"closed loop, {result['duration_s']:g} s per cell after {result['warmup_s']:g} s warm-up; 1 replica, "
+        f"torch threads = {result['settings']['torch_threads']}, max_wait_ms = {result['settings']['max_wait_ms']}.",
+        "",
+        "| route | clients | batching | req/s | p50 ms | p95 ms | p99 ms | mean batch | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    cells = result["cells"]
+    for cell in cells:
+        speedup = ""
+        if cell["mode"] == "batching on":
+            off = next((c for c in cells if c["route"] == cell["route"] and c["concurrency"] == cell["concurrency"]
+                        and c["mode"] == "batching off"), None)
+            if off and off["throughput_rps"]:
+                speedup = f"{cell['throughput_rps'] / off['throughput_rps']:.2f}x"
+        lines.append(
+            f"| {cell['route']} | {cell['concurrency']} | {'on' if cell['mode'] == 'batching on' else 'off'} | "
+            f"{cell['throughput_rps']:.2f} | {cell['p50_ms']} | {cell['p95_ms']} | {cell['p99_ms']} | "
+            f"{cell['mean_batch_size']} | {speedup} |"
+        )
+    peak = result.get("peak_rss_mib", {})
+    lines += ["", "Peak server memory (VmHWM): " + ", ".join(f"{k}: {v} MiB" for k, v in peak.items()), ""]
+    errors = [c for c in cells if set(c["statuses"]) - {200}]
+    if errors:
+        lines.append("Non-200 answers: " + "; ".join(f"{c['route']} c={c['concurrency']} {c['mode']}: {c['statuses']}"
+                                                    for c in errors))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
