@@ -30,7 +30,8 @@ CATALOG: dict[str, tuple[int, str, str]] = {
     "payload-too-large": (413, "Payload too large", "The body is larger than the cap (CAPTIONER_MAX_BODY_BYTES; "
                           "CAPTIONER_MAX_JOB_BODY_BYTES for jobs)."),
     "too-many-images": (413, "Too many images", "More images than CAPTIONER_MAX_IMAGES_PER_REQUEST; use a job."),
-    "invalid-archive": (400, "Invalid archive", "A job upload is neither a zip nor a tar archive nor an image."),
+    "invalid-archive": (400, "Invalid archive", "A job's archive, or one of its entries, is corrupt and cannot be "
+                        "read (reported per entry in the job's results)."),
     "refused-entry": (422, "Archive entry refused", "A job's archive entry was not extracted: absolute path, "
                       "'..' escape, link, device, too large, or past the job's limits (reported per entry)."),
     "unauthorized": (401, "Unauthorized", "An API key is required: `Authorization: Bearer KEY` or `X-API-Key`."),

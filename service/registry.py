@@ -157,10 +157,12 @@ class ModelRegistry:
     # --- hot swap -------------------------------------------------------------------------------------
     async def reload(self, name: str) -> dict[str, Any]:
         served = self.served.get(name)
+        spec = f"{name}@{self.settings.alias}"
+        if served is None and name in self.failures:
+            return await self._retry(name, spec)
         if served is None:
             known = ", ".join(self.served) or "none"
             raise Problem("unknown-model", f"model {name!r} is not served here (served: {known})")
-        spec = f"{name}@{self.settings.alias}"
         async with served.reload_lock:
             old = served.model
             try:
@@ -188,6 +190,20 @@ class ModelRegistry:
             self.metrics.reloads.labels(name, outcome).inc()
             log.info("reload %s: %s (version %s -> %s)", name, outcome, old.version, new.version)
             return {"name": name, "previous_version": old.version, "version": new.version, "outcome": outcome}
+
+    async def _retry(self, name: str, spec: str) -> dict[str, Any]:
+        """Reload of a model that failed to load at start: load it now (e.g. after the store was fixed)."""
+        try:
+            model = await asyncio.to_thread(self.loader, self.store, spec)
+            await self._add(name, model)
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.reloads.labels(name, "refused").inc()
+            self.failures[name] = f"{spec}: {exc}"
+            raise Problem("reload-failed", f"{spec} could not be loaded ({exc}); it is still not served") from None
+        del self.failures[name]
+        self.metrics.reloads.labels(name, "swapped").inc()
+        log.info("reload %s: now served (version %s)", name, model.version)
+        return {"name": name, "previous_version": None, "version": model.version, "outcome": "swapped"}
 
     def _report(self, name: str) -> None:
         model = self.served[name].model

@@ -157,3 +157,28 @@ def test_reload_under_load_drops_nothing_and_refuses_a_corrupt_version(store, tm
     assert statuses == {200}, statuses  # nothing dropped or failed during either reload
     versions = [v for _, v in outcomes]
     assert versions[0] == 1 and versions[-1] == v2 and set(versions) == {1, v2}
+
+
+def test_a_model_that_failed_to_load_is_reported_and_can_be_reloaded_once_fixed(tmp_path):
+    store = random_store(tmp_path / "store", concepts=False)
+    weights = store.resolve("ucm-classifier@production").file("model.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated on disk: fails verification
+    with serve(store, tmp_path) as url:
+        deadline = time.monotonic() + 60
+        while (r := httpx.get(f"{url}/readyz")).json().get("detail", "").endswith("loading"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        body = assert_problem(r, 503, "not-ready")
+        assert any("ucm-classifier@production" in reason for reason in body["reasons"])
+        ok = httpx.post(f"{url}/v1/caption", content=image_bytes(), headers={**AUTH, "Content-Type": "image/png"})
+        assert ok.status_code == 200  # the rest is served
+        assert_problem(httpx.post(f"{url}/v1/labels", content=image_bytes(),
+                                  headers={**AUTH, "Content-Type": "image/png"}), 503, "model-unavailable")
+        assert_problem(httpx.post(f"{url}/v1/models/ucm-classifier/reload", headers=ADMIN), 409, "reload-failed")
+        fixed = publish_ucm(store, tmp_path / "fix", seed=3, captioner=False)["ucm-classifier"]
+        store.promote("ucm-classifier", fixed)
+        r = httpx.post(f"{url}/v1/models/ucm-classifier/reload", headers=ADMIN)
+        assert r.status_code == 200 and r.json()["version"] == fixed
+        assert httpx.get(f"{url}/readyz").status_code == 200
+        labels = httpx.post(f"{url}/v1/labels", content=image_bytes(), headers={**AUTH, "Content-Type": "image/png"})
+        assert labels.status_code == 200 and labels.json()["results"][0]["version"] == fixed
