@@ -30,10 +30,10 @@ from captioning.store import ModelStore
 
 def seed(source: Path, target: Path, *, log=print) -> list[str]:
     """Copy each model of ``source`` that ``target`` lacks into ``target``; returns the models added."""
-    src = ModelStore(source)
-    names = src.models()
-    if not names:
-        raise StoreError(f"seed: {source} holds no models to seed from")
+    names = ModelStore(source).models() if source.is_dir() else []
+    if not names:  # an image without embedded models: the volume must bring its own
+        log(f"seed: {source} holds no models; nothing to seed")
+        return []
     target.mkdir(parents=True, exist_ok=True)
     added = []
     for name in names:

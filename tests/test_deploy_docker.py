@@ -306,6 +306,27 @@ def test_seed_store_fills_an_empty_volume_and_never_overwrites(tmp_path):
     assert store.versions("alpha") == [1, 2, 3]
 
 
+def test_seed_store_with_nothing_embedded_leaves_the_volume_alone(tmp_path):
+    empty = tmp_path / "image" / "models"
+    empty.mkdir(parents=True)
+    target = _tiny_store(tmp_path / "volume", "trained")
+    result = _seed(empty, target)
+    assert result.returncode == 0 and "nothing to seed" in result.stdout
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == ["trained"]
+
+
+def test_embedded_default_store_is_there_and_verifies():
+    """The image bakes model_store/ in as its default store: it must hold models, all verifying."""
+    from captioning.store import ModelStore
+
+    store = ModelStore(ROOT / "model_store")
+    assert store.models(), "model_store/ holds no models: the image would embed an empty default store"
+    assert store.verify() == []
+    tracked = subprocess.run(["git", "ls-files", "model_store"], cwd=ROOT, capture_output=True, text=True).stdout
+    for name in store.models():
+        assert f"model_store/{name}/aliases.json" in tracked, f"{name} is not committed: an image built from a clone would lack it"
+
+
 def test_seed_store_refuses_a_corrupt_source(tmp_path):
     source = _tiny_store(tmp_path / "image" / "models", "alpha")
     weights = next((source / "alpha" / "1").glob("weights.bin"))
