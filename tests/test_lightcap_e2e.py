@@ -47,8 +47,10 @@ def make_dataset(root):
     return root
 
 
-def publish_random_concepts(store: ModelStore, root):
-    """clip / concepts-detector / concepts with random weights (the concept extractor's own store layout)."""
+def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64):
+    """clip / concepts-detector / concepts with random weights (the concept extractor's own store layout).
+
+    ``image_size`` 64 (a 2x2 grid) keeps the test fast; None keeps the tiny profile's sizes."""
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
@@ -70,7 +72,8 @@ def publish_random_concepts(store: ModelStore, root):
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
     model_cfg = clip_model_config(clip_cfg)
     model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
-    model_cfg["vision_cfg"]["image_size"] = 64  # a 2x2 grid keeps the test fast
+    if image_size:
+        model_cfg["vision_cfg"]["image_size"] = image_size
     clip_cfg["model"] = model_cfg
     clip = build_clip(clip_cfg)
     for name in ("clip", "det", "concepts"):
@@ -78,7 +81,8 @@ def publish_random_concepts(store: ModelStore, root):
     save_tensors(clip.state_dict(), root / "clip" / "model.safetensors", "float16")
     tokenizer.save(root / "clip")
     clip_v = publish("clip", root / "clip", clip_cfg)
-    cfg["detector"]["imgsz"] = 64
+    if image_size:
+        cfg["detector"]["imgsz"] = image_size
     ProposalDetector(cfg["detector"]).save_weights(root / "det" / WEIGHTS_FILE)
     det_v = publish("concepts-detector", root / "det", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
@@ -86,7 +90,8 @@ def publish_random_concepts(store: ModelStore, root):
                             cfg["align"]["hidden"], vocab.dim)
     save_tensors(aligner.state_dict(), root / "concepts" / ALIGNER_FILE, "float16")
     vocab.save(root / "concepts")
-    cfg["image_size"] = 64
+    if image_size:
+        cfg["image_size"] = image_size
     cfg["extract"].update(proposal_conf=0.0, min_score=0.0)
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
     return publish("concepts", root / "concepts", cfg, parents)
@@ -202,3 +207,36 @@ def test_student_without_teachers_names_the_stage_to_run(trained, tmp_path):
     add_arguments(parser)
     with pytest.raises(PrerequisiteError, match="captioner train lightcap-teacher --profile tiny --seed 1"):
         run(parser.parse_args(args))
+
+
+def test_ablation_experiment_makes_one_table_and_reuses_its_models(trained, capsys):
+    root, data, store, _ = trained
+    work = root / "ablation"
+    sets = [x for x in SMALL if x != "--set"]
+    argv = ["experiment", "lightcap-ablation", "--data", str(data), "--store", str(store.root), "--work", str(work),
+            "--features-cache", str(root / "features"), "--latency-images", "1", "--no-meteor",
+            "--json"]
+    for item in sets:
+        argv += ["--set", item]
+    only = ["--only", "teacher-1,student-nokd,student-allkd,noconcepts-nokd"]
+    capsys.readouterr()
+    assert main([*argv, *only]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert [r["key"] for r in table["rows"]] == ["teacher-1", "student-nokd", "student-allkd", "noconcepts-nokd"]
+    assert all(r["result"]["split"] == "test" and r["result"]["latency"]["mean_ms"] > 0 for r in table["rows"])
+    claims = {c["claim"]: c for c in table["claims"]}
+    assert "concepts help (student without KD)" in claims and "all KD helps" in claims
+    assert all(isinstance(c["holds"], bool) for c in table["claims"])
+    md = (work / "table.md").read_text()
+    assert "| student, all KD |" in md and "CIDEr-D" in md
+    # the repository's store is untouched; the work store holds a copy of the extractor and the new models
+    assert "lightcap-teacher" not in store.models() or store.versions("lightcap-teacher") == [1]
+    work_store = ModelStore(work / "store")
+    assert work_store.versions("concepts") == store.versions("concepts")
+    n_versions = len(work_store.versions("lightcap"))
+    allkd = work_store.resolve("lightcap@student-allkd")
+    assert [t["name"] for t in allkd.manifest["extra"]["teachers"]] == ["lightcap-teacher"]
+    # a second run trains nothing
+    assert main([*argv, *only]) == 0
+    assert len(work_store.versions("lightcap")) == n_versions
+    assert main([*argv, "--only", "student-nokd,nonsense"]) == 2

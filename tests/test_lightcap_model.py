@@ -31,7 +31,7 @@ def make_arch(**changes):
         grid_channels=C, concept_dim=D, vocab_size=V,
         fusion=dict(layers=2, hidden=32, heads=4, intermediate=64, dropout=0.0, attention_dropout=0.0),
         use_concepts=True, use_modulator=True, modulator_hidden=16, head_branches=3,
-        max_concepts=4, max_concept_tokens=6, max_caption_length=12,
+        max_concepts=4, max_concept_tokens=6, max_caption_length=12, visual_grid=None,
     )
     arch.update(changes)
     return arch
@@ -139,6 +139,14 @@ def test_without_concepts_the_prefix_is_the_grid_only():
     grid, _ = make_inputs()
     embeds, valid = model.prefix(grid, None)
     assert embeds.shape == (5, 9, 32) and bool(valid.all())
+
+
+def test_visual_grid_pools_the_visual_tokens():
+    model = make_model(visual_grid=2)
+    grid, concepts = make_inputs(h=5)
+    embeds, valid = model.prefix(grid, concepts)
+    assert embeds.shape == (5, 4 + 6, 32)  # 2x2 pooled grid + 6 concept token slots
+    assert valid[:, 4:].equal(concepts.token_valid)
 
 
 # ---------------------------------------------------------------------------------------------- ensemble head

@@ -6,6 +6,7 @@ Read top to bottom::
     concepts             the concept extractor's top-K concepts of each image (ConceptInputs):
                          CLIP text embeddings [B,K,D] + scores [B,K] (modulator), word pieces [B,Kt] (tokens)
     grid     = modulator(grid, concepts)                      # channel-wise gate (optional)
+    grid     = adaptive_avg_pool(grid, visual_grid)           # optional: fewer visual tokens (tiny profile)
     visual   = LayerNorm(W_v grid.flatten)                    # [B,h*w,H]  visual tokens
     concept  = word_embeddings(concept pieces)                # [B,Kt,H]   concept tokens (optional)
     hidden   = fusion([visual | concept | caption])           # prefix-LM BERT, [B,P+T,H]
@@ -34,7 +35,7 @@ from captioning.models.lightcap.tokenizer import CaptionTokenizer
 
 ARCH_KEYS = (
     "grid_channels", "concept_dim", "vocab_size", "fusion", "use_concepts", "use_modulator",
-    "modulator_hidden", "head_branches", "max_concepts", "max_concept_tokens", "max_caption_length",
+    "modulator_hidden", "head_branches", "max_concepts", "max_concept_tokens", "max_caption_length", "visual_grid",
 )
 
 
@@ -131,6 +132,7 @@ def build_arch(
             "max_concepts": int(model_cfg["max_concepts"]),
             "max_concept_tokens": int(model_cfg["max_concept_tokens"]),
             "max_caption_length": int(model_cfg["max_caption_length"]),
+            "visual_grid": int(model_cfg["visual_grid"]) if model_cfg.get("visual_grid") else None,
         }
     except KeyError as exc:
         raise ConfigError(f"lightcap config: model section is missing {exc.args[0]!r}") from exc
@@ -182,6 +184,8 @@ class LightCapCaptioner(nn.Module):
             if concepts is None:
                 raise ConfigError("this captioner's modulator needs concepts")
             grid = self.modulator(grid, concepts.embeds, concepts.scores)                  # [B,C,h,w]
+        if self.arch["visual_grid"]:
+            grid = F.adaptive_avg_pool2d(grid, self.arch["visual_grid"])                     # [B,C,g,g]
         visual = self.visual_norm(self.visual_proj(grid.flatten(2).transpose(1, 2)))      # [B,hw,H]
         visual_valid = torch.ones(visual.shape[:2], dtype=torch.bool, device=visual.device)
         if not self.use_concepts:
