@@ -70,6 +70,17 @@ def test_16bit_grey_is_scaled_per_image():
     assert any("scaled to 8 bits" in n for n in out.notes)
 
 
+@pytest.mark.parametrize("mode", ["I", "I;16"])
+def test_32_and_16_bit_integer_tiffs_are_scaled(mode):
+    array = np.linspace(0, 1000, 20 * 10).reshape(10, 20).astype(np.int32 if mode == "I" else np.uint16)
+    source = Image.fromarray(array)
+    assert source.mode == mode
+    out = decode(encode(source, "TIFF"))
+    pixels = np.asarray(out.image)
+    assert out.image.mode == "RGB" and pixels.max() == 255 and pixels.min() == 0
+    assert f"{mode} image scaled to 8 bits (min-max over the image)" in out.notes
+
+
 def test_float_tiff_is_scaled():
     array = np.linspace(-1, 1, 20 * 10, dtype=np.float32).reshape(10, 20)
     out = decode(encode(Image.fromarray(array, "F"), "TIFF"))
