@@ -491,8 +491,13 @@ def texture(cv: Canvas, reg: Region, idx: np.ndarray) -> np.ndarray:
         )
         col = np.where(shrub[:, None], bush, ground)
     elif c == "forest":
-        crowns = f(30, 8)
-        v = 0.72 + 0.28 * np.clip(crowns * 0.5 + 0.5, 0, 1.2)
+        field_ = n.smooth(34, 8)
+        crowns = field_.ravel()[idx]
+        shift = max(1, round(1.5 * k))  # light from the upper left: crowns look round
+        relief_ = np.zeros_like(field_)
+        relief_[shift:, shift:] = field_[shift:, shift:] - field_[:-shift, :-shift]
+        relief = relief_.ravel()[idx]
+        v = 0.72 + 0.28 * np.clip(crowns * 0.5 + 0.5, 0, 1.2) + 0.22 * relief
         v = np.where(crowns < -1.2, 0.45, v) + 0.04 * n.fine().ravel()[idx]
         col = base[None, :] * v[:, None]
         col[:, 0] += 8 * f(5, 9)

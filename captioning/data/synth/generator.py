@@ -114,6 +114,14 @@ def _progress(iterable, total: int):
     return tqdm(iterable, total=total, desc="synth", unit="img")
 
 
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the host's count, inside containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class Summary:
     out: Path
@@ -133,7 +141,7 @@ def generate(
     gallery: bool = True,
 ) -> Summary:
     """Write a synthetic UCM-layout dataset to ``out`` (see docs/synthetic.md) and return a summary."""
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    workers = workers if workers is not None else available_cores()
     _check_args(per_class, seed, size, workers)
     out = Path(out)
     _prepare(out, overwrite)
