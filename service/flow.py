@@ -51,17 +51,21 @@ class Prepared:
     preprocess_ms: float
 
 
-def prepare_one(raw: RawImage, settings: Settings, handles: Sequence[Any]) -> Prepared:
+def prepare_one(raw: RawImage, settings: Settings, handles: Sequence[Any], keep_image: bool = False) -> Prepared:
     decoded = decode_image(raw, formats=settings.format_list, max_pixels=settings.max_image_pixels)
     start = time.perf_counter()
     tensors = [handle.preprocess(decoded.image) for handle in handles]
+    if not keep_image:  # a full-size decode can be 150 MB; only the (small) tensors wait in the queue
+        decoded.image = None
     return Prepared(decoded, tensors, (time.perf_counter() - start) * 1000.0)
 
 
-async def prepare(ctx: Ctx, raws: Sequence[RawImage], handles: Sequence[Any]) -> list[Prepared]:
+async def prepare(ctx: Ctx, raws: Sequence[RawImage], handles: Sequence[Any], *, keep_image: bool = False
+                  ) -> list[Prepared]:
     """Decode and preprocess every image in the intake pool; all per-image errors in one problem."""
     loop = asyncio.get_running_loop()
-    futures = [loop.run_in_executor(ctx.decode_executor, prepare_one, raw, ctx.settings, handles) for raw in raws]
+    futures = [loop.run_in_executor(ctx.decode_executor, prepare_one, raw, ctx.settings, handles, keep_image)
+               for raw in raws]
     results = await asyncio.gather(*futures, return_exceptions=True)
     errors = [r for r in results if isinstance(r, ImageProblem)]
     for r in results:

@@ -64,7 +64,7 @@ class RawImage:
 class DecodedImage:
     index: int
     filename: str | None
-    image: Image.Image  # RGB, EXIF orientation applied
+    image: Image.Image | None  # RGB, EXIF orientation applied (dropped once preprocessed, unless kept)
     format: str
     width: int  # after EXIF orientation
     height: int

@@ -76,7 +76,7 @@ async def concepts(request: Request, ctx: Annotated[Ctx, Depends(get_ctx)]) -> d
     p = parse_params(ConceptParams, params)
     served = ctx.registry.get(p.model, "concepts") if p.model else ctx.registry.first("concepts")
     handle = served.model
-    prepared = await prepare(ctx, raws, [handle])
+    prepared = await prepare(ctx, raws, [handle], keep_image=p.annotate)
     (items,) = await run(ctx, [Work(served, handle, None, [pr.tensors[0] for pr in prepared])],
                          deadline=deadline, request=request)
     results, chosen = [], []
