@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -21,7 +22,7 @@ async def list_models(ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
     except Problem:
         default = None
     return {
-        "models": [registry.describe(name) for name in registry.served],
+        "models": await asyncio.to_thread(lambda: [registry.describe(name) for name in list(registry.served)]),
         "default_caption_model": default,
         "alias": ctx.settings.alias,
         "loading": registry.loading,
@@ -34,7 +35,7 @@ async def list_models(ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
 async def get_model(name: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
     if name not in ctx.registry.served:
         raise Problem("unknown-model", f"model {name!r} is not served here (served: {', '.join(ctx.registry.served) or 'none'})")
-    return ctx.registry.describe(name)
+    return await asyncio.to_thread(ctx.registry.describe, name)
 
 
 @router.post(
@@ -45,4 +46,4 @@ async def get_model(name: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[st
 )
 async def reload_model(name: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
     outcome = await ctx.registry.reload(name)
-    return {**outcome, "model": ctx.registry.describe(name)}
+    return {**outcome, "model": await asyncio.to_thread(ctx.registry.describe, name)}
