@@ -185,7 +185,7 @@ def test_image_command_serves_as_unprivileged_user_and_reloads(store, sandbox):
              "ucm-captioner"], env=env, capture_output=True, text=True, timeout=300)
         assert reload.returncode == 0, reload.stderr
         after = httpx.get(f"{url}/v1/models/ucm-captioner", timeout=30).json()
-        assert str(published) in json.dumps(after) and after != before
+        assert before["serving_version"] != published and after["serving_version"] == published
         # without the admin key the reload script reports the refusal and fails
         refused = subprocess.run([sys.executable, str(ROOT / "deploy" / "reload.py"), "--url", url, "ucm-captioner"],
                                  env={**env, "CAPTIONER_ADMIN_KEY": ""}, capture_output=True, text=True, timeout=120)
@@ -249,3 +249,52 @@ def test_batch_job_shards_and_merge_reproduce_one_process(store, sandbox):
     shard_files[1].unlink()
     broken = run_k8s_container(merge, {"INPUT": str(images), "OUTPUT_DIR": str(output)}, cwd=work)
     assert broken.wait(timeout=600) != 0 and "expected 3 shard files" in broken.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------- compose train
+FAST_UCM = ("--set text_ae.epochs=1 --set classifier.fine_tune_epochs=1 --set classifier.head_epochs=1 "
+            "--set distill.epochs=1 --set captioner.epochs=1")
+
+
+def compose_defaults(service: dict) -> dict[str, str]:
+    """A compose service's environment with ${VAR:-default} interpolated as with VAR unset."""
+    return {k: re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-([^}]*)\}", r"\1", str(v))
+            for k, v in service.get("environment", {}).items()}
+
+
+@pytest.mark.slow
+def test_compose_train_profile_publishes_and_reload_swaps(sandbox):
+    from captioning.store import ModelStore
+    from service.testing import ServerProcess
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    train, reload = compose["services"]["train"], compose["services"]["reload"]
+    store = random_store(sandbox / "compose-models", concepts=False)  # the shared volume, already in use
+    served = {name: store.resolve(f"{name}@production").version for name in ("ucm-captioner", "ucm-classifier")}
+    api_env = {"CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_DATA_DIR": str(sandbox / "compose-data"),
+               "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_ADMIN_KEY": ADMIN_KEY}
+    with ServerProcess(api_env, log_path=sandbox / "compose-api.log") as api:
+        # the train service: its command with compose's $$ escape undone, its environment, the volumes here
+        command = [word.replace("$$", "$") for word in train["command"]]
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **compose_defaults(train),
+               "CAPTIONER_MODEL_STORE": str(store.root), "WORK_DIR": str(sandbox / "train-work"),
+               "TRAIN_ARGS": FAST_UCM}
+        done = subprocess.run(command, env=env, cwd=sandbox, capture_output=True, text=True, timeout=3600)
+        assert done.returncode == 0, done.stderr[-5000:]
+        fresh = ModelStore(store.root)
+        for name in compose_defaults(train)["TRAIN_STAGES"].split():
+            latest = fresh.versions(name)[-1]
+            assert fresh.aliases(name)["production"] == latest, f"{name}: not published as production"
+            assert fresh.load(f"{name}@{latest}").manifest["extra"]["world_size"] == int(compose_defaults(train)["TRAIN_NPROC"])
+        assert not (sandbox / "train-work" / "runs").exists() or not any((sandbox / "train-work" / "runs").iterdir())
+
+        # the reload service: its command against this API
+        argv = [sys.executable if w == "python" else w for w in reload["command"]]
+        argv = [str(ROOT / "deploy" / "reload.py") if w == "/opt/captioner/reload.py" else w for w in argv]
+        argv[argv.index("--url") + 1] = api.url
+        swapped = subprocess.run(argv, env={**os.environ, **compose_defaults(reload), "CAPTIONER_ADMIN_KEY": ADMIN_KEY},
+                                 capture_output=True, text=True, timeout=600)
+        assert swapped.returncode == 0, swapped.stderr
+        for name, old in served.items():
+            now = httpx.get(f"{api.url}/v1/models/{name}", timeout=30).json()
+            assert now["serving_version"] == fresh.versions(name)[-1] > old, now
