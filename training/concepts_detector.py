@@ -120,20 +120,27 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
     weights_dir = root / "yolo" / "weights"
     last = weights_dir / "last.pt"
 
+    def on_train_start(trainer: Any) -> None:  # a resumed run continues after ultralytics' last saved epoch
+        run.history = run.history[: trainer.start_epoch]
+        run.epoch = trainer.start_epoch
+
     def on_epoch_end(trainer: Any) -> None:  # one TrainRun epoch per ultralytics epoch: history + loss curve
         losses = {k.split("/")[-1]: float(v) for k, v in trainer.label_loss_items(trainer.tloss, prefix="train").items()}
         run.log_step(loss=sum(losses.values()))
         run.end_epoch(extra=losses)
 
-    if resume and last.is_file():
-        model = YOLO(str(last))
+    def with_callbacks(model: Any) -> Any:
+        model.add_callback("on_train_start", on_train_start)
         model.add_callback("on_train_epoch_end", on_epoch_end)
+        return model
+
+    if resume and last.is_file():
+        model = with_callbacks(YOLO(str(last)))
         model.train(resume=True)
     elif run.epoch >= epochs and last.is_file():  # everything was trained already; only publishing was left
         return ProposalDetector.tensors_from_ultralytics_checkpoint(last)
     else:
-        model = YOLO(str(det_cfg.get("yaml", "yolov5n.yaml")))
-        model.add_callback("on_train_epoch_end", on_epoch_end)
+        model = with_callbacks(YOLO(str(det_cfg.get("yaml", "yolov5n.yaml"))))
         model.train(
             data=str(data_yaml),
             epochs=epochs,
@@ -150,7 +157,7 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
             val=False,  # validated by evaluate_detector below, as the extractor runs it
             amp=False,
             cache="ram",
-            pretrained=False,
+            pretrained=str(det_cfg["pretrained"]) if det_cfg.get("pretrained") else False,  # local ultralytics .pt
             verbose=False,
             **train_cfg,
         )

@@ -29,15 +29,34 @@ from captioning.errors import DataError
 class CaptionPairs:
     records: list[ImageRecord]
     captions: list[list[str]]  # per image, its raw captions
+    concepts: list[list[str]] = field(default_factory=list)  # per image, words for "a photo of a [word]" texts
 
-    def caption_for(self, index: int, seed: int, epoch: int) -> str:
+    def caption_for(
+        self, index: int, seed: int, epoch: int, *, prompt_prob: float = 0.0, template: str = "a photo of a {}"
+    ) -> str:
+        """One caption of image ``index``, drawn from (seed, epoch, index); with probability ``prompt_prob``
+        (and when the image has concept words) a prompt ``template.format(word)`` of one of its words instead."""
+        rng = np.random.default_rng([seed, epoch, index])
+        words = self.concepts[index] if self.concepts else []
+        if words and prompt_prob > 0 and rng.random() < prompt_prob:
+            return template.format(words[int(rng.integers(len(words)))])
         caps = self.captions[index]
-        return caps[int(np.random.default_rng([seed, epoch, index]).integers(len(caps)))]
+        return caps[int(rng.integers(len(caps)))]
 
 
 def caption_pairs(corpus: CaptionCorpus, split: str) -> CaptionPairs:
+    """The split's captioned images; each image's concept words are its boxes' words and its label words."""
+    from captioning.data import LABELS
+
     records = [rec for rec in corpus.split(split) if rec.sentences]
-    return CaptionPairs(records, [[s.raw for s in rec.sentences] for rec in records])
+    concepts = []
+    for rec in records:
+        words = {b.concept for b in (corpus.boxes or {}).get(rec.imgid, [])}
+        if corpus.labels is not None:
+            row = corpus.labels[corpus.index_of(rec.imgid)]
+            words |= {label for label, on in zip(LABELS, row, strict=True) if on > 0}
+        concepts.append(sorted(words))
+    return CaptionPairs(records, [[s.raw for s in rec.sentences] for rec in records], concepts)
 
 
 # ---------------------------------------------------------------------------------------------- images
