@@ -10,8 +10,8 @@
 #                    --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #
 # torch/torchvision come from the PyTorch wheel index named by TORCH_INDEX_URL (CPU-only wheels by
-# default, about 1 GB smaller than the CUDA ones), at the versions pinned in requirements.lock; every
-# other dependency is installed at its requirements.lock version. A base without Python 3.11 (the CUDA
+# default: none of the CUDA libraries that make PyPI's torch about 5 GB), at the versions pinned in
+# requirements.lock; every other dependency is installed at its requirements.lock version. A base without Python 3.11 (the CUDA
 # images) gets a standalone CPython from uv in /opt/python.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
