@@ -11,8 +11,8 @@
 #
 # torch/torchvision come from the PyTorch wheel index named by TORCH_INDEX_URL (CPU-only wheels by
 # default: none of the CUDA libraries that make PyPI's torch about 5 GB), at the versions pinned in
-# requirements.lock; every other dependency is installed at its requirements.lock version. A base without Python 3.11 (the CUDA
-# images) gets a standalone CPython from uv in /opt/python.
+# requirements.lock; every other dependency is installed at its requirements.lock version. A base
+# without Python 3.11 (the CUDA images) gets a standalone CPython from uv in /opt/python.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9.5
