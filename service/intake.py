@@ -277,7 +277,11 @@ def _tiff_needs_raw(image: Image.Image) -> bool:
 
 
 def _decode_tiff_raw(data: bytes, max_pixels: int, notes: list[str], fail) -> Image.Image:
-    import tifffile
+    try:
+        import tifffile
+    except ImportError:  # a dependency of the service (pyproject); say so instead of failing with a 500
+        raise fail("unsupported-image", "this TIFF layout (more than 8 bits per sample with several bands, or "
+                   "bands Pillow cannot read) needs the tifffile package, which this server lacks") from None
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
