@@ -88,6 +88,11 @@ class Settings(BaseSettings):
     job_max_entry_bytes: int = Field(64 * MB, gt=0, description="largest archive entry extracted (bigger: refused)")
     job_max_total_bytes: int = Field(8 * 1024 * MB, gt=0, description="total extracted bytes of one job")
 
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("formats")
     @classmethod
     def _check_formats(cls, value: str) -> str:
