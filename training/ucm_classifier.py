@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from captioning.config import load_config
 from captioning.data import LABELS
+from captioning.errors import ConfigError
 from captioning.models.ucm.data import augment, dataset_info, label_split, normalize, open_dataset
 from captioning.models.ucm.evaluate import choose_threshold, label_scores
 from captioning.models.ucm.model import MultiLabelClassifier
@@ -58,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
         model.parameters(), lr=float(cfg["fine_tune_lr"]), weight_decay=float(cfg.get("weight_decay", 0.0))
     )
     head_only = torch.optim.Adam(core.head.parameters(), lr=float(cfg["head_lr"]))
-    run.load_checkpoint(model=model, fine_tune_optimizer=fine_tune, head_optimizer=head_only)
-
     steps = int(cfg["fine_tune_epochs"]), int(cfg["head_epochs"])
     indices = torch.utils.data.TensorDataset(torch.arange(len(train_images)))
+    per_epoch = len(run.loader(indices, batch_size=int(cfg["batch_size"]), shuffle=False))
+    schedule = lr_schedule(
+        fine_tune, cfg.get("schedule", "constant"), steps[0] * per_epoch, int(cfg.get("warmup_epochs", 0)) * per_epoch
+    )
+    run.load_checkpoint(model=model, fine_tune_optimizer=fine_tune, head_optimizer=head_only, schedule=schedule)
     for epoch in run.epochs(sum(steps)):
         head_phase = epoch >= steps[0]
         optimizer = head_only if head_phase else fine_tune
@@ -83,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if not head_phase:
+                schedule.step()
             run.log_step(loss=loss.item())
         val_probs = predict(core, val_images, run.device)
         val_loss = float(F.binary_cross_entropy(val_probs, val_labels))
         val_f1 = label_scores(val_probs, val_labels, 0.5)["micro_f1"]
         run.end_epoch(
             extra={"val_loss": val_loss, "val_micro_f1_at_0.5": val_f1, "phase": phase},
-            model=model, fine_tune_optimizer=fine_tune, head_optimizer=head_only,
+            model=model, fine_tune_optimizer=fine_tune, head_optimizer=head_only, schedule=schedule,
         )
 
     val_probs = predict(core, val_images, run.device)
@@ -109,6 +115,24 @@ def run(args: argparse.Namespace) -> int:
         publish_stage(run, STAGE, staging, task="ucm-classifier", metrics=metrics, data=dataset_info(corpus))
     run.close()
     return 0
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int = 0):
+    """Per-step learning-rate factor: ``constant``, or ``cosine`` (linear warm-up, then cosine to zero)."""
+    import math
+
+    if kind not in ("constant", "cosine"):
+        raise ConfigError(f"schedule must be 'constant' or 'cosine', got {kind!r}")
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @torch.no_grad()

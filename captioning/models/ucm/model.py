@@ -221,13 +221,24 @@ class ResNetTrunk(nn.Module):
         for i in range(1, stages + 1):
             setattr(self, f"layer{i}", getattr(resnet, f"layer{i}"))
         self.feature_dim = 64 * 2 ** (stages - 1) * block.expansion
+        # speed only (shapes and weights are unchanged): NHWC convolutions and bf16/fp16 autocast
+        self.channels_last = bool(image_cfg.get("channels_last", False))
+        autocast = image_cfg.get("autocast")
+        if autocast not in (None, "bfloat16", "float16"):
+            raise ConfigError(f"image.autocast must be null, bfloat16 or float16, got {autocast!r}")
+        self.autocast_dtype = getattr(torch, autocast) if autocast else None
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] -> grid [B, C, S/2^(stages+1), S/2^(stages+1)]."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
-        for i in range(1, self.stages + 1):
-            x = getattr(self, f"layer{i}")(x)
-        return x
+        """images [B, 3, S, S] -> grid [B, C, S/2^(stages+1), S/2^(stages+1)] (float32)."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+            for i in range(1, self.stages + 1):
+                x = getattr(self, f"layer{i}")(x)
+        return x.float()
 
     def load_pretrained(self, path: str | Path) -> list[str]:
         """Load an ImageNet state dict (torchvision layout; ``fc.*`` and later stages ignored).
