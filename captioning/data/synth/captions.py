@@ -45,7 +45,7 @@ LABEL_WORDS: dict[str, str] = {
     **{w: "dock" for w in ("dock", "docks", "pier", "piers")},
     **{w: "trees" for w in ("tree", "trees", "forest", "woods")},
     **{w: "grass" for w in ("grass", "lawn", "lawns", "meadow", "fairway")},
-    **{w: "water" for w in ("water", "river", "pond", "ponds", "pool", "pools", "stream")},
+    **{w: "water" for w in ("water", "river", "pond", "ponds", "stream")},
     **{w: "sea" for w in ("sea", "ocean", "waves")},
     **{w: "sand" for w in ("sand", "beach", "bunker", "bunkers")},
     **{w: "bare-soil" for w in ("soil", "dirt")},

@@ -112,7 +112,7 @@ def ship(rng, cx, cy, angle, length=None, colour=None) -> Obj:
 
 
 def boat(rng, cx, cy, angle, colour=None, length=None) -> Obj:
-    L = length or rng.uniform(14, 28)
+    L = length or rng.uniform(16, 30)
     W = L * rng.uniform(0.32, 0.42)
     name, hull = object_colour(rng, "boat", colour)
     hull_pts = mirror([(0.5 * L, 0), (0.22 * L, W / 2), (-0.42 * L, W * 0.45), (-0.5 * L, W * 0.3)])
