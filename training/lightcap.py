@@ -15,7 +15,8 @@ Pipeline of one run:
    from its pool (its references; with ``kd.sequence`` also the teachers' beam-search captions), the draw a
    function of (seed, epoch, item) so a resumed run sees the same items.
 4. Loss = ce_weight * CE (each head branch) + token_weight * KL(teacher_i || branch_i) (temperature tau)
-   + hidden_weight * MSE(W h_s, h_t) + attention_weight * KL(attention maps), teachers in eval mode.
+   + hidden_weight * MSE(W h_s, h_t) + attention_weight * KL(attention maps), teachers in eval mode;
+   forward passes optionally under bfloat16 autocast (``train.autocast``), losses in fp32.
 5. AdamW, linear warm-up then cosine decay; per-epoch checkpoint (``--resume``), val loss, loss curve.
 6. Captions of the val and test splits (the config's decoding) scored with pycocoevalcap; published with the
    teachers' and the extractor's versions in the manifest.
@@ -467,6 +468,13 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         "attention": float(kd_cfg["attention_weight"]) if use_attn else 0.0,
     }
     grid_all = features.grid
+    amp = train_cfg.get("autocast")
+    if amp not in (None, "bfloat16"):
+        raise ConfigError(f"train.autocast {amp!r} must be null or bfloat16")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bfloat16")
+
     for epoch in run.epochs(epochs):
         model.train()
         items.set_epoch(epoch)
@@ -476,30 +484,35 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
             ids, valid = pad_captions(caps, tokenizer.pad_id)
             inp, inp_valid, tgt, tgt_valid = teacher_forcing(ids.to(device), valid.to(device))
             grid = grid_all[idx].float().to(device)
-            out = model(
-                grid, concepts.index(idx).to(device), inp, inp_valid,
-                output_hidden_states=use_hidden, output_attentions=use_attn,
-            )
-            losses = {"ce": caption_loss(out.branch_logits, tgt, tgt_valid, smoothing)}
-            if teachers and (use_token or use_hidden or use_attn):
-                with torch.no_grad():
-                    t_outs = [
-                        t.model(grid, t.concepts.index(idx).to(device), inp, inp_valid,
-                                output_hidden_states=use_hidden, output_attentions=use_attn)
-                        for t in teachers
-                    ]
-                if use_token:
-                    losses["token"] = branch_token_kd_loss(
-                        out.branch_logits, [o.branch_logits[0] for o in t_outs], tgt_valid, temperature
-                    )
-                if use_hidden:
-                    losses["hidden"] = distiller.hidden_loss(
-                        out.hidden_states, [o.hidden_states for o in t_outs], out.sequence_valid
-                    )
-                if use_attn:
-                    losses["attention"] = distiller.attention_loss(
-                        out.attentions, [o.attentions for o in t_outs], out.sequence_valid
-                    )
+            with autocast():
+                out = model(
+                    grid, concepts.index(idx).to(device), inp, inp_valid,
+                    output_hidden_states=use_hidden, output_attentions=use_attn,
+                )
+                t_outs = []
+                if teachers and (use_token or use_hidden or use_attn):
+                    with torch.no_grad():
+                        t_outs = [
+                            t.model(grid, t.concepts.index(idx).to(device), inp, inp_valid,
+                                    output_hidden_states=use_hidden, output_attentions=use_attn)
+                            for t in teachers
+                        ]
+            # losses in fp32 (the forward passes may have run in bfloat16)
+            losses = {"ce": caption_loss(out.branch_logits.float(), tgt, tgt_valid, smoothing)}
+            if use_token:
+                losses["token"] = branch_token_kd_loss(
+                    out.branch_logits.float(), [o.branch_logits[0].float() for o in t_outs], tgt_valid, temperature
+                )
+            if use_hidden:
+                losses["hidden"] = distiller.hidden_loss(
+                    [h.float() for h in out.hidden_states], [[h.float() for h in o.hidden_states] for o in t_outs],
+                    out.sequence_valid,
+                )
+            if use_attn:
+                losses["attention"] = distiller.attention_loss(
+                    [a.float() for a in out.attentions], [[a.float() for a in o.attentions] for o in t_outs],
+                    out.sequence_valid,
+                )
             loss = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
