@@ -59,3 +59,23 @@ def test_distill_lr_experiment_writes_one_table(tmp_path, capsys):
     assert capsys.readouterr().out == table
     assert len(results["decoding"]["attention"]) == len(results["decoding"]["lower100"])
     assert len(store.list("ucm-captioner")) == 4
+
+
+def test_prereq_store_copy_keeps_files_and_records(tmp_path):
+    from training.experiments.ucm_distill_lr import copy_version
+
+    source_dir = tmp_path / "files"
+    source_dir.mkdir()
+    (source_dir / "model.safetensors").write_bytes(b"weights")
+    (source_dir / "vocab.json").write_text("{}")
+    source, target = ModelStore(tmp_path / "a"), ModelStore(tmp_path / "b")
+    source.publish("ucm-text-ae", source_dir, task="ucm-text-ae", profile="tiny", metrics={"test_bleu4": 0.99},
+                   config={"profile": "tiny"}, command="captioner train ucm-text-ae --data d", data={"name": "d"},
+                   parents=[])
+    copied = copy_version(source, target, "ucm-text-ae", "tiny")
+    assert copied.spec == "ucm-text-ae@1" and target.verify() == []
+    assert copied.manifest["files"] == source.resolve("ucm-text-ae@1").manifest["files"]
+    assert copied.manifest["command"] == "captioner train ucm-text-ae --data d"
+    assert copied.manifest["extra"]["copied_from"].endswith(":ucm-text-ae@1")
+    with pytest.raises(Exception, match="no ucm-classifier model of profile 'tiny'"):
+        copy_version(source, target, "ucm-classifier", "tiny")

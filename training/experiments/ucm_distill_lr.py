@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 2. the three distillation variants, each followed by a captioner
     variants = results.setdefault("variants", {})
-    for key, label, ratio in VARIANTS:
+    for key, label, ratio in sorted(VARIANTS, key=lambda v: v[0] != "lower100"):  # the default recipe first
         if key in variants and not args.fresh:
             continue
         started = time.time()
@@ -186,13 +186,20 @@ def copy_version(source: Any, target: Any, name: str, profile: str) -> Any:
     version = source.latest(name, profile)
     if version is None:
         raise PrerequisiteError(f"--prereq-store {source.root}: no {name} model of profile {profile!r}")
+    import shutil
+    import tempfile
+
     version = source.load(version.spec)
     manifest = version.manifest
-    return target.publish(
-        name, version.path, task=manifest["task"], profile=manifest["profile"], metrics=manifest.get("metrics", {}),
-        config=manifest.get("config", {}), command=manifest.get("command", ""), data=manifest.get("data", {}),
-        parents=[], extra={**(manifest.get("extra") or {}), "copied_from": f"{source.root}:{version.spec}"},
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel in manifest["files"]:  # the version's own files; the store writes the manifest
+            (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(version.file(rel), Path(tmp) / rel)
+        return target.publish(
+            name, Path(tmp), task=manifest["task"], profile=manifest["profile"], metrics=manifest.get("metrics", {}),
+            config=manifest.get("config", {}), command=manifest.get("command", ""), data=manifest.get("data", {}),
+            parents=[], extra={**(manifest.get("extra") or {}), "copied_from": f"{source.root}:{version.spec}"},
+        )
 
 
 def pick(metrics: dict[str, Any], *keys: str) -> dict[str, Any]:
