@@ -81,7 +81,10 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         summary="Image captioning (LightCap, UCM), concepts and remote-sensing labels",
         description="Errors are `application/problem+json` (RFC 9457); `GET /problems` lists every `type`.",
         lifespan=lifespan,
+        docs_url=None,  # served below from the bundled Swagger UI: no CDN is reachable offline
+        redoc_url=None,
     )
+    _mount_offline_docs(app)
     app.state.settings = settings
     app.state.ctx = ctx
 
@@ -129,3 +132,22 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every answer, 413s included
     return app
+
+
+def _mount_offline_docs(app: FastAPI) -> None:
+    """``/docs`` with Swagger UI's files from the swagger-ui-bundle package (FastAPI's self-hosting recipe)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-static", StaticFiles(directory=str(swagger_ui_path)), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} - API",
+            swagger_js_url="/docs-static/swagger-ui-bundle.js",
+            swagger_css_url="/docs-static/swagger-ui.css",
+            swagger_favicon_url="/docs-static/favicon-32x32.png",
+        )

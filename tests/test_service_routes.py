@@ -213,6 +213,15 @@ def test_api_key_and_admin_key(server):
         assert httpx.get(f"{url}{path}").status_code == 200, path  # no key needed
 
 
+def test_docs_page_needs_no_cdn(server):
+    url, _ = server
+    page = httpx.get(f"{url}/docs").text
+    assert "cdn." not in page and "/docs-static/swagger-ui-bundle.js" in page
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        r = httpx.get(f"{url}/docs-static/{asset}")
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+
+
 def test_health_ready_metrics_and_openapi(server):
     url, _ = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
