@@ -112,7 +112,7 @@ def ship(rng, cx, cy, angle, length=None, colour=None) -> Obj:
 
 
 def boat(rng, cx, cy, angle, colour=None, length=None) -> Obj:
-    L = length or rng.uniform(16, 30)
+    L = length or rng.uniform(20, 34)
     W = L * rng.uniform(0.32, 0.42)
     name, hull = object_colour(rng, "boat", colour)
     hull_pts = mirror([(0.5 * L, 0), (0.22 * L, W / 2), (-0.42 * L, W * 0.45), (-0.5 * L, W * 0.3)])
@@ -121,7 +121,7 @@ def boat(rng, cx, cy, angle, colour=None, length=None) -> Obj:
         ("poly", place(hull_pts, cx, cy, angle), hull, None),
         ("poly", place(rect(0.3 * L, W * 0.55) + [-0.12 * L, 0], cx, cy, angle), cabin, None),
     ]
-    return Obj("boat", name, parts, height=1.5, attrs={"length": L})
+    return Obj("boat", name, parts, height=2.5, attrs={"length": L})
 
 
 def tank(rng, cx, cy, r=None, colour=None) -> Obj:
