@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -27,7 +26,7 @@ def register(subparsers) -> None:
         "--workers",
         type=int,
         default=None,
-        help=f"worker processes (default: all cores, here {os.cpu_count()})",
+        help="worker processes (default: every core this process may use)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
     p.set_defaults(func=_synth)
