@@ -155,12 +155,13 @@ def test_eval_cli_prints_metrics_params_and_latency(trained, capsys):
     capsys.readouterr()
     assert main(["eval", "lightcap", "--data", str(data), "--split", "test", "--store", str(store.root),
                  "--features-cache", str(trained[0] / "features"), "--latency-images", "1", "--no-meteor",
-                 "--json"]) == 0
+                 "--cache-speedup", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["model"] == "lightcap@1" and result["images"] == 3
     for key in ("BLEU-4", "ROUGE-L", "CIDEr-D"):
         assert 0.0 <= result[key] <= 10.0
     assert result["parameters"] > 0 and result["latency"]["mean_ms"] > 0 and result["latency"]["batch_size"] == 1
+    assert result["kv_cache"]["same_tokens"] == "2/2" and result["kv_cache"]["cached_ms"] > 0
 
 
 def test_resume_gives_the_same_weights(trained, monkeypatch):

@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser, name: str | None = None) -> N
     parser.add_argument("--latency-threads", type=int, default=None, help="torch threads while timing")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the scoring pass")
     parser.add_argument("--features-cache", type=Path, default=DEFAULT_FEATURES)
+    parser.add_argument(
+        "--cache-speedup", type=int, default=0, metavar="N",
+        help="also time decoding with and without the KV cache on N images (batch 1, same run) and compare tokens",
+    )
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts Java: several seconds)")
     parser.add_argument("--examples", type=int, default=5, help="captions shown with their references")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         store, args.model, corpus, args.split, beam_size=args.beam_size, max_length=args.max_length,
         batch_size=args.batch_size, latency_images=args.latency_images, latency_threads=args.latency_threads,
         features_cache=args.features_cache, examples=args.examples, meteor=not args.no_meteor,
+        cache_speedup=args.cache_speedup,
     )
     if args.json:
         print(json.dumps(result, indent=1))
@@ -79,6 +84,7 @@ def evaluate(
     features_cache: Path | None = DEFAULT_FEATURES,
     examples: int = 5,
     meteor: bool = True,
+    cache_speedup: int = 0,
 ) -> dict[str, Any]:
     from captioning.models.lightcap.pipeline import concepts_parent, load_lightcap
 
@@ -107,6 +113,10 @@ def evaluate(
     threads = int(eval_cfg.get("latency_threads", 1) if latency_threads is None else latency_threads)
     latency = measure_latency(pipeline, corpus, rows, options, n_latency, threads) if n_latency > 0 else None
 
+    speedup = None
+    if cache_speedup > 0:
+        speedup = measure_cache_speedup(pipeline, features, rows, options, cache_speedup, threads)
+
     result: dict[str, Any] = {
         "model": f"{version.name}@{version.version}",
         "profile": version.profile,
@@ -120,6 +130,8 @@ def evaluate(
         "head_branches": pipeline.model.arch["head_branches"],
         "fusion": {k: pipeline.model.arch["fusion"][k] for k in ("layers", "hidden", "heads")},
         "latency": latency,
+        "kv_cache": speedup,
+        "extractor_parameters": sum(p.numel() for p in pipeline.extractor.parameters()),
         "examples": [
             {"imgid": corpus.images[r].imgid, "caption": t, "references": corpus.images[r].references[:2]}
             for r, t in list(zip(rows, texts, strict=True))[:examples]
@@ -158,6 +170,39 @@ def measure_latency(pipeline, corpus, rows: list[int], options, n_images: int, t
     }
 
 
+@torch.no_grad()
+def measure_cache_speedup(pipeline, features, rows, options, n_images: int, threads: int) -> dict[str, Any]:
+    """Decoding alone (captioner, from cached features), batch 1, with and without the KV cache, alternating
+    per image in one run; the uncached path re-runs the whole sequence every step."""
+    model, tok = pipeline.model, pipeline.tokenizer
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads))
+    timings: dict[bool, list[float]] = {True: [], False: []}
+    same = 0
+    try:
+        chosen = rows[:n_images]
+        for i, r in enumerate([chosen[0], *chosen]):  # the first image once more as warm-up
+            idx = torch.tensor([r])
+            grid = features.grid[idx].float()
+            concepts = pipeline.concept_inputs(features.concept_ids[idx], features.scores[idx])
+            outs = {}
+            for use_cache in (True, False):
+                t0 = time.perf_counter()
+                outs[use_cache] = model.generate(grid, concepts, options, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                                 use_cache=use_cache)[0].tokens
+                if i > 0:
+                    timings[use_cache].append((time.perf_counter() - t0) * 1000.0)
+            same += int(i > 0 and outs[True] == outs[False])
+    finally:
+        torch.set_num_threads(previous)
+    cached, uncached = statistics.fmean(timings[True]), statistics.fmean(timings[False])
+    return {
+        "cached_ms": round(cached, 2), "uncached_ms": round(uncached, 2), "speedup": round(uncached / cached, 2),
+        "same_tokens": f"{same}/{len(timings[True])}", "images": len(timings[True]), "threads": threads,
+        "beam_size": options.beam_size,
+    }
+
+
 def format_result(result: dict[str, Any]) -> str:
     lines = [f"{result['model']} on {result['dataset']} {result['split']} ({result['images']} images, "
              f"beam {result['decoding']['beam_size']})"]
@@ -171,6 +216,10 @@ def format_result(result: dict[str, Any]) -> str:
     if lat:
         lines.append(f"  latency    {lat['mean_ms']:.1f} ms/image mean ({lat['median_ms']:.1f} median, "
                      f"{lat['images']} images, batch 1, {lat['threads']} thread(s))")
+    kv = result.get("kv_cache")
+    if kv:
+        lines.append(f"  KV cache   decoding {kv['cached_ms']:.1f} ms cached vs {kv['uncached_ms']:.1f} ms uncached "
+                     f"({kv['speedup']:.2f}x, same tokens {kv['same_tokens']}, beam {kv['beam_size']})")
     for ex in result.get("examples", []):
         lines.append(f"  [{ex['imgid']}] {ex['caption']!r}  refs: {ex['references']}")
     return "\n".join(lines)
