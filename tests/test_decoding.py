@@ -28,7 +28,7 @@ class TableModel:
     def step(self, last_tokens, state):
         new_state = []
         rows = []
-        for token, prefix in zip(last_tokens.tolist(), state):
+        for token, prefix in zip(last_tokens.tolist(), state, strict=True):
             prefix = prefix if token == BOS else prefix + (token,)
             new_state.append(prefix)
             probs = torch.full((self.vocab,), 1e-9)
@@ -112,7 +112,7 @@ def test_beam_size_one_is_greedy(options):
     beam_options = DecodeOptions(**{**options.to_dict(), "beam_size": 1})
     beams = [h[0] for h in beam_search(model, batch, beam_options, bos_id=BOS, eos_id=EOS)]
     assert [h.tokens for h in greedy] == [h.tokens for h in beams]
-    for g, h in zip(greedy, beams):
+    for g, h in zip(greedy, beams, strict=True):
         assert g.log_prob == pytest.approx(h.log_prob, abs=1e-6)
 
 
@@ -164,7 +164,7 @@ def test_beam_score_is_at_least_greedy_score():
     batch = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
     greedy = decode(model, batch, DecodeOptions(max_length=10), bos_id=BOS, eos_id=EOS)
     beam = decode(model, batch, DecodeOptions(beam_size=5, max_length=10), bos_id=BOS, eos_id=EOS)
-    assert all(b.score >= g.score - 1e-9 for b, g in zip(beam, greedy))
+    assert all(b.score >= g.score - 1e-9 for b, g in zip(beam, greedy, strict=True))
 
 
 def test_adjust_log_probs_bans_what_it_should():

@@ -105,7 +105,7 @@ def test_tiny_captioner_decodes(attention_dim):
     beam1 = decode(model, images, DecodeOptions(beam_size=1, max_length=6), bos_id=BOS_ID, eos_id=EOS_ID)
     beam = decode(model, images, DecodeOptions(beam_size=3, max_length=6), bos_id=BOS_ID, eos_id=EOS_ID)
     assert [h.tokens for h in greedy] == [h.tokens for h in beam1]
-    assert all(len(h.tokens) <= 6 for h in beam) and all(b.score >= g.score - 1e-6 for b, g in zip(beam, greedy))
+    assert all(len(h.tokens) <= 6 for h in beam) and all(b.score >= g.score - 1e-6 for b, g in zip(beam, greedy, strict=True))
 
 
 def test_classifier_tiny_shapes():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import random
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from PIL import Image

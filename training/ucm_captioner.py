@@ -19,7 +19,14 @@ import torch
 from captioning.config import load_config
 from captioning.data.vocab import Vocabulary
 from captioning.decoding import DecodeOptions
-from captioning.models.ucm.data import augment, caption_split, captions_of, dataset_info, normalize, open_dataset
+from captioning.models.ucm.data import (
+    augment,
+    caption_split,
+    captions_of,
+    dataset_info,
+    normalize,
+    open_dataset,
+)
 from captioning.models.ucm.evaluate import evaluate_captions
 from captioning.models.ucm.model import Captioner, caption_loss
 from captioning.models.ucm.store_io import (

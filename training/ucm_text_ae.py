@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def batch_tensors(ids: torch.Tensor, lengths: torch.Tensor):
     """Padded <bos> .. <eos> ids -> the encoder / decoder tensors (see data.caption_batch)."""
-    return caption_batch([row[:n] for row, n in zip(ids, lengths.tolist())])
+    return caption_batch([row[:n] for row, n in zip(ids, lengths.tolist(), strict=True)])
 
 
 def run(args: argparse.Namespace) -> int:
