@@ -44,10 +44,10 @@ def test_distill_lr_experiment_writes_one_table(tmp_path, capsys):
     assert store.verify() == []
     assert [v.version for v in store.list("ucm-distill")] == [1, 2, 3]
     ratios = [store.resolve(f"ucm-distill@{v}").manifest["config"]["distill"]["text_lr_ratio"] for v in (1, 2, 3)]
-    assert ratios == [0.0, 1.0, 0.01]
+    assert ratios == [0.01, 0.0, 1.0]  # the default recipe runs first
     assert results["variants"]["frozen"]["text_code_drift"] == 0.0  # frozen really is frozen
     assert results["variants"]["same"]["text_code_drift"] > results["variants"]["lower100"]["text_code_drift"] > 0
-    command = store.resolve("ucm-distill@2").manifest["command"]
+    command = store.resolve("ucm-distill@3").manifest["command"]
     assert command.startswith("captioner train ucm-distill") and "distill.text_lr_ratio=1.0" in command
     attention = store.resolve(results["attention"]["captioner"]).manifest["config"]["captioner"]["attention_dim"]
     assert attention == 6
@@ -58,7 +58,8 @@ def test_distill_lr_experiment_writes_one_table(tmp_path, capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out == table
     assert len(results["decoding"]["attention"]) == len(results["decoding"]["lower100"])
-    assert len(store.list("ucm-captioner")) == 4
+    assert len(store.list("ucm-captioner")) == 5
+    assert results["early"]["epochs"] == 1 and "under-trained" in table
 
 
 def test_prereq_store_copy_keeps_files_and_records(tmp_path):

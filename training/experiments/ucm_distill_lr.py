@@ -9,7 +9,9 @@ worse captions, (c) low loss and better captions. This command reruns that on a 
    it with the profile's decoding; final distillation loss (train, val), val retrieval R@1, test BLEU-4 and
    CIDEr-D, and the nearest-neighbour baseline;
 3. the attention decoder (``captioner.attention_dim``) on the 100x-lower distillation;
-4. decoding before/after the repetition fix on both captioners: greedy / beam without guards (the seed's
+4. a captioner trained for ``--early-epochs`` only: an under-trained model, where the seed's repeated words
+   ("there is a a roads at the the the") show;
+5. decoding before/after the repetition fix on these captioners: greedy / beam without guards (the seed's
    decoding) against the guard, no-repeat n-gram and repetition penalty.
 
 Every run is an ordinary stage run (its manifest records the equivalent ``captioner train ...`` command)
@@ -59,6 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="take ucm-text-ae and ucm-classifier (newest of the profile) from this store instead of training them",
     )
     parser.add_argument("--attention-dim", type=int, default=128, help="attention size of the attention variant")
+    parser.add_argument(
+        "--early-epochs", type=int, default=1, help="epochs of the under-trained captioner of the decoding table"
+    )
     parser.add_argument("--doc", type=Path, default=None, help="markdown file whose marked block gets the table")
     parser.add_argument("--fresh", action="store_true", help="ignore cached results in --work-dir")
     parser.add_argument("--threads", type=int, default=None)
@@ -134,10 +139,24 @@ def run(args: argparse.Namespace) -> int:
         )
         save()
 
-    # 4. decoding before / after the repetition fix, on the test split
+    # 4. an under-trained captioner (the seed's repeated words show there) on the 100x-lower distillation
+    if "early" not in results or args.fresh:
+        captioner = train_stage(
+            "ucm-captioner",
+            [*common, "--distill", results["variants"]["lower100"]["distill"],
+             "--run-dir", str(work / "runs" / "early" / "captioner"), "--set", f"captioner.epochs={args.early_epochs}"],
+        )
+        results["early"] = {"captioner": captioner.spec, "epochs": args.early_epochs}
+        save()
+
+    # 5. decoding before / after the repetition fix, on the test split
     decoding = results.setdefault("decoding", {})
-    for key in ("lower100", "attention"):
-        spec = results["variants"][key]["captioner"] if key != "attention" else results["attention"]["captioner"]
+    specs = {
+        "lower100": results["variants"]["lower100"]["captioner"],
+        "attention": results["attention"]["captioner"],
+        "early": results["early"]["captioner"],
+    }
+    for key, spec in specs.items():
         if key in decoding and not args.fresh:
             continue
         decoding[key] = decode_table(store, spec, args.data)
@@ -275,7 +294,13 @@ def markdown(results: dict[str, Any]) -> str:
             f"| nearest-neighbour baseline (consensus caption of the closest training image) | - | - | - | - | - "
             f"| {_f(base['nn_BLEU-4'])} | {_f(base['nn_CIDEr-D'])} | 0.000 |"
         )
-    for key, title in (("lower100", "text lr / 100"), ("attention", "text lr / 100 + attention decoder")):
+    early = results.get("early", {}).get("epochs")
+    titles = (
+        ("early", f"captioner after {early} epoch(s), under-trained like the seed's"),
+        ("lower100", "text lr / 100"),
+        ("attention", "text lr / 100 + attention decoder"),
+    )
+    for key, title in titles:
         table = results.get("decoding", {}).get(key)
         if not table:
             continue
