@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
             optimizer.step()
             run.log_step(loss=loss.item())
         scheduler.step()
-        run.end_epoch(extra={"logit_scale": float(core.scale())}, model=model, optimizer=optimizer, scheduler=scheduler)
+        with torch.no_grad():
+            scale = core.scale().item()
+        run.end_epoch(extra={"logit_scale": scale}, model=model, optimizer=optimizer, scheduler=scheduler)
 
     # 4. the whole extractor on val: choose min_score, then report val and test ---------------------------------
     detector = load_detector(detector_version)

@@ -134,11 +134,11 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
         model.add_callback("on_train_epoch_end", on_epoch_end)
         return model
 
+    if resume and run.epoch >= epochs and last.is_file():  # all epochs done (e.g. publishing to another store)
+        return ProposalDetector.tensors_from_ultralytics_checkpoint(last)
     if resume and last.is_file():
         model = with_callbacks(YOLO(str(last)))
         model.train(resume=True)
-    elif run.epoch >= epochs and last.is_file():  # everything was trained already; only publishing was left
-        return ProposalDetector.tensors_from_ultralytics_checkpoint(last)
     else:
         model = with_callbacks(YOLO(str(det_cfg.get("yaml", "yolov5n.yaml"))))
         model.train(
