@@ -115,6 +115,10 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
     os.environ["YOLO_OFFLINE"] = "1"
     from ultralytics import YOLO
 
+    from captioning.models.lightcap.detector import keep_pil_open
+
+    keep_pil_open()
+
     train_cfg = dict(det_cfg.get("train", {}))
     epochs = int(train_cfg.pop("epochs"))
     weights_dir = root / "yolo" / "weights"

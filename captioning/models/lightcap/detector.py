@@ -36,6 +36,23 @@ WEIGHTS_FILE = "detector.safetensors"
 def _quiet_ultralytics() -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
+    keep_pil_open()
+
+
+def keep_pil_open() -> None:
+    """Import ultralytics without its global ``PIL.Image.open`` patch.
+
+    On import, ultralytics replaces ``PIL.Image.open`` process-wide with a wrapper that, on the first file
+    Pillow cannot identify, tries to pip-install ``pi-heif`` and then raises ``ModuleNotFoundError`` offline
+    instead of ``UnidentifiedImageError``. Our readers and the service's intake rely on the latter to name a
+    non-image, and a server must never install packages, so the original function is put back."""
+    from PIL import Image
+
+    original = Image.open
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch once; later imports are no-ops)
+
+    if getattr(Image.open, "__module__", "") == "ultralytics.utils.patches":
+        Image.open = getattr(ultralytics.utils.patches, "_image_open", original)
 
 
 class ProposalDetector(nn.Module):
