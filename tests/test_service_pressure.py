@@ -55,6 +55,21 @@ async def burst(url, n, *, params=None, timeout=60.0, seed0=0):
 SLOW = {"beam_size": 5, "max_length": 22}  # random weights never stop early: every request decodes 22 steps
 
 
+@pytest.fixture
+def slow_batches(monkeypatch):
+    """Every caption batch takes at least 0.15 s more, so that with one image per batch the queue surely
+    builds up however fast this machine decodes (the deadline and disconnect tests were flaky without)."""
+    from service import backends
+
+    real = backends.RUNNERS["caption"]
+
+    def slow(model, group, payloads):
+        time.sleep(0.15)
+        return real(model, group, payloads)
+
+    monkeypatch.setitem(backends.RUNNERS, "caption", slow)
+
+
 def test_full_queue_answers_429_and_every_accepted_request_is_answered(store, tmp_path):
     with serve(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=2) as url:
         wait_ready(url)
@@ -71,7 +86,7 @@ def test_full_queue_answers_429_and_every_accepted_request_is_answered(store, tm
             assert r.json()["results"][0]["caption"]
 
 
-def test_deadline_gives_504_and_expired_images_never_run(store, tmp_path):
+def test_deadline_gives_504_and_expired_images_never_run(store, tmp_path, slow_batches):
     with serve(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=64, request_timeout_s=0.4) as url:
         wait_ready(url)
         responses = asyncio.run(burst(url, 16, params=SLOW))
@@ -87,7 +102,7 @@ def test_deadline_gives_504_and_expired_images_never_run(store, tmp_path):
     assert ran + expired == 16, (ran, expired)  # each image either ran once or was dropped, never both
 
 
-def test_a_client_that_disconnects_has_its_queued_images_dropped(store, tmp_path):
+def test_a_client_that_disconnects_has_its_queued_images_dropped(store, tmp_path, slow_batches):
     with serve(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=64) as url:
         wait_ready(url)
 
