@@ -1,16 +1,21 @@
-"""docs/service.md stays true: its settings table is the Settings class, every problem type and every route
-of the app is documented."""
+"""docs/service.md and the README stay true: their settings tables are the Settings class; every problem type
+and every route of the app is documented."""
 
 from pathlib import Path
+
+import pytest
 
 from service.problems import CATALOG
 from service.settings import settings_table
 
-DOC = (Path(__file__).resolve().parents[1] / "docs" / "service.md").read_text()
+ROOT = Path(__file__).resolve().parents[1]
+DOC = (ROOT / "docs" / "service.md").read_text()
 
 
-def test_settings_table_matches_the_settings_class():
-    block = DOC.split("<!-- settings-table:start -->\n")[1].split("<!-- settings-table:end -->")[0]
+@pytest.mark.parametrize("page", ["docs/service.md", "README.md"])
+def test_settings_table_matches_the_settings_class(page):
+    text = (ROOT / page).read_text()
+    block = text.split("<!-- settings-table:start -->\n")[1].split("<!-- settings-table:end -->")[0]
     assert block.strip() == settings_table().strip()
 
 
