@@ -44,11 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
     from captioning.models.lightcap.concepts_data import (
         caption_pairs,
-        dataset_info,
         load_images_uint8,
-        publish_stage,
         save_tensors,
-        staging_dir,
     )
 
     config = load_config("clip", args.profile, path=args.config, overrides=args.set)
@@ -87,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
     if val_images is not None:
         metrics.update({f"val_{k}": v for k, v in retrieval(clip, tokenizer, val_images, val.captions, norm, run.device).items()})
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         save_tensors(clip.state_dict(), staging / WEIGHTS, config.get("weights_dtype", "float32"))
         tokenizer.save(staging)
-        publish_stage(run, STAGE, staging, task="clip", metrics=metrics, data=dataset_info(corpus), config=resolved)
+        run.publish_stage(STAGE, staging, task="clip", metrics=metrics, data=corpus.manifest_record(), config=resolved)
     run.close()
     return 0
 

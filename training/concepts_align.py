@@ -65,11 +65,8 @@ def run(args: argparse.Namespace) -> int:
     )
     from captioning.models.lightcap.concepts_data import (
         box_split,
-        dataset_info,
         load_tensors,
-        publish_stage,
         save_tensors,
-        staging_dir,
     )
     from captioning.models.lightcap.runtime import CLIP_WEIGHTS, load_detector
     from captioning.store import ModelStore
@@ -158,15 +155,14 @@ def run(args: argparse.Namespace) -> int:
         metrics.update({f"test_{k}": v for k, v in evaluate_extractor(extractor, corpus, "test").items()})
 
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         save_tensors(core.state_dict(), staging / ALIGNER_FILE, config.get("weights_dtype", "float32"))
         vocab.save(staging, dtype=getattr(torch, config.get("weights_dtype", "float32")))
         parents = [
             {"name": clip_version.name, "version": clip_version.version},
             {"name": detector_version.name, "version": detector_version.version},
         ]
-        publish_stage(
-            run, MODEL, staging, task="concepts", metrics=metrics, data=dataset_info(corpus), parents=parents,
+        run.publish_stage(MODEL, staging, task="concepts", metrics=metrics, data=corpus.manifest_record(), parents=parents,
             config=published_cfg,
         )
     run.close()

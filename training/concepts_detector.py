@@ -38,7 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from captioning.models.lightcap.concepts_data import dataset_info, publish_stage, staging_dir
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
 
     config = load_config("concepts", args.profile, path=args.config, overrides=args.set)
@@ -64,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
             metrics.update({f"{split}_{k}": v for k, v in evaluate_detector(detector, corpus, split, det_cfg).items()})
 
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         detector.save_weights(staging / WEIGHTS_FILE, dtype=getattr(torch, config.get("weights_dtype", "float32")))
-        publish_stage(run, STAGE, staging, task="concepts-detector", metrics=metrics, data=dataset_info(corpus))
+        run.publish_stage(STAGE, staging, task="concepts-detector", metrics=metrics, data=corpus.manifest_record())
     run.close()
     return 0
 

@@ -321,19 +321,6 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def dataset_info(corpus) -> dict[str, Any]:
-    info = {
-        "name": corpus.name,
-        "path": str(corpus.root),
-        "images": len(corpus.images),
-        "splits": {s: len(corpus.split_indices(s)) for s in ("train", "val", "test")},
-    }
-    for key in ("synthetic", "seed", "generator"):
-        if key in corpus.meta:
-            info[key] = corpus.meta[key]
-    return info
-
-
 def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     """Train a teacher (``role="teacher"``) or the student and publish it; returns the store version (or None)."""
     from captioning.data import load_dataset
@@ -569,7 +556,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (staging / "examples.json").write_text(json.dumps(examples, indent=1))
         version = publish(
-            run, args.name, staging, task=stage, metrics=metrics, data=dataset_info(corpus), parents=parents,
+            run, args.name, staging, task=stage, metrics=metrics, data=corpus.manifest_record(), parents=parents,
             extra={"concepts": {"name": concepts_version.name, "version": concepts_version.version},
                    "teachers": teacher_records, "sequence_kd": seq_info, "role": role},
         )

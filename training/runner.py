@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import shlex
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -208,8 +209,7 @@ class TrainRun:
     # ------------------------------------------------------------------ loop helpers
     def epochs(self, total: int) -> Iterator[int]:
         """Yields the epochs still to run (all of them, or those after the resumed checkpoint)."""
-        for epoch in range(self.epoch, int(total)):
-            yield epoch
+        yield from range(self.epoch, int(total))
 
     def progress(self, iterable: Iterable, *, desc: str | None = None, total: int | None = None) -> Iterator:
         self._epoch_losses = []
@@ -334,6 +334,35 @@ class TrainRun:
         fig.savefig(path)
         plt.close(fig)
         return path
+
+    def staging_dir(self) -> Path:
+        """An empty ``publish/`` folder in the run directory for the files a stage publishes."""
+        path = self.run_dir / "publish"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
+
+    def publish_stage(
+        self,
+        name: str,
+        staging: Path,
+        *,
+        task: str,
+        metrics: dict[str, Any],
+        data: dict[str, Any],
+        parents: list[dict[str, Any]] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Any:
+        """How every stage ends: the loss curve and ``metrics.json`` into ``staging``, publish it (unless
+        --no-publish), print the stage, the published version and the metrics as JSON."""
+        if self.history:
+            keys = tuple(k for k in ("loss", "val_loss") if any(k in h for h in self.history))
+            self.plot_loss(staging / "loss_curve.png", keys=keys or ("loss",))
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+        version = self.publish(name, staging, task=task, metrics=metrics, data=data, parents=parents, config=config)
+        published = None if version is None else f"{version.name}@{version.version}"
+        print(json.dumps({"stage": self.stage, "published": published, "metrics": metrics}, indent=1, sort_keys=True))
+        return version
 
     def publish(
         self,

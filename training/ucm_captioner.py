@@ -23,7 +23,6 @@ from captioning.models.ucm.data import (
     augment,
     caption_split,
     captions_of,
-    dataset_info,
     normalize,
     open_dataset,
 )
@@ -36,9 +35,7 @@ from captioning.models.ucm.store_io import (
     load_into,
     parent_record,
     prerequisite,
-    publish_stage,
     save_weights,
-    staging_dir,
 )
 from training.runner import TrainRun, add_common_args
 
@@ -121,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
     metrics["final_val_loss"] = run.history[-1]["val_loss"] if run.history else None
 
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
         vocab.save(staging / VOCAB)
-        publish_stage(
-            run, STAGE, staging, task="ucm-captioner", metrics=metrics, data=dataset_info(corpus),
+        run.publish_stage(STAGE, staging, task="ucm-captioner", metrics=metrics, data=corpus.manifest_record(),
             parents=[parent_record(distill), parent_record(text_ae)],
         )
     run.close()

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from captioning.config import load_config
 from captioning.data import LABELS
 from captioning.errors import ConfigError
-from captioning.models.ucm.data import augment, dataset_info, label_split, normalize, open_dataset
+from captioning.models.ucm.data import augment, label_split, normalize, open_dataset
 from captioning.models.ucm.evaluate import choose_threshold, label_scores
 from captioning.models.ucm.model import MultiLabelClassifier
-from captioning.models.ucm.store_io import WEIGHTS, publish_stage, save_weights, staging_dir
+from captioning.models.ucm.store_io import WEIGHTS, save_weights
 from training.runner import TrainRun, add_common_args
 
 STAGE = "ucm-classifier"
@@ -107,12 +107,12 @@ def run(args: argparse.Namespace) -> int:
         metrics.update({f"test_{k}": v for k, v in test.items()})
 
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
         (staging / CLASSIFIER_JSON).write_text(
             json.dumps({"labels": list(LABELS), "threshold": threshold, "input_size": size}, indent=1) + "\n"
         )
-        publish_stage(run, STAGE, staging, task="ucm-classifier", metrics=metrics, data=dataset_info(corpus))
+        run.publish_stage(STAGE, staging, task="ucm-classifier", metrics=metrics, data=corpus.manifest_record())
     run.close()
     return 0
 

@@ -24,7 +24,6 @@ from captioning.models.ucm.data import (
     caption_split,
     captions_of,
     codes_per_image,
-    dataset_info,
     normalize,
     open_dataset,
 )
@@ -37,9 +36,7 @@ from captioning.models.ucm.store_io import (
     load_into,
     parent_record,
     prerequisite,
-    publish_stage,
     save_weights,
-    staging_dir,
 )
 from training.runner import TrainRun, add_common_args
 
@@ -121,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
     }
 
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
         vocab.save(staging / VOCAB)
-        publish_stage(
-            run, STAGE, staging, task="ucm-distill", metrics=metrics, data=dataset_info(corpus),
+        run.publish_stage(STAGE, staging, task="ucm-distill", metrics=metrics, data=corpus.manifest_record(),
             parents=[parent_record(text_ae), parent_record(classifier)],
         )
     run.close()

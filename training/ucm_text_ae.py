@@ -16,10 +16,10 @@ import torch
 from captioning.config import load_config
 from captioning.data.datasets import CaptionTextDataset, collate_captions
 from captioning.data.vocab import Vocabulary
-from captioning.models.ucm.data import caption_batch, dataset_info, open_dataset
+from captioning.models.ucm.data import caption_batch, open_dataset
 from captioning.models.ucm.evaluate import reconstruction_metrics
 from captioning.models.ucm.model import TextAutoencoder, caption_loss
-from captioning.models.ucm.store_io import VOCAB, WEIGHTS, publish_stage, save_weights, staging_dir
+from captioning.models.ucm.store_io import VOCAB, WEIGHTS, save_weights
 from training.runner import TrainRun, add_common_args
 
 STAGE = "ucm-text-ae"
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace) -> int:
     metrics["val_loss"] = run.history[-1]["val_loss"] if run.history else math.nan
 
     if run.is_main:
-        staging = staging_dir(run)
+        staging = run.staging_dir()
         save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
         vocab.save(staging / VOCAB)
-        publish_stage(run, STAGE, staging, task="ucm-text-ae", metrics=metrics, data=dataset_info(corpus))
+        run.publish_stage(STAGE, staging, task="ucm-text-ae", metrics=metrics, data=corpus.manifest_record())
     run.close()
     return 0
 

@@ -159,6 +159,19 @@ class CaptionCorpus:
             for sent in rec.sentences:
                 yield list(sent.tokens)
 
+    def manifest_record(self) -> dict[str, Any]:
+        """What a model's manifest records about the data it was trained on: name, absolute path, image and
+        split counts, and the generator's settings (seed, per_class, ...) for a synthetic set."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "path": str(Path(self.root).resolve()),
+            "images": len(self.images),
+            "splits": {s: len(self.split_indices(s)) for s in ("train", "val", "test")},
+        }
+        if (self.meta or {}).get("synthetic") is not None:
+            info["synthetic"] = self.meta["synthetic"]
+        return info
+
     def references(self, split: str | None = None) -> dict[int, list[str]]:
         """``{imgid: [tokenised caption, ...]}``, the refs argument of ``captioning.metrics.caption_metrics``."""
         records = self.images if split is None else self.split(split)

@@ -6,15 +6,13 @@
   memory; decoding TIFFs every epoch would cost more than the training step).
 * ``box_split(corpus, split, size)``: images plus their ground-truth boxes (scaled to ``size``) and concept words.
 * ``augment_views``: random flips and 90-degree turns of overhead images, boxes moved with them.
-* ``staging_dir`` / ``save_tensors`` / ``publish_stage`` / ``dataset_info``: what every stage ends with.
+* ``save_tensors``: weights as safetensors in the dtype of the config.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -132,29 +130,6 @@ def augment_views(
 
 
 # ---------------------------------------------------------------------------------------------- publishing
-def dataset_info(corpus: CaptionCorpus) -> dict[str, Any]:
-    """What a manifest records about the data a model was trained on."""
-    info: dict[str, Any] = {
-        "name": corpus.name,
-        "path": str(Path(corpus.root).resolve()),
-        "images": len(corpus.images),
-        "splits": {s: len(corpus.split(s)) for s in ("train", "val", "test")},
-    }
-    if (corpus.meta or {}).get("synthetic") is not None:
-        info["synthetic"] = corpus.meta["synthetic"]
-    return info
-
-
-def staging_dir(run: Any) -> Path:
-    """An empty ``publish/`` folder in the run directory."""
-    import shutil
-
-    path = Path(run.run_dir) / "publish"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
 def save_tensors(state: dict[str, torch.Tensor], path: Path, dtype: str = "float32") -> Path:
     """A state dict as safetensors, floating tensors cast to ``dtype`` (``float16`` for embedded defaults)."""
     from safetensors.torch import save_file
@@ -169,25 +144,3 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-
-
-def publish_stage(
-    run: Any,
-    name: str,
-    staging: Path,
-    *,
-    task: str,
-    metrics: dict[str, Any],
-    data: dict[str, Any],
-    parents: list[dict[str, Any]] | None = None,
-    config: dict[str, Any] | None = None,
-) -> Any:
-    """Loss curve and metrics.json into ``staging``, publish (unless --no-publish), print the metrics as JSON."""
-    if run.history:
-        keys = tuple(k for k in ("loss", "val_loss") if any(k in h for h in run.history))
-        run.plot_loss(staging / "loss_curve.png", keys=keys or ("loss",))
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    version = run.publish(name, staging, task=task, metrics=metrics, data=data, parents=parents, config=config)
-    published = None if version is None else f"{version.name}@{version.version}"
-    print(json.dumps({"stage": run.stage, "published": published, "metrics": metrics}, indent=1, sort_keys=True))
-    return version

@@ -43,21 +43,6 @@ def open_dataset(root: str | Path | None, *, need_labels: bool = False, splits: 
     return corpus
 
 
-def dataset_info(corpus: CaptionCorpus) -> dict[str, Any]:
-    """What the manifest records about the training data."""
-    meta = corpus.meta or {}
-    info: dict[str, Any] = {
-        "name": corpus.name,
-        "path": str(Path(corpus.root).resolve()),
-        "images": len(corpus.images),
-        "splits": {s: len(corpus.split(s)) for s in ("train", "val", "test")},
-    }
-    synthetic = meta.get("synthetic")
-    if synthetic is not None:
-        info["synthetic"] = synthetic
-    return info
-
-
 # ------------------------------------------------------------------------------------------------ images
 def _uint8_images(dataset: torch.utils.data.Dataset, workers: int = 0) -> torch.Tensor:
     loader = torch.utils.data.DataLoader(

@@ -123,36 +123,3 @@ def check_architecture(version: ModelVersion, config: dict[str, Any], section: s
 
 def parent_record(version: ModelVersion) -> dict[str, Any]:
     return {"name": version.name, "version": version.version}
-
-
-# ------------------------------------------------------------------------------------ stage outputs
-def staging_dir(run: Any) -> Path:
-    """An empty folder in the run directory for the files a stage publishes."""
-    import shutil
-
-    path = Path(run.run_dir) / "publish"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-    return path
-
-
-def publish_stage(
-    run: Any,
-    name: str,
-    staging: Path,
-    *,
-    task: str,
-    metrics: dict[str, Any],
-    data: dict[str, Any],
-    parents: list[dict[str, Any]] | None = None,
-) -> Any:
-    """Loss curve + metrics.json into ``staging``, publish it (unless --no-publish), print the metrics."""
-    import json
-
-    keys = tuple(k for k in ("loss", "val_loss") if any(k in h for h in run.history))
-    run.plot_loss(staging / "loss_curve.png", keys=keys or ("loss",))
-    (staging / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
-    version = run.publish(name, staging, task=task, metrics=metrics, data=data, parents=parents)
-    summary = {"stage": run.stage, "published": None if version is None else f"{version.name}@{version.version}"}
-    print(json.dumps({**summary, "metrics": metrics}, indent=1, sort_keys=True))
-    return version
