@@ -46,13 +46,11 @@ def keep_pil_open() -> None:
     Pillow cannot identify, tries to pip-install ``pi-heif`` and then raises ``ModuleNotFoundError`` offline
     instead of ``UnidentifiedImageError``. Our readers and the service's intake rely on the latter to name a
     non-image, and a server must never install packages, so the original function is put back."""
+    import ultralytics.utils.patches as patches  # applies the patch on first import
     from PIL import Image
 
-    original = Image.open
-    import ultralytics.utils.patches  # noqa: F401  (applies the patch once; later imports are no-ops)
-
-    if getattr(Image.open, "__module__", "") == "ultralytics.utils.patches":
-        Image.open = getattr(ultralytics.utils.patches, "_image_open", original)
+    if Image.open is patches.image_open:
+        Image.open = patches._image_open  # the function ultralytics saved before patching
 
 
 class ProposalDetector(nn.Module):
