@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from captioning.data.synth.concepts import UCM_CLASSES
 from captioning.data.synth.generator import render
@@ -53,8 +54,6 @@ def test_store_is_within_budget_fp16_and_records_how_each_version_was_made(store
             for parent in manifest.get("parents", []):
                 store.resolve(f"{parent['name']}@{parent['version']}")  # parents are in the store too
             for file in Path(version.path).glob("*.safetensors"):
-                from safetensors import safe_open
-
                 with safe_open(str(file), "pt") as tensors:
                     for key in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
                         dtype = tensors.get_slice(key).get_dtype()
