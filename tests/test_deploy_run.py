@@ -81,10 +81,11 @@ def give_to_nobody(path: Path) -> Path:
 def container_env(extra: dict[str, str], sandbox: Path) -> dict[str, str]:
     """The image's environment with its paths mapped into ``sandbox``."""
     env = image_env()
-    env["PATH"] = f"{BIN}:/usr/local/bin:/usr/bin:/bin"  # the image: /opt/venv/bin first
     for name, value in list(env.items()):
         if value.startswith("/tmp/"):
             env[name] = str(give_to_nobody(sandbox / "tmp" / value.removeprefix("/tmp/")))
+    env["PATH"] = f"{BIN}:/usr/local/bin:/usr/bin:/bin"  # the image: /opt/venv/bin first (after the mapping: a
+    # checkout under /tmp must keep its own bin folder)
     env.update(HOME="/nonexistent", TMPDIR=str(give_to_nobody(sandbox / "tmp")), **extra)
     return env
 

@@ -188,11 +188,14 @@ def test_base64_and_combined_errors():
     assert [e["type"] for e in combined.extra["errors"]] == ["/problems/empty-image", "/problems/unsupported-image"]
 
 
-def test_intake_bypasses_the_ultralytics_image_open_patch():
-    import ultralytics.utils.patches  # noqa: F401 - replaces PIL.Image.open process-wide
+def test_intake_bypasses_the_ultralytics_image_open_patch(monkeypatch):
+    import ultralytics.utils.patches as patches
 
     from service.intake import pillow_open
 
+    # ultralytics installs its wrapper on first import (our detector module takes it off again, so install it
+    # here whatever was imported before): intake must still use Pillow's own function
+    monkeypatch.setattr(Image, "open", patches.image_open)
     assert Image.open.__module__ != "PIL.Image"
     assert pillow_open().__module__ == "PIL.Image"
     p = problem(b"plain text, not a HEIF either\n" * 5, name="x.jpg")
