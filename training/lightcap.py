@@ -555,23 +555,11 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         run.plot_loss(staging / "loss_curve.png", keys=("loss", "val_loss"))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (staging / "examples.json").write_text(json.dumps(examples, indent=1))
-        version = publish(
-            run, args.name, staging, task=stage, metrics=metrics, data=corpus.manifest_record(), parents=parents,
+        version = run.publish(
+            args.name, staging, task=stage, metrics=metrics, data=corpus.manifest_record(), parents=parents,
             extra={"concepts": {"name": concepts_version.name, "version": concepts_version.version},
                    "teachers": teacher_records, "sequence_kd": seq_info, "role": role},
         )
     run.close()
     return version
 
-
-def publish(run: TrainRun, name, staging, *, task, metrics, data, parents, extra):
-    """``TrainRun.publish`` plus this stage's ``extra`` (teachers, concepts) in the manifest."""
-    if getattr(run.args, "no_publish", False):
-        return None
-    store = open_store(getattr(run.args, "store", None))
-    return store.publish(
-        name, staging, task=task, profile=run.profile, metrics=metrics, config=run.config,
-        command=run.command, data=data, parents=parents,
-        extra={"seed": run.seed, "history": run.history, "world_size": run.world_size, **extra},
-        alias=getattr(run.args, "alias", None),
-    )

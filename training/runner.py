@@ -374,10 +374,12 @@ class TrainRun:
         data: dict[str, Any],
         parents: list[dict[str, Any]] | None = None,
         config: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Any:
         """Publish ``source_dir`` (weights, vocab, loss curve ...) as a new version of ``name``.
 
         Only rank 0 publishes; returns the store's version record (None elsewhere or with --no-publish).
+        ``extra`` adds stage-specific records to the manifest's ``extra`` (seed, history, world size).
         """
         if not self.is_main or getattr(self.args, "no_publish", False):
             return None
@@ -394,7 +396,7 @@ class TrainRun:
             command=self.command,
             data=data,
             parents=parents or [],
-            extra={"seed": self.seed, "history": self.history, "world_size": self.world_size},
+            extra={"seed": self.seed, "history": self.history, "world_size": self.world_size, **(extra or {})},
             alias=getattr(self.args, "alias", None),
         )
 
