@@ -209,7 +209,7 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
     detector.save_weights(folder / WEIGHTS_FILE)
     det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner(512, cfg["align"]["hidden"], vocab.dim)
+    aligner = RegionAligner.from_config(512, cfg["align"], vocab.dim)
     folder = workdir / f"concepts-{seed}"
     folder.mkdir(parents=True)
     save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")

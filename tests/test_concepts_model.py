@@ -73,6 +73,31 @@ def test_pool_regions_reads_the_box_area_of_the_grid():
     assert pool_regions(grid, [torch.zeros(0, 4), torch.zeros(0, 4)], 256, 2).shape == (0, 3)
 
 
+def test_pool_regions_with_context_appends_each_box_s_own_image_mean():
+    grid = torch.zeros(2, 3, 8, 8)
+    grid[0, :, :, :4] = 1.0  # image 0: left half on -> image mean 0.5
+    grid[1] = 2.0  # image 1: all 2
+    boxes = [torch.tensor([[0.0, 0.0, 128.0, 256.0], [128.0, 0.0, 256.0, 256.0]]), torch.tensor([[0.0, 0.0, 64.0, 64.0]])]
+    regions = pool_regions(grid, boxes, image_size=256, output_size=2, context=True)
+    assert regions.shape == (3, 6)
+    torch.testing.assert_close(regions[:, :3], pool_regions(grid, boxes, 256, 2))
+    torch.testing.assert_close(regions[0, 3:], torch.full((3,), 0.5))
+    torch.testing.assert_close(regions[1, 3:], torch.full((3,), 0.5))  # same image, other box: same scene half
+    torch.testing.assert_close(regions[2, 3:], torch.full((3,), 2.0))
+    assert pool_regions(grid, [torch.zeros(0, 4), torch.zeros(0, 4)], 256, 2, context=True).shape == (0, 6)
+
+
+def test_region_aligner_from_config_sizes_its_input_for_context():
+    plain = RegionAligner.from_config(512, {"hidden": 64}, 32)
+    assert plain.fc1.in_features == 512 and isinstance(plain.norm, torch.nn.Identity)
+    assert set(plain.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "logit_scale"}
+    ctx = RegionAligner.from_config(512, {"hidden": 64, "context": True, "input_norm": True}, 32)
+    assert ctx.fc1.in_features == 1024 and isinstance(ctx.norm, torch.nn.LayerNorm)
+    out = ctx(torch.randn(7, 1024) * 100 + 50)
+    assert out.shape == (7, 32)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(7))
+
+
 def test_region_concept_loss_is_clip_loss_when_concepts_are_distinct():
     from open_clip.loss import ClipLoss
 
@@ -126,7 +151,7 @@ def _random_extractor(profile: str, clip_overrides=None, **extract):
     encoder = GridEncoder.from_config(clip_cfg)
     detector = ProposalDetector(cfg["detector"])
     dim = 1024 if profile == "paper" else int(clip_cfg["model"]["embed_dim"])
-    aligner = RegionAligner(encoder.channels, cfg["align"]["hidden"], dim)
+    aligner = RegionAligner.from_config(encoder.channels, cfg["align"], dim)
     words = [f"thing{i}" for i in range(30)]
     vocab = ConceptVocabulary(words, [None] * 30, torch.nn.functional.normalize(torch.randn(30, dim), dim=-1))
     return ConceptExtractor(encoder, detector, aligner, vocab, cfg)

@@ -63,7 +63,7 @@ def random_store(tmp_path_factory):
     det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg_concepts)
     # concepts: vocabulary embedded with the clip text tower + a random aligner
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner(512, cfg_concepts["align"]["hidden"], vocab.dim)
+    aligner = RegionAligner.from_config(512, cfg_concepts["align"], vocab.dim)
     folder = root / "concepts"
     folder.mkdir()
     save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")

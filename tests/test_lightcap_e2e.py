@@ -86,8 +86,9 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
     ProposalDetector(cfg["detector"]).save_weights(root / "det" / WEIGHTS_FILE)
     det_v = publish("concepts-detector", root / "det", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner(clip.visual.layer4[-1].conv3.out_channels if hasattr(clip.visual, "layer4") else 512,
-                            cfg["align"]["hidden"], vocab.dim)
+    aligner = RegionAligner.from_config(
+        clip.visual.layer4[-1].conv3.out_channels if hasattr(clip.visual, "layer4") else 512, cfg["align"], vocab.dim
+    )
     save_tensors(aligner.state_dict(), root / "concepts" / ALIGNER_FILE, "float16")
     vocab.save(root / "concepts")
     if image_size:

@@ -7,7 +7,8 @@ Needs ``clip`` and ``concepts-detector`` of the same profile in the store (newes
    embedded once with the CLIP text tower as "a photo of a [object]" -> ``[V, D]``, stored with the model;
 2. the frozen CLIP grid of every training image is computed once (CLIP never changes in this stage);
 3. each step takes a batch of images, ROIAligns their ground-truth boxes (jittered by up to ``box_jitter`` of
-   their size, since detector boxes are not exact) from the grid, maps them through the two linear blocks and
+   their size, since detector boxes are not exact) from the grid (``context``: plus the image's mean grid),
+   maps them through the two linear blocks and
    trains those with the symmetric region-concept contrastive loss (``region_concept_loss``);
 4. the full extractor (detector proposals -> regions -> concepts) is run on val; the ``min_score`` with the best
    concept micro-F1 there is kept in the published config; val and test figures go into the manifest.
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     vocab_emb = vocab.embeddings.to(run.device)
 
     # 3. the two linear blocks ------------------------------------------------------------------------------
-    aligner = RegionAligner(encoder.channels, int(align_cfg["hidden"]), vocab.dim)
+    aligner = RegionAligner.from_config(encoder.channels, align_cfg, vocab.dim)
     model = run.wrap_model(aligner)
     core = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(align_cfg["lr"]), weight_decay=float(align_cfg["weight_decay"]))
@@ -121,13 +122,14 @@ def run(args: argparse.Namespace) -> int:
     indices = torch.utils.data.TensorDataset(with_boxes)
     jitter = float(align_cfg.get("box_jitter", 0.0))
     roi_size = int(align_cfg["roi_size"])
+    context = bool(align_cfg.get("context", False))
     for epoch in run.epochs(epochs):
         model.train()
         gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
         loader = run.loader(indices, batch_size=batch_size, shuffle=True)
         for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{epochs}", total=len(loader)):
             boxes = [jitter_boxes(train.boxes[int(r)], jitter, image_size, gen).to(run.device) for r in rows]
-            regions = pool_regions(grids[rows].to(run.device), boxes, image_size, roi_size)  # [R, C]
+            regions = pool_regions(grids[rows].to(run.device), boxes, image_size, roi_size, context=context)  # [R, C or 2C]
             targets = torch.cat([train_ids[int(r)] for r in rows]).to(run.device)  # [R]
             loss = region_concept_loss(model(regions), targets, vocab_emb, core.scale())
             optimizer.zero_grad(set_to_none=True)

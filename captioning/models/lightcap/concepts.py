@@ -178,13 +178,24 @@ def embed_concepts(
 
 # ---------------------------------------------------------------------------------------------- region alignment
 def pool_regions(
-    grid: torch.Tensor, boxes: list[torch.Tensor], image_size: int, output_size: int, sampling_ratio: int = 2
+    grid: torch.Tensor,
+    boxes: list[torch.Tensor],
+    image_size: int,
+    output_size: int,
+    sampling_ratio: int = 2,
+    *,
+    context: bool = False,
 ) -> torch.Tensor:
-    """ROIAlign each box (xyxy in pixels of an ``image_size`` square) from ``grid`` [B,C,h,w] -> [R, C]."""
+    """ROIAlign each box (xyxy in pixels of an ``image_size`` square) from ``grid`` [B,C,h,w] -> [R, C].
+
+    ``context=True`` appends the mean of the box's whole image grid to each region -> [R, 2C]: what kind of scene
+    a small box sits in (storage tanks vs buildings, a harbour's docks vs boats) is evidence for its word.
+    """
     from torchvision.ops import roi_align
 
+    width = grid.shape[1] * (2 if context else 1)
     if sum(len(b) for b in boxes) == 0:
-        return grid.new_zeros((0, grid.shape[1]))
+        return grid.new_zeros((0, width))
     pooled = roi_align(
         grid,
         [b.to(grid.dtype) for b in boxes],
@@ -193,22 +204,45 @@ def pool_regions(
         sampling_ratio=sampling_ratio,
         aligned=True,
     )  # [R, C, r, r]
-    return pooled.mean(dim=(2, 3))  # [R, C]
+    regions = pooled.mean(dim=(2, 3))  # [R, C]
+    if not context:
+        return regions
+    counts = torch.tensor([len(b) for b in boxes], device=grid.device)
+    scene = torch.repeat_interleave(grid.mean(dim=(2, 3)), counts, dim=0)  # [R, C], each region's image
+    return torch.cat([regions, scene], dim=1)  # [R, 2C]
 
 
 class RegionAligner(nn.Module):
-    """Two linear blocks mapping ROI features into the concept-embedding space (paper: 2048x1024, 1024x1024)."""
+    """Two linear blocks mapping ROI features into the concept-embedding space (paper: 2048x1024, 1024x1024).
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, init_logit_scale: float = math.log(1 / 0.07)):
+    ``input_norm``: a LayerNorm on the input first (the region and scene halves of a context feature differ in
+    scale). ``from_config`` builds it from a concepts config's ``align`` section and the grid's channels.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: int,
+        out_dim: int,
+        init_logit_scale: float = math.log(1 / 0.07),
+        *,
+        input_norm: bool = False,
+    ):
         super().__init__()
+        self.norm = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
         self.fc1 = nn.Linear(in_dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, out_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
+    @classmethod
+    def from_config(cls, channels: int, align_cfg: dict[str, Any], out_dim: int) -> RegionAligner:
+        in_dim = channels * (2 if align_cfg.get("context", False) else 1)
+        return cls(in_dim, int(align_cfg["hidden"]), out_dim, input_norm=bool(align_cfg.get("input_norm", False)))
+
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """regions [R, C] -> L2-normalised embeddings [R, D]."""
-        return F.normalize(self.fc2(self.act(self.fc1(regions))), dim=-1)
+        return F.normalize(self.fc2(self.act(self.fc1(self.norm(regions)))), dim=-1)
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=math.log(100.0)).exp()
@@ -267,6 +301,7 @@ class ConceptExtractor(nn.Module):
         self.image_size = int(cfg.get("image_size") or encoder.image_size)
         self.encoder_size = int(cfg.get("encoder_size") or encoder.image_size)
         self.roi_size = int(align.get("roi_size", 2))
+        self.context = bool(align.get("context", False))
         self.top_k = int(extract.get("top_k", 20))
         self.min_score = float(extract.get("min_score", 0.0))
         self.proposal_conf = float(extract.get("proposal_conf", detector.conf))
@@ -299,7 +334,7 @@ class ConceptExtractor(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Most similar concept per box: per image (concept ids [N], probabilities [N])."""
         grid = self.grid(images) if grid is None else grid
-        regions = pool_regions(grid, boxes, images.shape[-1], self.roi_size)  # [R, C]
+        regions = pool_regions(grid, boxes, images.shape[-1], self.roi_size, context=self.context)  # [R, C or 2C]
         emb = self.aligner(regions)  # [R, D]
         probs = (self.aligner.scale() * emb @ self.vocab_embeddings.T).softmax(dim=-1)  # [R, V]
         best_prob, best_id = probs.max(dim=-1) if len(regions) else (probs.new_zeros(0), probs.new_zeros(0).long())

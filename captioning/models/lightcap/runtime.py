@@ -64,7 +64,7 @@ def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
     encoder = load_grid_encoder(parent_version(version, store, "clip"))
     detector = load_detector(parent_version(version, store, "concepts-detector"))
     vocab = ConceptVocabulary.load(version.path)
-    aligner = RegionAligner(encoder.channels, int(cfg["align"]["hidden"]), vocab.dim)
+    aligner = RegionAligner.from_config(encoder.channels, cfg["align"], vocab.dim)
     state = load_tensors(version.file(ALIGNER_FILE))
     try:
         aligner.load_state_dict(state)
