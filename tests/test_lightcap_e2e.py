@@ -165,6 +165,19 @@ def test_eval_cli_prints_metrics_params_and_latency(trained, capsys):
     assert result["kv_cache"]["same_tokens"] == "2/2" and result["kv_cache"]["cached_ms"] > 0
 
 
+def test_eval_cli_decoding_flags_override_the_model_s(trained, capsys):
+    _, data, store, _ = trained
+    base = ["eval", "lightcap", "--data", str(data), "--split", "test", "--store", str(store.root),
+            "--features-cache", str(trained[0] / "features"), "--latency-images", "0", "--no-meteor", "--json"]
+    capsys.readouterr()
+    assert main([*base, "--length-penalty", "1.5", "--no-repeat-ngram-size", "2", "--beam-size", "2"]) == 0
+    decoding = json.loads(capsys.readouterr().out)["decoding"]
+    assert (decoding["length_penalty"], decoding["no_repeat_ngram_size"], decoding["beam_size"]) == (1.5, 2, 2)
+    assert main(base) == 0
+    own = store.load("lightcap@1").manifest["config"]["decoding"]["length_penalty"]
+    assert own != 1.5 and json.loads(capsys.readouterr().out)["decoding"]["length_penalty"] == own
+
+
 def test_resume_gives_the_same_weights(trained, monkeypatch):
     from safetensors.torch import load_file
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from captioning.config import load_config
+from training.eval_ucm import DECODING_FLAGS
 from training.lightcap import DEFAULT_FEATURES, caption_scores, load_features, open_store
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -34,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str | None = None) -> N
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--model", default="lightcap", help="store spec (default lightcap = its production version)")
     parser.add_argument("--store", type=Path, default=None, help="model store root (default: settings)")
-    parser.add_argument("--beam-size", type=int, default=None, help="override the model's decoding beam size")
-    parser.add_argument("--max-length", type=int, default=None)
+    for flag, kind in DECODING_FLAGS:
+        parser.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, help="decoding option (default: the model's)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--latency-images", type=int, default=None, help="images timed one by one (0: no timing)")
     parser.add_argument("--latency-threads", type=int, default=None, help="torch threads while timing")
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     corpus = load_dataset(args.data)
     result = evaluate(
-        store, args.model, corpus, args.split, beam_size=args.beam_size, max_length=args.max_length,
+        store, args.model, corpus, args.split, decoding={flag: getattr(args, flag) for flag, _ in DECODING_FLAGS},
         batch_size=args.batch_size, latency_images=args.latency_images, latency_threads=args.latency_threads,
         features_cache=args.features_cache, examples=args.examples, meteor=not args.no_meteor,
         cache_speedup=args.cache_speedup,
@@ -78,6 +79,7 @@ def evaluate(
     *,
     beam_size: int | None = None,
     max_length: int | None = None,
+    decoding: dict[str, Any] | None = None,
     batch_size: int = 32,
     latency_images: int | None = None,
     latency_threads: int | None = None,
@@ -93,7 +95,9 @@ def evaluate(
     parent = concepts_parent(version)
     concepts_version = store.resolve(f"{parent['name']}@{parent['version']}")
     features = load_features(corpus, pipeline.extractor, concepts_version, features_cache)
-    options = pipeline.decode_options(beam_size=beam_size, max_length=max_length)
+    overrides = {"beam_size": beam_size, "max_length": max_length}
+    overrides.update({k: v for k, v in (decoding or {}).items() if v is not None})
+    options = pipeline.decode_options(**overrides)
     rows = corpus.split_indices(split)
     if not rows:
         from captioning.errors import UsageError
@@ -154,7 +158,10 @@ def measure_latency(pipeline, corpus, rows: list[int], options, n_images: int, t
         for i in range(3 + n_images):  # 3 warm-up runs; a small split is cycled through
             image = tensors[i % len(tensors)]
             t0 = time.perf_counter()
-            pipeline.caption(image, beam_size=options.beam_size, max_length=options.max_length)
+            pipeline.caption(
+                image, beam_size=options.beam_size, max_length=options.max_length,
+                length_penalty=options.length_penalty, no_repeat_ngram_size=options.no_repeat_ngram_size,
+            )
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:
