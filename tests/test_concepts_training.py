@@ -48,8 +48,10 @@ def test_three_stages_publish_a_servable_extractor(trained):
     align_history = concepts.manifest["extra"]["history"]
     assert align_history[-1]["loss"] < 0.7 * align_history[0]["loss"]
     metrics = concepts.manifest["metrics"]
-    # each ground-truth box of val classified by the aligner: far above the most frequent concept (~27%)
-    assert metrics["val_gt_box_concept_accuracy"] >= 0.5
+    # each ground-truth box of val classified by the aligner: far above the most frequent concept (~27%); on these
+    # 168 training pictures the box-only aligner reached 0.53, the tiny profile's larger scene-context one 0.49
+    # (on the real 1,680 it is the better one: 0.90 vs 0.88, docs/concepts.md)
+    assert metrics["val_gt_box_concept_accuracy"] >= 0.45
     extractor = load_model(store, "concepts")
     assert extractor.version == concepts.version and 0 <= extractor.min_score < 1
 
