@@ -149,6 +149,10 @@ def test_runtime_loader_captions_images(trained):
     assert all(len(o.tokens) <= 6 and o.text == " ".join(o.tokens) for o in outs)
     greedy = captioner.caption(images[:1], beam_size=1)
     assert greedy[0].score <= 0.0
+    # a whole DecodeOptions replaces the model's decoding (what `eval lightcap` times with)
+    whole = captioner.decode_options(beam_size=1, max_length=2, min_length=2)
+    outs = captioner.caption(images, options=whole, max_length=6)
+    assert all(len(o.tokens) == 2 for o in outs)
 
 
 def test_eval_cli_prints_metrics_params_and_latency(trained, capsys):

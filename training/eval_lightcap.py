@@ -77,8 +77,6 @@ def evaluate(
     corpus,
     split: str,
     *,
-    beam_size: int | None = None,
-    max_length: int | None = None,
     decoding: dict[str, Any] | None = None,
     batch_size: int = 32,
     latency_images: int | None = None,
@@ -95,9 +93,7 @@ def evaluate(
     parent = concepts_parent(version)
     concepts_version = store.resolve(f"{parent['name']}@{parent['version']}")
     features = load_features(corpus, pipeline.extractor, concepts_version, features_cache)
-    overrides = {"beam_size": beam_size, "max_length": max_length}
-    overrides.update({k: v for k, v in (decoding or {}).items() if v is not None})
-    options = pipeline.decode_options(**overrides)
+    options = pipeline.decode_options(**(decoding or {}))  # None values keep the model's
     rows = corpus.split_indices(split)
     if not rows:
         from captioning.errors import UsageError
@@ -158,10 +154,7 @@ def measure_latency(pipeline, corpus, rows: list[int], options, n_images: int, t
         for i in range(3 + n_images):  # 3 warm-up runs; a small split is cycled through
             image = tensors[i % len(tensors)]
             t0 = time.perf_counter()
-            pipeline.caption(
-                image, beam_size=options.beam_size, max_length=options.max_length,
-                length_penalty=options.length_penalty, no_repeat_ngram_size=options.no_repeat_ngram_size,
-            )
+            pipeline.caption(image, options=options)
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:

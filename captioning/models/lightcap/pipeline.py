@@ -204,11 +204,15 @@ class LightCapPipeline:
         max_length: int | None = None,
         length_penalty: float | None = None,
         no_repeat_ngram_size: int | None = None,
+        options=None,
     ) -> list:
-        options = self.decode_options(
-            beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size,
-        )
+        """``images [B,3,S,S]`` -> captions; ``options`` (a whole ``DecodeOptions``) replaces the model's decoding,
+        else the keyword overrides adjust it."""
+        if options is None:
+            options = self.decode_options(
+                beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
+                no_repeat_ngram_size=no_repeat_ngram_size,
+            )
         grid, ids, scores = self.features(images)
         outs = self.caption_features(grid, ids, scores, options)
         for out, row_ids, row_scores in zip(outs, ids.tolist(), scores.tolist(), strict=True):
