@@ -12,6 +12,10 @@ vocabulary with exactly that prompt; a real CLIP has seen such alt-text by the m
 synthetic captions alone never sees "photo" and embeds all prompts nearly alike (measured: mean pairwise
 cosine 0.75, up to 0.98 between "tank" and "tree" after 3 epochs without it).
 
+``--extra-train DIR`` (repeatable): the train split of another dataset joins the training pairs (after --data's
+own, in the order given); validation stays on --data's val split. CLIP is the one stage that may learn from more
+pictures than the captioners do (the paper's CLIP saw 400 M web pairs); the manifest's data record lists them.
+
 Paper profile: ``--set checkpoint=/path/RN50.pt`` (OpenAI or open_clip RN50 file) is loaded and published without
 training (its retrieval figures on the val split are still measured when ``--data`` is given).
 
@@ -38,11 +42,19 @@ WEIGHTS = "model.safetensors"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser)
+    parser.add_argument(
+        "--extra-train",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="another dataset whose train split joins the training pairs (repeatable; val stays --data's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
     from captioning.models.lightcap.concepts_data import (
+        CaptionPairs,
         caption_pairs,
         load_images_uint8,
         save_tensors,
@@ -52,6 +64,12 @@ def run(args: argparse.Namespace) -> int:
     corpus = load_dataset(args.data)
     train = caption_pairs(corpus, "train")
     val = caption_pairs(corpus, "val")
+    extra = [load_dataset(folder) for folder in args.extra_train]
+    for other in extra:
+        more = caption_pairs(other, "train")
+        if not more.records:
+            raise DataError("--extra-train: no training images with captions in split 'train'", path=other.root)
+        train = CaptionPairs(train.records + more.records, train.captions + more.captions, train.concepts + more.concepts)
     if not train.records and not config.get("checkpoint"):
         raise DataError("no training images with captions in split 'train'", path=corpus.root)
     run = TrainRun(STAGE, args, config)
@@ -87,9 +105,16 @@ def run(args: argparse.Namespace) -> int:
         staging = run.staging_dir()
         save_tensors(clip.state_dict(), staging / WEIGHTS, config.get("weights_dtype", "float32"))
         tokenizer.save(staging)
-        run.publish_stage(STAGE, staging, task="clip", metrics=metrics, data=corpus.manifest_record(), config=resolved)
+        run.publish_stage(STAGE, staging, task="clip", metrics=metrics, data=_data_record(corpus, extra), config=resolved)
     run.close()
     return 0
+
+
+def _data_record(corpus: Any, extra: list[Any]) -> dict[str, Any]:
+    record = corpus.manifest_record()
+    if extra:
+        record["extra_train"] = [other.manifest_record() for other in extra]
+    return record
 
 
 def concept_prompts(profile: str) -> list[str]:
