@@ -1,7 +1,7 @@
 """`captioner train clip --extra-train DIR`: another dataset's train split joins CLIP's training pairs.
 
 A one-epoch run on two small synthetic sets (64 px images): the number of optimiser steps and the published
-manifest show the extra pictures were used; validation stays on --data's val split; a bad folder is named.
+manifest show the extra pictures were used, and --data's own record is unchanged; a bad folder is named.
 """
 
 from __future__ import annotations
