@@ -33,7 +33,9 @@ def run_batch(runtime: Any, key: Any, payloads: list[Any]) -> Any:
     ``key`` is the items' ``service.inference.BatchKey`` (kind + resolved options): ``BatchPool`` groups by it."""
     import torch
 
-    images = torch.stack(payloads)  # [B, 3, H, W]
+    images = torch.stack(payloads)  # [B, 3, H, W], CPU float32
+    if getattr(runtime, "device", torch.device("cpu")).type == "cuda":
+        images = images.pin_memory()  # the runtime's host-to-device copy is then asynchronous
     with torch.inference_mode():
         return KINDS[key.kind].run(runtime, key.options, images)
 
