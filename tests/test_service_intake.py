@@ -231,3 +231,52 @@ def test_intake_bypasses_the_ultralytics_image_open_patch(monkeypatch):
     assert pillow_open().__module__ == "PIL.Image"
     p = problem(b"plain text, not a HEIF either\n" * 5, name="x.jpg")
     assert p.slug == "unsupported-image"
+
+
+# --- reading a multipart body ---------------------------------------------------------------------------
+def multipart_request(body: bytes, chunk: int, boundary: bytes = b"XyZbound"):
+    from starlette.requests import Request
+
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
+
+    async def receive():
+        if chunks:
+            part = chunks.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=" + boundary)]
+    return Request({"type": "http", "method": "POST", "headers": headers, "path": "/", "query_string": b""}, receive)
+
+
+def multipart_body(image: bytes, boundary: bytes = b"XyZbound") -> bytes:
+    return (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary
+            + b'\r\nContent-Disposition: form-data; name="beam_size"\r\n\r\n2\r\n--' + boundary + b"--\r\n")
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 10**6])  # 7: the close delimiter arrives split across chunks
+def test_a_whole_multipart_body_is_read(chunk):
+    import asyncio
+
+    from service.reading import read_images
+
+    image = encode(gradient(), "PNG")
+    raws, params = asyncio.run(read_images(multipart_request(multipart_body(image), chunk), 8))
+    assert [(r.filename, r.data) for r in raws] == [("a.png", image)] and params == {"beam_size": "2"}
+
+
+@pytest.mark.parametrize("cut", ["no close", "half", "nothing"])
+def test_multipart_without_its_closing_boundary_is_invalid_request(cut):
+    """python-multipart drops a part that is not closed, which used to read as 400 no-image."""
+    import asyncio
+
+    from service.problems import Problem
+    from service.reading import read_images
+
+    body = multipart_body(encode(gradient(), "PNG"))
+    body = {"no close": body[: -len(b"--\r\n")], "half": body[: len(body) // 2], "nothing": b""}[cut]
+    with pytest.raises(Problem) as info:
+        asyncio.run(read_images(multipart_request(body, 1000), 8))
+    assert (info.value.slug, info.value.status) == ("invalid-request", 400)
+    assert "no closing boundary (--XyZbound--)" in info.value.detail
