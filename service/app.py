@@ -10,6 +10,7 @@ runs what is queued and stops.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import captioning
 from captioning.store import ModelStore
@@ -25,7 +27,7 @@ from service.deps import get_settings  # noqa: F401 - re-exported for routes/tes
 from service.flow import Ctx
 from service.jobs import JobManager
 from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import BodyLimit, RequestMetrics, UnexpectedErrors
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.registry import ModelRegistry
 from service.routes import caption, concepts, health, jobs, labels, models
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         redoc_url=None,
     )
     _mount_offline_docs(app)
+    _truthful_openapi(app)
     app.state.settings = settings
     app.state.ctx = ctx
 
@@ -110,16 +113,12 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         detail = str(exc.detail)
         if exc.status_code == 404:
             detail = f"no route {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
-        return problem_response(Problem(slug, detail, status=exc.status_code, headers=exc.headers), request)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return problem_response(
-            Problem("internal-error", f"an unexpected {type(exc).__name__}; see the server log"), request
-        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            allowed = allowed_methods(request.app, request.scope)
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not allowed on {request.url.path} (allowed: {', '.join(allowed)})"
+        return problem_response(Problem(slug, detail, status=exc.status_code, headers=headers), request)
 
     for router in (caption.router, concepts.router, labels.router, jobs.router, models.router, health.router):
         app.include_router(router)
@@ -129,9 +128,69 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             return settings.max_job_body_bytes
         return settings.max_body_bytes
 
+    # innermost: an unexpected exception is answered 500 here and goes no further, so uvicorn keeps the
+    # keep-alive connection (Starlette's ServerErrorMiddleware would answer, re-raise, and uvicorn would close it)
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(BodyLimit, limit_for=body_limit)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every answer, 413s included
     return app
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route offers on this path. Starlette's 405 names only the methods of the first
+    route whose path matched (``/v1/jobs`` is two routes, GET and POST), so the Allow header is computed here."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches({**scope, "type": "http"})[0] != Match.NONE:
+            methods |= set(route_methods)
+    return sorted(methods)
+
+
+def openapi_problem_details(schema: dict) -> dict:
+    """Make /openapi.json say what is sent: every error response is ``application/problem+json`` with the
+    ``Problem`` schema (FastAPI documents 422 as its own ``HTTPValidationError`` JSON, which is never sent)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = PROBLEM_SCHEMA
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if str(status)[0] not in "45" and status != "default":
+                    continue
+                response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": ref}}
+                if str(status) == "422" and response.get("description") == "Validation Error":
+                    response["description"] = "invalid parameter (type /problems/invalid-parameter; `errors` lists each)"
+    for name in ("HTTPValidationError", "ValidationError"):  # in this order: the first refers to the second
+        if f'"#/components/schemas/{name}"' not in json.dumps(schema):
+            components.pop(name, None)
+    return schema
+
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "description": "RFC 9457 problem details; `GET /problems` lists every `type`.",
+    "properties": {
+        "type": {"type": "string", "description": "/problems/<slug>"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object"}, "description": "per-parameter or per-image errors"},
+    },
+    "required": ["type", "title", "status", "detail"],
+}
+
+
+def _truthful_openapi(app: FastAPI) -> None:
+    generate = app.openapi  # FastAPI's generator (caches its result in app.openapi_schema)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_problem_details(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _mount_offline_docs(app: FastAPI) -> None:

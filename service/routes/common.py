@@ -32,14 +32,15 @@ def image_body(params: type[BaseModel]) -> dict[str, Any]:
                         "type": "object",
                         "properties": {
                             "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                      "description": "one or more images (any file field name)"},
+                                      "minItems": 1, "description": "one or more images (any file field name)"},
                             **props,
                         },
                         "required": ["files"],
                     }
                 },
                 "application/json": {
-                    "schema": {"type": "object", "properties": {"images": {"type": "array", "items": image_item}, **props},
+                    "schema": {"type": "object",
+                               "properties": {"images": {"type": "array", "items": image_item, "minItems": 1}, **props},
                                "required": ["images"]}
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
