@@ -136,15 +136,19 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     return app
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
 def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
-    """Every method some route offers on this path. Starlette's 405 names only the methods of the first
-    route whose path matched (``/v1/jobs`` is two routes, GET and POST), so the Allow header is computed here."""
-    methods: set[str] = set()
-    for route in app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches({**scope, "type": "http"})[0] != Match.NONE:
-            methods |= set(route_methods)
-    return sorted(methods)
+    """Every method the router would fully match on this path. Starlette's 405 names only the methods of
+    the first route whose path matched (``/v1/jobs`` is two routes, GET and POST), so the Allow header is
+    computed here, by asking the routes (``BaseRoute.matches``) about each method in turn."""
+    probe = {key: scope[key] for key in ("path", "root_path", "headers", "query_string") if key in scope}
+    probe["type"] = "http"
+    return sorted(
+        method for method in HTTP_METHODS
+        if any(route.matches({**probe, "method": method})[0] == Match.FULL for route in app.router.routes)
+    )
 
 
 def openapi_problem_details(schema: dict) -> dict:
