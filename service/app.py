@@ -87,7 +87,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         redoc_url=None,
     )
     _mount_offline_docs(app)
-    _truthful_openapi(app)
+    _truthful_openapi(app, settings)
     app.state.settings = settings
     app.state.ctx = ctx
 
@@ -186,12 +186,40 @@ PROBLEM_SCHEMA = {
 }
 
 
-def _truthful_openapi(app: FastAPI) -> None:
+def openapi_server_limits(schema: dict, settings: Settings) -> dict:
+    """The limits this server's settings put on request fields, as schema bounds: ``beam_size`` <=
+    CAPTIONER_MAX_BEAM_SIZE, ``max_length`` <= CAPTIONER_MAX_LENGTH_LIMIT, and at most
+    CAPTIONER_MAX_IMAGES_PER_REQUEST images on the interactive routes. A value the schema allows is then one
+    the server accepts (the parameter models only know the lower bounds; the caps are settings)."""
+    caps = {"beam_size": settings.max_beam_size, "max_length": settings.max_length_limit}
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            for content in operation.get("requestBody", {}).get("content", {}).values():
+                props = content.get("schema", {}).get("properties", {})
+                for name, cap in caps.items():
+                    if name in props:
+                        _set_maximum(props[name], cap)
+                for name in ("images", "files"):
+                    if name in props and not path.startswith("/v1/jobs"):
+                        props[name]["maxItems"] = settings.max_images_per_request
+            for parameter in operation.get("parameters", []):
+                if parameter.get("name") in caps:
+                    _set_maximum(parameter.setdefault("schema", {}), caps[parameter["name"]])
+    return schema
+
+
+def _set_maximum(prop: dict, maximum: int) -> None:
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "integer":
+            branch["maximum"] = maximum
+
+
+def _truthful_openapi(app: FastAPI, settings: Settings) -> None:
     generate = app.openapi  # FastAPI's generator (caches its result in app.openapi_schema)
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = openapi_problem_details(generate())
+            app.openapi_schema = openapi_server_limits(openapi_problem_details(generate()), settings)
         return app.openapi_schema
 
     app.openapi = openapi
