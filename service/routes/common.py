@@ -36,12 +36,14 @@ def image_body(params: type[BaseModel]) -> dict[str, Any]:
                             **props,
                         },
                         "required": ["files"],
+                        # any other field name may carry a file too; an unknown text field is refused (422)
+                        "additionalProperties": {"type": "string", "format": "binary"},
                     }
                 },
                 "application/json": {
                     "schema": {"type": "object",
                                "properties": {"images": {"type": "array", "items": image_item, "minItems": 1}, **props},
-                               "required": ["images"]}
+                               "required": ["images"], "additionalProperties": False}
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
             },
