@@ -66,6 +66,7 @@ def _run(cmd, **kw) -> subprocess.CompletedProcess:
 def test_a_wheel_installed_in_a_fresh_venv_captions_out_of_the_box(tmp_path):
     # build from a copy of the sources, so the checkout gets no build/ or egg-info
     src = tmp_path / "src"
+    src.mkdir()
     for name in SOURCES:
         path = ROOT / name
         if path.is_dir():
