@@ -43,7 +43,7 @@ from service.archive import Extractor, Limits
 from service.inference import error_of, infer_background, plan
 from service.intake import ImageProblem, RawImage
 from service.pool import Dropped, PoolClosed, cancel_items
-from service.problems import Problem, problem_type
+from service.problems import CATALOG, Problem, problem_type
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class JobStore:
             else:
                 refused += 1
                 line = {"index": idx, "name": entry.name, "error": {
-                    "type": problem_type(entry.slug), "detail": entry.refused}}
+                    "type": problem_type(entry.slug), "status": CATALOG[entry.slug][0], "detail": entry.refused}}
                 rows.append((job_id, idx, entry.name, None, "refused", json.dumps(line), now))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
