@@ -62,6 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--dir", type=Path, default=None, help="also check that every image under DIR is present")
     merge.set_defaults(func=run_merge)
 
+    __import__("service.scene_cli").scene_cli.register(subparsers)  # `captioner scene` (docs/scenes.md)
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="lightcap | ucm | a store name (default: lightcap if present, else ucm)")
