@@ -246,7 +246,7 @@ def _write_coverage(job: SceneJob, labels: list[str], path: Path) -> Path:
     profile = {
         "driver": "GTiff", "width": data.shape[2], "height": data.shape[1], "count": data.shape[0],
         "dtype": "float32", "nodata": -1.0, "compress": "deflate",
-        "transform": job.reader.transform * Affine.scale(job.grid.stride),
+        "transform": job.reader.transform @ Affine.scale(job.grid.stride),
     }  # fmt: skip
     if job.reader.crs_name() is not None:
         profile["crs"] = job.reader.crs

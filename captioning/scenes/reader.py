@@ -183,7 +183,7 @@ class SceneReader:
             return None, "unknown"
         px_x, px_y = math.hypot(t.a, t.d), math.hypot(t.b, t.e)
         if ds.crs.is_geographic:
-            cx, cy = t * (ds.width / 2, ds.height / 2)
+            cx, cy = t @ (ds.width / 2, ds.height / 2)
             if not -90 <= cy <= 90:
                 warnings.append("geographic CRS but the centre latitude is out of range: ground sample distance unknown")
                 return None, "unknown"

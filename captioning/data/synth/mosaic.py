@@ -141,8 +141,8 @@ def write_mosaic(
             scene = cell_class(r, c)
             region = {"row": r, "col": c, "x": x, "y": y, "w": w, "h": h, "complete": w == cell and h == cell,
                       "nodata": bool(blank[r, c]), "class": scene, "imgid": imgid}  # fmt: skip
-            x0, y0 = transform * (x, y)
-            x1, y1 = transform * (x + w, y + h)
+            x0, y0 = transform @ (x, y)
+            x1, y1 = transform @ (x + w, y + h)
             region["bounds"] = [round(min(x0, x1), 3), round(min(y0, y1), 3), round(max(x0, x1), 3), round(max(y0, y1), 3)]
             if blank[r, c]:
                 region.update(labels=[], objects=[])
@@ -158,9 +158,9 @@ def write_mosaic(
                 cx, cy = (bx1 + bx2) / 2, (by1 + by2) / 2
                 if cx >= width or cy >= height:
                     continue
-                mx1, my1 = transform * (bx1, by1)
-                mx2, my2 = transform * (bx2, by2)
-                mcx, mcy = transform * (cx, cy)
+                mx1, my1 = transform @ (bx1, by1)
+                mx2, my2 = transform @ (bx2, by2)
+                mcx, mcy = transform @ (cx, cy)
                 objects.append({
                     "concept": b["concept"], "label": b["label"],
                     "box_px": [round(v, 2) for v in (bx1, by1, bx2, by2)],
