@@ -6,7 +6,9 @@ Each stage runs in a fresh child process so its peak RSS (VmHWM from /proc/self/
 
 1. ``generate``: write the mosaic GeoTIFF (strip by strip) and its truth, unless it exists;
 2. ``scene``: ``SceneJob`` + ``run_scene`` with the store's models (``--mode labels`` = ucm-classifier only,
-   ``labels+concepts`` = plus the concept extractor), then ``finish()`` (merge, GeoJSON, coverage, overlay,
+   ``labels+concepts`` = plus the concept extractor; ``truth`` = no model: every tile is read, and its result is
+   the mosaic's true objects clipped to the tile, which exercises reading, records, merging and outputs at
+   full scale), then ``finish()`` (merge, GeoJSON, coverage, overlay,
    summary) unless ``--subset N`` stops after N tiles (then tiles/s is measured on those N and the full
    scene's time is extrapolated, said so in the record).
 
@@ -77,6 +79,37 @@ def child_generate(args) -> dict:
             "seconds": round(s.seconds, 1), "bytes": Path(args.scene).stat().st_size, **peak_rss_mib()}
 
 
+def truth_infer(job, truth_file):
+    """Per tile: the mosaic's true objects clipped to the tile (what a perfect detector would report, cut pieces
+    included) and constant labels. Exercises reading, recording, merging and the outputs at full scale
+    without a model's cost; it is not a model's throughput."""
+    from captioning.data.synth.mosaic import load_truth
+    from captioning.scenes import Instance, TileResult
+
+    truth = load_truth(truth_file)
+    cell = truth["cell"]
+    by_cell: dict[tuple[int, int], list] = {}
+    for reg in truth["regions"]:
+        by_cell[(reg["row"], reg["col"])] = [(o["concept"], o["label"], o["box_px"]) for o in reg["objects"]]
+    del truth
+    size = job.params.tile
+
+    def result(tile):
+        insts = []
+        for r in range(tile.y // cell, (tile.y + tile.h - 1) // cell + 2):
+            for c in range(tile.x // cell, (tile.x + tile.w - 1) // cell + 2):
+                for concept, label, (x1, y1, x2, y2) in by_cell.get((r, c), ()):
+                    cx1, cy1 = max(x1, tile.x), max(y1, tile.y)
+                    cx2, cy2 = min(x2, tile.x + tile.w), min(y2, tile.y + tile.h)
+                    if cx2 - cx1 > 1 and cy2 - cy1 > 1:
+                        s = size / tile.w
+                        insts.append(Instance(concept, 0.9, ((cx1 - tile.x) * s, (cy1 - tile.y) * s,
+                                                             (cx2 - tile.x) * s, (cy2 - tile.y) * s), label))
+        return TileResult({"x": 1.0}, 0.5, insts)
+
+    return result
+
+
 def child_scene(args) -> dict:
     import torch
 
@@ -87,9 +120,13 @@ def child_scene(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    infer = ModelInfer.from_store(ModelStore(), concepts=args.mode == "labels+concepts")
+    if args.mode == "truth":
+        models = ("mosaic-truth",)
+    else:
+        infer = ModelInfer.from_store(ModelStore(), concepts=args.mode == "labels+concepts")
+        models = infer.models
     t_load = time.perf_counter() - t0
-    params = SceneParams(tile=256, overlap=32, models=infer.models)
+    params = SceneParams(tile=256, overlap=32, models=models)
     job = SceneJob(args.scene, args.out, params, restart=True)
     t_plan = time.perf_counter() - t0 - t_load
     limit = args.subset or job.total
@@ -99,8 +136,16 @@ def child_scene(args) -> dict:
         done["n"] += n
 
     t1 = time.perf_counter()
-    run_scene(job, infer, batch_size=args.batch_size, progress=progress,
-              should_stop=lambda: done["n"] >= limit, finish=False)
+    if args.mode == "truth":
+        result = truth_infer(job, args.scene.with_name(args.scene.stem + ".truth.json"))
+        pending = job.pending()[:limit]
+        for start in range(0, len(pending), args.batch_size):
+            batch = pending[start : start + args.batch_size]
+            job.record_many([(t, result(t) if job.read(t) is not None else None) for t in batch])
+            progress(len(batch))
+    else:
+        run_scene(job, infer, batch_size=args.batch_size, progress=progress,
+                  should_stop=lambda: done["n"] >= limit, finish=False)
     t_tiles = time.perf_counter() - t1
     rec = {"stage": "scene", "mode": args.mode, "tiles_total": job.total, "tiles_run": done["n"],
            "load_s": round(t_load, 1), "plan_s": round(t_plan, 1), "tiles_s": round(t_tiles, 1),
@@ -165,7 +210,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=20000)
     p.add_argument("--seed", type=int, default=4242)
     p.add_argument("--work", type=Path, default=Path("/tmp/scene-bench"))
-    p.add_argument("--mode", choices=["labels", "labels+concepts"], default="labels")
+    p.add_argument("--mode", choices=["labels", "labels+concepts", "truth"], default="labels")
     p.add_argument("--subset", type=int, default=0, help="stop after N tiles and extrapolate (0: whole scene)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)

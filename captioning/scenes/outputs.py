@@ -11,7 +11,8 @@
   stride, value = the probability of the tile that covers the cell centre, -1 (nodata) where skipped;
   always in the scene's CRS. Its last row/column may reach past the scene by less than one stride.
 * ``overlay.png`` - a preview of the scene (from the overviews) with each tile coloured by its most probable
-  predicted label, and a legend (label, colour, share of tiles).
+  predicted label, the merged object boxes outlined in white (where at least 3 preview pixels wide), and a
+  legend (label, colour, share of tiles).
 * ``summary.json`` - tile counts, share of processed tiles per predicted label, merged object counts per
   concept, a rule-based description composed from those numbers, the scene's facts and warnings.
 """
@@ -172,7 +173,7 @@ def write_outputs(job: SceneJob, crs: str = "scene") -> SceneOutputs:
     coverage_path = _write_coverage(job, labels, out / COVERAGE)
     shares = {lab: (sum(1 for r in done if r["probabilities"][lab] >= r["threshold"]) / len(done)) if done else 0.0
               for lab in labels}  # fmt: skip
-    overlay_path = _write_overlay(job, labels, shares, out / OVERLAY)
+    overlay_path = _write_overlay(job, labels, shares, out / OVERLAY, mb)
 
     # summary.json
     info = job.reader.info().to_dict()
@@ -267,7 +268,9 @@ def _font(px: int):
         return ImageFont.load_default()
 
 
-def _write_overlay(job: SceneJob, labels: list[str], shares: dict[str, float], path: Path, side: int = 900) -> Path:
+def _write_overlay(
+    job: SceneJob, labels: list[str], shares: dict[str, float], path: Path, boxes: np.ndarray, side: int = 900
+) -> Path:
     rgb, valid = job.reader.preview(side)
     ph, pw = valid.shape
     grid = job.grid
@@ -297,8 +300,13 @@ def _write_overlay(job: SceneJob, labels: list[str], shares: dict[str, float], p
     sheet = Image.new("RGB", (pw + legend_w, height), (250, 250, 248))
     sheet.paste(Image.fromarray(blended, "RGB"), (0, 0))
     draw = ImageDraw.Draw(sheet)
+    kx, ky = pw / grid.width, ph / grid.height  # merged object boxes, where they are at least 3 preview pixels
+    for x1, y1, x2, y2 in np.asarray(boxes).reshape(-1, 4).tolist():
+        if (x2 - x1) * kx >= 3 and (y2 - y1) * ky >= 3:
+            draw.rectangle((x1 * kx, y1 * ky, x2 * kx, y2 * ky), outline=(255, 255, 255))
     x0 = pw + pad
     draw.text((x0, pad), "most probable label per tile", fill=(20, 20, 20), font=font)
+    draw.text((x0, height - pad - 16), "white: objects found", fill=(20, 20, 20), font=font)
     for n, k in enumerate(present, 1):
         y = pad + n * row_h + 4
         draw.rectangle((x0, y, x0 + 14, y + 14), fill=PALETTE[k], outline=(40, 40, 40))
