@@ -400,3 +400,32 @@ def test_outputs_files_and_schema(tmp_path, mosaic):
     with Image.open(outputs.overlay) as im:
         assert im.width > 300
     job.close()
+
+
+# ------------------------------------------------------------------------------------ generator
+
+
+def test_synth_scene_command_writes_a_tiled_georeferenced_geotiff_and_its_truth(tmp_path, capsys):
+    from captioning.cli import main
+
+    out = tmp_path / "g.tif"
+    argv = ["synth-scene", str(out), "--width", "700", "--height", "530", "--seed", "9", "--nodata-cells", "0.3",
+            "--crs", "EPSG:32632", "--origin", "300000,4000000", "--gsd", "0.5"]  # fmt: skip
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-2:] == [str(out), str(tmp_path / "g.truth.json")]
+    truth = load_truth(out)
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_epsg() == 32632 and ds.transform.a == 0.5 and ds.transform.c == 300000
+        assert ds.block_shapes[0] == (512, 512) and ds.compression.name.lower() == "jpeg" and ds.overviews(1) == [2]
+        mask = ds.dataset_mask()
+        for reg in truth["regions"]:
+            window = mask[reg["y"] : reg["y"] + reg["h"], reg["x"] : reg["x"] + reg["w"]]
+            assert (window == 0).all() if reg["nodata"] else (window == 255).all()
+            for o in reg["objects"]:
+                x1, y1, x2, y2 = o["box_px"]
+                mx, my = ds.transform @ ((x1 + x2) / 2, (y1 + y2) / 2)
+                assert o["center_map"] == [pytest.approx(mx, abs=0.01), pytest.approx(my, abs=0.01)]
+    assert {r["complete"] for r in truth["regions"]} == {True, False}
+    assert any(r["nodata"] for r in truth["regions"]) and truth["crs"] == "EPSG:32632"
+    assert main(argv) == 2  # exists: needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
