@@ -63,6 +63,9 @@ def run_scene_cmd(args: argparse.Namespace) -> int:
             raise UsageError(f"--bands must be comma-separated band numbers, got {args.bands!r}") from None
     if args.native and args.gsd is not None:
         raise UsageError("--native and --gsd exclude each other")
+    from captioning.scenes import SceneReader
+
+    SceneReader(args.input, bands=bands).close()  # a bad file is named before the models load
     store = ModelStore(args.store) if args.store else ModelStore()
     infer = ModelInfer.from_store(store, concepts=not args.no_concepts, caption=args.caption)
     params = SceneParams(
