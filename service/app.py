@@ -30,7 +30,7 @@ from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics, UnexpectedErrors
 from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.registry import ModelRegistry
-from service.routes import caption, concepts, health, jobs, labels, models
+from service.routes import caption, concepts, health, jobs, labels, models, scenes
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -120,12 +120,17 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             detail = f"{request.method} is not allowed on {request.url.path} (allowed: {', '.join(allowed)})"
         return problem_response(Problem(slug, detail, status=exc.status_code, headers=headers), request)
 
-    for router in (caption.router, concepts.router, labels.router, jobs.router, models.router, health.router):
+    for router in (caption.router, concepts.router, labels.router, jobs.router, scenes.router, models.router,
+                   health.router):
         app.include_router(router)
 
     def body_limit(scope) -> int:
-        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/v1/jobs":
-            return settings.max_job_body_bytes
+        if scope.get("method") == "POST":
+            path = scope.get("path", "").rstrip("/")
+            if path == "/v1/jobs":
+                return settings.max_job_body_bytes
+            if path == "/v1/scenes":
+                return settings.max_scene_body_bytes
         return settings.max_body_bytes
 
     # innermost: an unexpected exception is answered 500 here and goes no further, so uvicorn keeps the
