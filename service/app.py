@@ -10,6 +10,7 @@ runs what is queued and stops.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +160,7 @@ def openapi_problem_details(schema: dict) -> dict:
     """Make /openapi.json say what is sent: every error response is ``application/problem+json`` with the
     ``Problem`` schema (FastAPI documents 422 as its own ``HTTPValidationError`` JSON, which is never sent)."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["Problem"] = PROBLEM_SCHEMA
+    components["Problem"] = copy.deepcopy(PROBLEM_SCHEMA)
     ref = {"$ref": "#/components/schemas/Problem"}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():

@@ -224,6 +224,16 @@ def test_openapi_documents_problem_details_and_refuses_empty_image_lists(bare):
     body = doc["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
     assert body["application/json"]["schema"]["properties"]["images"]["minItems"] == 1
     assert body["multipart/form-data"]["schema"]["properties"]["files"]["minItems"] == 1
+    # the settings' caps are schema bounds, and unknown JSON keys are refused, as the server does
+    defaults = Settings(_env_file=None)
+    json_body = body["application/json"]["schema"]
+    assert json_body["properties"]["images"]["maxItems"] == defaults.max_images_per_request
+    assert json_body["additionalProperties"] is False
+    beam = [b for b in json_body["properties"]["beam_size"]["anyOf"] if b.get("type") == "integer"]
+    assert beam == [{"type": "integer", "minimum": 1, "maximum": defaults.max_beam_size}]
+    jobs = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert jobs["required"] == ["files"] and "maxItems" not in jobs["properties"]["files"]
+    assert_problem(httpx.post(f"{bare}/v1/caption", json={"images": [base64.b64encode(IMAGES[0]).decode()], "colour": "red"}), 422, "invalid-parameter")
     # and what the schema refuses, the server refuses
     assert_problem(httpx.post(f"{bare}/v1/caption", json={"images": []}), 400, "no-image")
 
