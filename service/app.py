@@ -11,6 +11,7 @@ runs what is queued and stops.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import Match, Mount
 
 import captioning
 from captioning.store import ModelStore
@@ -116,7 +117,10 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             allowed = allowed_methods(request.app, request.scope)
-            headers["Allow"] = ", ".join(allowed)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+            else:  # under a mount (the Swagger UI files): the mounted app said what it allows
+                allowed = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
             detail = f"{request.method} is not allowed on {request.url.path} (allowed: {', '.join(allowed)})"
         return problem_response(Problem(slug, detail, status=exc.status_code, headers=headers), request)
 
@@ -150,9 +154,10 @@ def allowed_methods(app: FastAPI, scope: dict) -> list[str]:
     computed here, by asking the routes (``BaseRoute.matches``) about each method in turn."""
     probe = {key: scope[key] for key in ("path", "root_path", "headers", "query_string") if key in scope}
     probe["type"] = "http"
+    routes = [route for route in app.router.routes if not isinstance(route, Mount)]  # a mount takes any method
     return sorted(
         method for method in HTTP_METHODS
-        if any(route.matches({**probe, "method": method})[0] == Match.FULL for route in app.router.routes)
+        if any(route.matches({**probe, "method": method})[0] == Match.FULL for route in routes)
     )
 
 
@@ -160,7 +165,7 @@ def openapi_problem_details(schema: dict) -> dict:
     """Make /openapi.json say what is sent: every error response is ``application/problem+json`` with the
     ``Problem`` schema (FastAPI documents 422 as its own ``HTTPValidationError`` JSON, which is never sent)."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["Problem"] = PROBLEM_SCHEMA
+    components["Problem"] = copy.deepcopy(PROBLEM_SCHEMA)
     ref = {"$ref": "#/components/schemas/Problem"}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():

@@ -202,6 +202,7 @@ def decode_image(raw: RawImage, *, formats: list[str], max_pixels: int) -> Decod
     frames = getattr(image, "n_frames", 1)
     if frames > 1:
         notes.append(f"first of {frames} frames used")
+        check_pixels(image.size, max_pixels, fail)  # counting frames re-reads frame 0 (a GIF frame may grow it)
     try:
         image.load()
     except Exception as exc:

@@ -181,6 +181,7 @@ def bare(tmp_path_factory):
     ("POST", "/v1/jobs/0123abcd", "DELETE, GET"),
     ("GET", "/v1/caption", "POST"),
     ("DELETE", "/v1/jobs/0123abcd/results", "GET"),
+    ("POST", "/docs-static/swagger-ui.css", "GET, HEAD"),  # a mount: its app's own Allow is kept
 ])
 def test_405_allow_lists_every_method_of_the_path(bare, method, path, allowed):
     r = httpx.request(method, bare + path)
@@ -221,5 +222,26 @@ def test_openapi_documents_problem_details_and_refuses_empty_image_lists(bare):
     body = doc["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
     assert body["application/json"]["schema"]["properties"]["images"]["minItems"] == 1
     assert body["multipart/form-data"]["schema"]["properties"]["files"]["minItems"] == 1
+    # the settings' caps are schema bounds, and unknown JSON keys are refused, as the server does
+    defaults = Settings(_env_file=None)
+    json_body = body["application/json"]["schema"]
+    assert json_body["properties"]["images"]["maxItems"] == defaults.max_images_per_request
+    assert json_body["additionalProperties"] is False
+    beam = [b for b in json_body["properties"]["beam_size"]["anyOf"] if b.get("type") == "integer"]
+    assert beam == [{"type": "integer", "minimum": 1, "maximum": defaults.max_beam_size}]
+    jobs = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert jobs["required"] == ["files"] and "maxItems" not in jobs["properties"]["files"]
+    assert_problem(httpx.post(f"{bare}/v1/caption", json={"images": [base64.b64encode(IMAGES[0]).decode()], "colour": "red"}), 422, "invalid-parameter")
     # and what the schema refuses, the server refuses
     assert_problem(httpx.post(f"{bare}/v1/caption", json={"images": []}), 400, "no-image")
+
+
+@pytest.mark.parametrize("path", ["/v1/caption", "/v1/jobs"])
+def test_a_multipart_body_cut_before_its_closing_boundary_is_invalid_request(bare, path):
+    """It used to read as 400 no-image (the parser drops the unclosed part silently)."""
+    boundary = "cut0123456789"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n").encode() + IMAGES[0] + f"\r\n--{boundary}".encode()
+    r = httpx.post(bare + path, content=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    problem = assert_problem(r, 400, "invalid-request")
+    assert f"no closing boundary (--{boundary}--)" in problem["detail"]

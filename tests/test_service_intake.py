@@ -189,6 +189,18 @@ def test_the_configured_cap_decides_not_pillows_guard(monkeypatch):
     assert p.slug == "image-too-large" and "40x30 = 1200 pixels is more than the cap of 1199" in p.detail
 
 
+def test_a_gif_frame_larger_than_its_screen_is_checked_against_the_cap():
+    """Pillow grows a GIF's size to its first frame's extent (its own bomb guard is off here): the cap sees
+    the grown size, not the 10x10 logical screen."""
+    import struct
+
+    screen = b"GIF89a" + struct.pack("<HH", 10, 10) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"," + struct.pack("<HHHH", 0, 0, 60_000, 60_000) + b"\x00" + b"\x02\x02\x44\x01\x00"
+    p = problem(screen + frame + b";", name="wide.gif")
+    assert (p.slug, p.status) == ("image-too-large", 413)
+    assert "60000x60000 = 3600000000 pixels" in p.detail
+
+
 def test_a_png_that_is_only_a_header():
     """The signature and an IHDR claiming 60000x60000, nothing else: Pillow cannot open it (no IDAT), which
     used to read as 415 'not an image'. Over the cap: 413 from the declared size; under it: 400 naming the
