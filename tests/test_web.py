@@ -23,10 +23,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import ServerProcess
+from service.testing import ServerProcess, image_bytes
 
 API_KEY = "web-test-api-key"
 ADMIN_KEY = "web-test-admin-key"
+MAX_BODY = 1_500_000  # small enough for a too-large upload to be cheap
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]
@@ -54,7 +55,7 @@ def scene_png(scene: str, imgid: int, fmt: str = "PNG") -> bytes:
 def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("web-data")
     env = {"CAPTIONER_API_KEY": API_KEY, "CAPTIONER_ADMIN_KEY": ADMIN_KEY, "CAPTIONER_DATA_DIR": str(data),
-           "CAPTIONER_TORCH_THREADS": "1"}
+           "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_MAX_BODY_BYTES": str(MAX_BODY)}
     with ServerProcess(env, log_path=data / "server.log") as proc:
         yield proc.url
 
@@ -242,11 +243,14 @@ def test_a_scene_shows_both_captions_its_boxes_and_labels(tab, shots, tmp_path):
     assert float(threshold.input_value()) == pytest.approx(labels["threshold"], abs=0.01)
     threshold.evaluate("el => { el.value = 0; el.dispatchEvent(new Event('input')); }")
     assert png_card.locator(".bar-row.on").count() == 17
+    png_card.locator(".labels button", has_text="model's").click()
+    assert sorted(png_card.locator(".bar-row.on .bar-name").all_inner_texts()) == sorted(labels["predicted"])
     versions = png_card.locator(".versions").inner_text()
     for r in by_file["harbor.png"].values():
         assert f"{r['model']}@{r['version']}" in versions
     assert tab.console_errors == [] and tab.failed == [] and tab.bad_status == []
     page.screenshot(path=shots / "image.png", full_page=True)
+    png_card.screenshot(path=shots / "image-card.png")
     page.set_viewport_size({"width": 375, "height": 800})  # a phone: nothing wider than the screen
     assert page.evaluate("document.scrollingElement.scrollWidth") <= 375
     page.screenshot(path=shots / "image-375px.png", full_page=True)
@@ -260,8 +264,26 @@ def test_a_text_file_named_png_shows_the_apis_error(tab, tmp_path, shots):
     page = tab.open()
     page.set_input_files("#image-files", str(fake))
     card = page.locator("article.image-card")
-    card.locator(".errors p.error", has_text=expected).first.wait_for()
+    line = card.locator(".errors p.error", has_text=expected)
+    line.wait_for()
+    page.wait_for_function("""() => {
+        const parts = document.querySelector('article.image-card .errors strong').textContent;
+        return ['caption (lightcap)', 'caption (ucm-captioner)', 'concepts', 'labels'].every((p) => parts.includes(p));
+    }""")
+    assert line.count() == 1  # one line per distinct message, naming every part that failed with it
+    assert {"caption (lightcap)", "caption (ucm-captioner)", "concepts", "labels"} <= set(
+        line.locator("strong").inner_text().rstrip(": ").split(", "))
     assert card.locator(".caption-text").count() == 0
+    # Too large: the body cap's 413 (answered before the body is read) reaches the page as its problem+json.
+    big = tmp_path / "big.png"
+    big.write_bytes(image_bytes(1000, 700, seed=5))
+    assert big.stat().st_size > MAX_BODY
+    detail = post(tab.url, "/v1/labels", "big.png", big.read_bytes(), "image/png").json()["detail"]
+    expected = detail[detail.index("the cap is"):]  # the browser's multipart body is not byte for byte httpx's
+    page.set_input_files("#image-files", str(big))
+    page.locator("article.image-card .errors p.error", has_text="request body too large").wait_for()
+    shown = page.locator("article.image-card .errors").inner_text()
+    assert expected in shown and "labels" in shown, shown
     page.screenshot(path=shots / "error.png", full_page=True)
 
 

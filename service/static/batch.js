@@ -66,9 +66,9 @@ export function initBatchView(root) {
     const pages = Math.max(1, Math.ceil(lines.length / PAGE));
     const slice = lines.slice(page * PAGE, page * PAGE + PAGE);
     for (const line of slice) {
-      const img = h('img.thumb', { alt: line.name, width: 64, height: 64 });
-      const read = thumbs.get(line.name);
-      if (read) read().then((blob) => { img.src = URL.createObjectURL(blob); }).catch(() => img.remove());
+      const img = h('img.thumb', { alt: line.name, width: 64, height: 64, onerror: () => { img.hidden = true; } });
+      const read = line.error ? null : thumbs.get(line.name);
+      if (read) read().then((blob) => { img.src = URL.createObjectURL(blob); }).catch(() => { img.hidden = true; });
       else img.hidden = true;
       const body = line.error
         ? h('p.error', {}, `${line.error.type?.split('/').pop() || 'error'}: ${line.error.detail}`)

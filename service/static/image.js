@@ -45,12 +45,13 @@ export function initImageView(root) {
 
 function imageCard(file, index) {
   const errors = h('div.errors', { role: 'alert' });
-  const seen = new Set();
+  const failures = new Map(); // message -> the parts that failed with it (one line per distinct message)
   const fail = (what, err) => {
     const text = err instanceof ApiError ? err.text : String(err.message || err);
-    if (seen.has(text)) return;
-    seen.add(text);
-    errors.append(h('p.error', {}, h('strong', {}, `${what}: `), text));
+    if (!failures.has(text)) failures.set(text, []);
+    failures.get(text).push(what);
+    clear(errors).append(...[...failures].map(([message, parts]) =>
+      h('p.error', {}, h('strong', {}, `${parts.join(', ')}: `), message)));
   };
   const stage = h('div.stage', {}, h('p.muted', {}, 'loading…'));
   const boxes = h('div.concepts');
