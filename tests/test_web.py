@@ -358,7 +358,10 @@ def test_scenes_view_once_the_server_has_scenes(tab, tmp_path, shots):
     page.locator("#scene-status", has_text="succeeded").wait_for(timeout=120_000)
     assert page.locator("#scene-progress").evaluate("el => el.value") == 1
     page.wait_for_function("[...document.querySelectorAll('#scene-output img')]"
-                           ".filter((i) => i.complete && i.naturalWidth > 0).length === 2")
+                           ".filter((i) => i.complete && i.naturalWidth > 0).length === 1")  # the overlay
+    page.check("#scene-plain")  # the plain preview instead
+    page.wait_for_function("(() => { const i = document.querySelector('#scene-output img');"
+                           " return i.alt === 'scene preview' && i.complete && i.naturalWidth > 0; })()")
     with page.expect_download() as download:
         page.click("#scene-download")
     assert json.loads(Path(download.value.path()).read_text())["type"] == "FeatureCollection"

@@ -5,7 +5,8 @@
 import { api, ApiError, downloadURL } from './api.js';
 import { clear, h } from './dom.js';
 
-const FINAL = new Set(['succeeded', 'failed', 'cancelled']);
+const SUCCESS = new Set(['succeeded', 'done', 'completed', 'finished']);
+const FINAL = new Set([...SUCCESS, 'failed', 'cancelled', 'canceled', 'error']);
 
 export function initScenesView(root) {
   const form = root.querySelector('#scene-form');
@@ -17,12 +18,16 @@ export function initScenesView(root) {
   const error = root.querySelector('#scene-error');
   const out = root.querySelector('#scene-output');
   const download = root.querySelector('#scene-download');
-  const opacity = root.querySelector('#scene-opacity');
   let job = null;
   let timer = null;
 
   const showError = (err) => { error.textContent = err instanceof ApiError ? err.text : String(err.message || err); };
-  const link = (name) => (job.links?.files ? `${job.links.files.replace(/\/$/, '')}/${name}` : `/v1/scenes/${job.id}/files/${name}`);
+  const link = (name) => {
+    const files = job.links?.files;
+    if (typeof files === 'string') return `${files.replace(/\/$/, '')}/${name}`;
+    if (files && typeof files === 'object' && typeof files[name] === 'string') return files[name];
+    return `/v1/scenes/${job.id}/files/${name}`;
+  };
   const showJob = (j) => {
     job = j;
     const progress = Number(j.progress) || 0;
@@ -36,7 +41,7 @@ export function initScenesView(root) {
     try {
       const j = await api(selfLink());
       showJob(j);
-      if (FINAL.has(j.state)) { if (j.state === 'succeeded') await showResults(); return; }
+      if (FINAL.has(j.state)) { if (SUCCESS.has(j.state)) await showResults(); return; }
     } catch (err) { showError(err); }
     timer = setTimeout(poll, 500);
   };
@@ -47,16 +52,23 @@ export function initScenesView(root) {
     return h('img', { src: URL.createObjectURL(blob), alt });
   };
 
+  // overlay.png is the scene's preview with each tile coloured by its label, and the legend; the plain
+  // preview.png is fetched only when asked for.
   const showResults = async () => {
     clear(out);
-    const [preview, overlay] = await Promise.all([image('preview.png', 'scene preview'), image('overlay.png', 'label overlay with legend')]);
-    overlay.classList.add('overlay');
-    out.append(h('div.scene-stage', {}, preview, overlay));
-    opacity.disabled = false;
-    overlay.style.opacity = opacity.value;
+    const overlay = await image('overlay.png', 'label overlay on the scene preview, with its legend');
+    const stage = h('div.scene-stage', {}, overlay);
+    let plain = null;
+    const toggle = h('input', { type: 'checkbox', id: 'scene-plain' });
+    toggle.addEventListener('change', async () => {
+      try {
+        if (toggle.checked && !plain) plain = await image('preview.png', 'scene preview');
+        stage.replaceChildren(toggle.checked ? plain : overlay);
+      } catch (err) { toggle.checked = false; showError(err); }
+    });
+    out.append(h('div.row', {}, toggle, h('label', { for: 'scene-plain' }, 'show the plain preview')), stage);
     try {
-      const summary = await api(link('summary.json'));
-      out.append(h('details', { open: true }, h('summary', {}, 'summary'), summaryTable(summary)));
+      out.append(summaryView(await api(link('summary.json'))));
     } catch (err) { showError(err); }
     const geojson = await api(job.links?.results || `/v1/scenes/${job.id}/results`, { as: 'text' });
     const features = JSON.parse(geojson).features?.length ?? 0;
@@ -65,11 +77,6 @@ export function initScenesView(root) {
     download.textContent = `Download GeoJSON (${features} features)`;
     download.hidden = false;
   };
-
-  opacity.addEventListener('input', () => {
-    const overlay = out.querySelector('img.overlay');
-    if (overlay) overlay.style.opacity = opacity.value;
-  });
 
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
@@ -100,15 +107,23 @@ export function initScenesView(root) {
   });
 }
 
-function summaryTable(summary) {
-  const rows = [];
+// summary.json: its description first, then the label shares and object counts, then everything else.
+function summaryView(summary) {
+  const table = (caption, entries, digits) => h('table.summary', {}, h('caption', {}, caption),
+    h('tbody', {}, entries.map(([k, v]) => h('tr', {}, h('th', { scope: 'row' }, k),
+      h('td', {}, typeof v === 'number' && digits !== undefined ? `${(v * 100).toFixed(digits)} %` : String(v))))));
+  const rest = [];
   const walk = (prefix, value) => {
     if (value && typeof value === 'object' && !Array.isArray(value)) {
       for (const [k, v] of Object.entries(value)) walk(prefix ? `${prefix}.${k}` : k, v);
-    } else {
-      rows.push(h('tr', {}, h('th', { scope: 'row' }, prefix), h('td', {}, Array.isArray(value) ? JSON.stringify(value) : String(value))));
-    }
+    } else rest.push([prefix, Array.isArray(value) ? JSON.stringify(value) : value]);
   };
-  walk('', summary);
-  return h('table.summary', {}, h('tbody', {}, rows.slice(0, 200)));
+  const { description, label_fraction: shares, objects, warnings, ...other } = summary || {};
+  walk('', other);
+  return h('div.summary-view', {},
+    description ? h('p.caption-text', {}, description) : null,
+    (warnings || []).map((w) => h('p.error', {}, w)),
+    shares ? table('share of tiles per label', Object.entries(shares).filter(([, v]) => v > 0), 1) : null,
+    objects && Object.keys(objects).length ? table('objects', Object.entries(objects)) : null,
+    h('details', {}, h('summary', {}, 'all of summary.json'), table('summary.json', rest.slice(0, 300))));
 }
