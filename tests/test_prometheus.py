@@ -150,8 +150,11 @@ def test_dashboard_metric_names_are_all_declared_by_metrics(service):
 
 def test_prometheus_scrapes_the_service_and_answers_the_dashboards_queries(service, prometheus):
     make_traffic(service)
-    targets = httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"]
-    assert {t["labels"]["job"] for t in targets} == {"captioner", "prometheus"}
+    deadline = time.monotonic() + 60  # service discovery hands the static targets over shortly after start
+    while {t["labels"]["job"] for t in httpx.get(f"{prometheus}/api/v1/targets").json()["data"]["activeTargets"]
+           } != {"captioner", "prometheus"}:
+        assert time.monotonic() < deadline, httpx.get(f"{prometheus}/api/v1/targets").text
+        time.sleep(0.2)
     # The counter after a scrape that saw all the traffic (8 image requests answered 200, one 415).
     wait_for(prometheus, 'sum(captioner_http_requests_total{route=~"/v1/(caption|labels|concepts)",status="200"}) >= 8')
     up = query(prometheus, 'up{job="captioner"}')

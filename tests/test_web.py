@@ -117,6 +117,19 @@ def tab(browser, server):
     watched.close()
 
 
+def give(page, how: str, path: Path) -> None:
+    """Hand the page a file as a paste (a ClipboardEvent on the document) or a drop (on the drop zone)."""
+    import base64
+
+    page.evaluate("""([how, name, data]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: 'image/png' }));
+        if (how === 'paste') document.dispatchEvent(new ClipboardEvent('paste', { clipboardData: transfer }));
+        else document.querySelector('#drop').dispatchEvent(new DragEvent('drop', { dataTransfer: transfer }));
+    }""", [how, path.name, base64.b64encode(path.read_bytes()).decode()])
+
+
 def post(url: str, path: str, name: str, data: bytes, kind: str) -> httpx.Response:
     return httpx.post(f"{url}{path}", files={"file": (name, data, kind)}, headers=AUTH, timeout=60)
 
@@ -262,7 +275,7 @@ def test_a_text_file_named_png_shows_the_apis_error(tab, tmp_path, shots):
     expected = post(tab.url, "/v1/caption", "notes.png", fake.read_bytes(), "image/png").json()["detail"]
     assert "notes.png" in expected
     page = tab.open()
-    page.set_input_files("#image-files", str(fake))
+    give(page, "paste", fake)  # pasted, as from the clipboard
     card = page.locator("article.image-card")
     line = card.locator(".errors p.error", has_text=expected)
     line.wait_for()
@@ -280,7 +293,8 @@ def test_a_text_file_named_png_shows_the_apis_error(tab, tmp_path, shots):
     assert big.stat().st_size > MAX_BODY
     detail = post(tab.url, "/v1/labels", "big.png", big.read_bytes(), "image/png").json()["detail"]
     expected = detail[detail.index("the cap is"):]  # the browser's multipart body is not byte for byte httpx's
-    page.set_input_files("#image-files", str(big))
+    give(page, "drop", big)  # dropped on the drop zone
+    page.locator("article.image-card h2", has_text="big.png").wait_for()
     page.locator("article.image-card .errors p.error", has_text="request body too large").wait_for()
     shown = page.locator("article.image-card .errors").inner_text()
     assert expected in shown and "labels" in shown, shown
