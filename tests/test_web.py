@@ -1,5 +1,5 @@
-"""The web page at ``/`` in a real browser: Debian's chromium driven by Playwright, against ``captioner serve``
-(a child process on a loopback port) with the embedded default models and an API key set.
+"""The web page at ``/`` in a real browser: Debian's chromium driven by Playwright, against the real app under
+uvicorn on a loopback port (``service.testing.LiveServer``) with the embedded default models and an API key set.
 
 Checked as a person would use it: the page asks for the key and then works; it loads with no console error,
 no failed request and nothing from another origin; a synthetic scene (and the same scene as a TIFF) shows
@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import ServerProcess, image_bytes
+from service.testing import LiveServer, image_bytes, wait_ready
 
 API_KEY = "web-test-api-key"
 ADMIN_KEY = "web-test-admin-key"
@@ -53,11 +53,14 @@ def scene_png(scene: str, imgid: int, fmt: str = "PNG") -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("web-data")
-    env = {"CAPTIONER_API_KEY": API_KEY, "CAPTIONER_ADMIN_KEY": ADMIN_KEY, "CAPTIONER_DATA_DIR": str(data),
-           "CAPTIONER_TORCH_THREADS": "1", "CAPTIONER_MAX_BODY_BYTES": str(MAX_BODY)}
-    with ServerProcess(env, log_path=data / "server.log") as proc:
-        yield proc.url
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(_env_file=None, api_key=API_KEY, admin_key=ADMIN_KEY, data_dir=tmp_path_factory.mktemp("web-data"),
+                        torch_threads=1, max_body_bytes=MAX_BODY)  # the embedded default models (model_store/)
+    with LiveServer(create_app(settings)) as url:
+        wait_ready(url)
+        yield url
 
 
 @pytest.fixture(scope="module")
