@@ -150,6 +150,19 @@ def test_page_and_files_need_no_key_and_come_from_the_service(server):
     assert "http" not in page.text.replace(f"{server}", "").split("<body")[0].replace("http://www.w3.org", "")
 
 
+def test_the_pages_files_are_package_data():
+    """A wheel (the Docker image installs one) carries service/static/, else mount_web refuses to start."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"].get("package-data", {})
+    static = sorted(p.relative_to(root / "service").as_posix() for p in (root / "service" / "static").iterdir())
+    missing = [name for name in static if not any(fnmatch.fnmatch(name, g) for g in globs.get("service", []))]
+    assert not missing, (f"{missing} would be left out of the wheel: add service = [\"static/*\"] to "
+                         "[tool.setuptools.package-data] in pyproject.toml")
+
+
 def test_page_loads_clean_and_every_view_renders(tab, shots):
     page = tab.open()
     assert page.locator("#key-panel").is_hidden()
