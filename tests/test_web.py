@@ -349,6 +349,29 @@ def test_a_batch_job_reaches_100_percent_and_lists_its_results(tab, tmp_path, sh
     page.screenshot(path=shots / "batch.png", full_page=True)
 
 
+def test_a_batch_job_can_be_cancelled(tab, tmp_path):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(200):  # far more than can run between the click on start and the one on cancel
+            z.writestr(f"many/{i:03d}.png", image_bytes(64, 64, seed=i))
+    archive = tmp_path / "many.zip"
+    archive.write_bytes(buf.getvalue())
+    page = tab.open()
+    page.click("#tab-batch")
+    page.set_input_files("#batch-files", str(archive))
+    page.select_option("#batch-model", "lightcap")
+    page.click("#batch-form button[type=submit]")
+    page.locator("#batch-status", has_text="job ").wait_for()
+    page.click("#batch-cancel")
+    page.locator("#batch-status", has_text="cancelled").wait_for()
+    assert page.locator("#batch-cancel").is_disabled()
+    job_id = page.locator("#batch-status").inner_text().split()[1].rstrip(":")
+    job = httpx.get(f"{tab.url}/v1/jobs/{job_id}", headers=AUTH).json()
+    assert job["state"] == "cancelled" and job["done"] < 200
+    page.locator("#batch-pager", has_text=f"({job['done'] + job['failed'] + job['refused']} results)").wait_for()
+    assert tab.console_errors == [] and tab.failed == [] and tab.bad_status == []
+
+
 def test_models_view_reloads_with_the_admin_key(tab):
     page = tab.open()
     page.click("#tab-models")
