@@ -33,6 +33,7 @@ from service.problems import PROBLEM_MEDIA_TYPE, Problem
 from service.registry import ModelRegistry
 from service.routes import caption, concepts, health, jobs, labels, models, scenes
 from service.settings import Settings
+from service.web import mount_web
 
 log = logging.getLogger("service")
 
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     for router in (caption.router, concepts.router, labels.router, jobs.router, scenes.router, models.router,
                    health.router):
         app.include_router(router)
+    mount_web(app)  # the page at / (no key; it asks for one) and its files under /ui/
 
     def body_limit(scope) -> int:
         if scope.get("method") == "POST":
