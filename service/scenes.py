@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 TILE_BATCH = 16  # tiles read and queued together
 OUT_DIR = "scene"  # the SceneJob's folder inside the job's folder
-FILES = ("scene.geojson", "coverage.tif", "overlay.png", "summary.json")
+FILES = ("scene.geojson", "coverage.tif", "overlay.png", "preview.png", "summary.json")
 
 
 class SceneRequest(BaseModel):

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 
 import captioning
 from service.deps import get_ctx, require_api_key
-from service.flow import Ctx
+from service.inference import Ctx
 from service.intake import decode_image
 from service.reading import read_images
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from captioning.scenes.job import SceneJob
 
 GEOJSON, COVERAGE, OVERLAY, SUMMARY = "scene.geojson", "coverage.tif", "overlay.png", "summary.json"
+PREVIEW = "preview.png"  # the plain scene preview (the overlay's background), for viewers that toggle it
 SUMMARY_FORMAT = "captioner-scene-summary/1"
 DESCRIPTION_METHOD = (
     "rule-based: composed from the share of tiles per predicted label and the merged object counts; "
@@ -174,6 +175,7 @@ def write_outputs(job: SceneJob, crs: str = "scene") -> SceneOutputs:
     shares = {lab: (sum(1 for r in done if r["probabilities"][lab] >= r["threshold"]) / len(done)) if done else 0.0
               for lab in labels}  # fmt: skip
     overlay_path = _write_overlay(job, labels, shares, out / OVERLAY, mb)
+    _write_preview(job, out / PREVIEW)
 
     # summary.json
     info = job.reader.info().to_dict()
@@ -195,7 +197,7 @@ def write_outputs(job: SceneJob, crs: str = "scene") -> SceneOutputs:
         "objects_total": int(sum(counts.values())),
         "description": describe(job, shares, counts, len(records), len(done)),
         "description_method": DESCRIPTION_METHOD,
-        "files": {"geojson": GEOJSON, "coverage": COVERAGE, "overlay": OVERLAY},
+        "files": {"geojson": GEOJSON, "coverage": COVERAGE, "overlay": OVERLAY, "preview": PREVIEW},
         "warnings": warnings,
     }  # fmt: skip
     summary_path = out / SUMMARY
@@ -266,6 +268,15 @@ def _font(px: int):
         return ImageFont.load_default(size=px)
     except TypeError:  # Pillow without FreeType
         return ImageFont.load_default()
+
+
+def _write_preview(job: SceneJob, path: Path, side: int = 900) -> Path:
+    """The scene as the overlay shows it underneath (same side), nodata black, as a PNG."""
+    from PIL import Image
+
+    rgb, valid = job.reader.preview(side)
+    Image.fromarray(np.where(valid[..., None], rgb, 0).astype(np.uint8), "RGB").save(path)
+    return path
 
 
 def _write_overlay(

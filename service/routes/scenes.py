@@ -23,7 +23,7 @@ from service.scenes import FILES, OUT_DIR, SceneRequest, scene_plans
 router = APIRouter(prefix="/v1/scenes", tags=["scenes"], dependencies=[Depends(require_api_key)])
 PROBLEMS = {"content": {"application/problem+json": {}}}
 MEDIA = {"scene.geojson": "application/geo+json", "coverage.tif": "image/tiff", "overlay.png": "image/png",
-         "summary.json": "application/json"}
+         "preview.png": "image/png", "summary.json": "application/json"}
 
 
 def allowed_path(ctx: Ctx, text: str) -> Path:
@@ -145,7 +145,7 @@ async def scene_results(job_id: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> F
     return FileResponse(await _output(ctx, job_id, "scene.geojson"), media_type=MEDIA["scene.geojson"])
 
 
-@router.get("/{job_id}/files/{name}", summary="An output file: scene.geojson, coverage.tif, overlay.png, summary.json",
+@router.get("/{job_id}/files/{name}", summary="An output file: scene.geojson, coverage.tif, overlay.png, preview.png, summary.json",
             response_class=FileResponse, responses={404: PROBLEMS, 409: PROBLEMS})
 async def scene_file(job_id: str, name: str, ctx: Annotated[Ctx, Depends(get_ctx)]) -> FileResponse:
     return FileResponse(await _output(ctx, job_id, name), media_type=MEDIA[name], filename=name)

@@ -43,7 +43,7 @@ function askForKey(message = '') {
 async function loadModels() {
   const body = await api('/v1/models');
   if (body.models.length || !body.loading) setServed(body.models); // while loading, ask for all and show what comes
-  setBatchModels($('#view-batch'), body.models.filter((m) => m.role === 'caption').map((m) => m.name));
+  setBatchModels($('#view-batch'), body.models.filter((m) => m.kind === 'caption').map((m) => m.name));
   renderModels($('#view-models'), body, config, () => loadModels().catch(() => {}));
   return body;
 }

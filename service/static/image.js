@@ -9,12 +9,12 @@ let served = { caption: ['lightcap', 'ucm-captioner'], concepts: true, labels: t
 
 // What the server serves (from GET /v1/models): which captioners to ask, whether concepts/labels exist.
 export function setServed(models) {
-  const byRole = (role) => models.filter((m) => m.role === role).map((m) => m.name);
+  const byKind = (kind) => models.filter((m) => m.kind === kind).map((m) => m.name);
   const order = (name) => (name === 'lightcap' ? 0 : name === 'ucm-captioner' ? 1 : 2);
   served = {
-    caption: byRole('caption').sort((a, b) => order(a) - order(b)),
-    concepts: byRole('concepts').length > 0,
-    labels: byRole('labels').length > 0,
+    caption: byKind('caption').sort((a, b) => order(a) - order(b)),
+    concepts: byKind('concepts').length > 0,
+    labels: byKind('labels').length > 0,
   };
 }
 

@@ -38,7 +38,7 @@ export function renderModels(root, body, config, reload) {
     list.append(h('article.card.model', { dataset: { model: m.name } },
       h('h3', {}, `${m.name}@${m.serving_version}`),
       h('dl', {},
-        h('dt', {}, 'task'), h('dd', {}, `${m.task} (${m.role})`),
+        h('dt', {}, 'task'), h('dd', {}, `${m.task} (${m.kind})`),
         h('dt', {}, 'device'), h('dd', {}, m.device ?? 'not reported'),
         h('dt', {}, 'aliases'), h('dd', {}, Object.entries(m.aliases || {}).map(([a, v]) => `${a} → ${v}`).join(', ') || 'none'),
         h('dt', {}, 'profile'), h('dd', {}, m.profile ?? '–'),
