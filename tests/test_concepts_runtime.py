@@ -86,12 +86,14 @@ def test_extractor_loads_through_the_store_and_extracts_a_batch(random_store):
     images = [Image.new("RGB", (256, 256), (40, 120, 40)), Image.new("RGB", (300, 200), (90, 90, 90))]
     batch = torch.stack([extractor.preprocess(im) for im in images])
     assert batch.shape == (2, 3, 256, 256)
-    results = extractor.extract(batch)
-    assert len(results) == 2
-    for concepts in results:
-        assert 0 < len(concepts) <= 20
+    results = extractor.extract(batch)  # instances: a word may repeat
+    words = extractor.extract_words(batch)  # the captioner's distinct top-K words
+    assert len(results) == len(words) == 2
+    for concepts, distinct in zip(results, words, strict=True):
+        assert 0 < len(distinct) <= 20 and len(concepts) >= len(distinct)
         assert all(isinstance(c, Concept) and c.concept in extractor.vocab.words for c in concepts)
-        assert len({c.concept for c in concepts}) == len(concepts)
+        assert len({c.concept for c in distinct}) == len(distinct)
+        assert extractor.concept_words(concepts) == distinct  # min_score 0: nothing the words need is filtered
     # no text is encoded at request time: the vocabulary is a stored tensor
     assert extractor.vocab_embeddings.shape == (len(extractor.vocab), 128)
 
