@@ -131,7 +131,7 @@ def test_instances_are_every_object_after_nms_per_word(extractor, pictures):
 def test_nms_per_word_suppresses_only_its_own_word():
     boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [1, 1, 10, 10], [50, 50, 60, 60], [0, 0, 10, 10.0]])
     ids = torch.tensor([3, 3, 5, 3, 3])
-    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.9])  # the last ties the first: order, not score, decides
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.9])  # a later duplicate with the same score goes
     objectness = torch.tensor([0.9, 0.9, 0.9, 0.2, 0.9])
     kept_ids, kept_scores, kept_boxes = select_instances(ids, scores, boxes, objectness, iou=0.5)
     assert kept_ids.tolist() == [3, 5, 3] and kept_scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
