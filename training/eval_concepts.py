@@ -284,10 +284,13 @@ def instance_figures(
     for word in sorted(set(ap["per_concept"]) | set(counted["per_concept"])):
         a = ap["per_concept"].get(word, {})
         c = counted["per_concept"].get(word)
+        served_n = int(operating["per_concept"].get(word, {}).get("n_predictions", 0))
+        if not a.get("n_ground_truth") and not served_n:
+            continue  # only below the floors, never true: nothing to report
         per_concept[word] = {
             "ap@0.5": None if a.get("AP") is None else round(a["AP"], 4),
             "true_boxes": int(a.get("n_ground_truth", 0)),
-            "instances": int(operating["per_concept"].get(word, {}).get("n_predictions", 0)),
+            "instances": served_n,
             "count_mae": None if c is None else round(c["mae"], 4),
             "count_mean_true": None if c is None else round(c["mean_true"], 4),
             "count_relative_error": None if c is None or c["relative"] is None else round(c["relative"], 4),

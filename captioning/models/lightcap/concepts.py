@@ -7,8 +7,11 @@
     RegionAligner: fc1 C->H, GELU, fc2 H->D, L2-normalise -> region embeddings [R, D]
     similarity with the concept vocabulary [V, D] (CLIP text embeddings of "a photo of a [object]", computed once
     at training time and stored) -> each region takes its most similar concept
-    score = objectness * softmax(logit_scale * cos)[best]; per image: de-duplicate concepts (best box each),
-    drop scores below ``min_score``, keep the top K (K = 20 in the paper).
+    score = objectness * softmax(logit_scale * cos)[best]
+    instances (``extract``): NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
+    ``score >= instance_min_score`` and ``objectness >= instance_conf``: every object, e.g. 29 houses
+    LightCap's words (``extract_tensors``, derived from the instances): per concept its best instance, drop scores
+    below ``min_score``, keep the top K (K = 20 in the paper) -- exactly what the captioner was trained on.
 
 Training (``training/concepts_align.py``) uses ground-truth boxes and ``region_concept_loss``: CLIP's symmetric
 contrastive loss between region embeddings and the embeddings of their concept words, with CLIP frozen.
@@ -282,9 +285,11 @@ def region_concept_loss(
 class ConceptExtractor(nn.Module):
     """Images -> the visual concepts in them (the runtime object of task ``concepts``).
 
-    ``preprocess(pil) -> [3, S, S]`` in [0, 1]; ``extract(images [B,3,S,S]) -> list[list[Concept]]`` with boxes
-    in the preprocessed image's pixels (``scale_concepts`` maps them onto another size); ``extract_tensors`` gives
-    padded tensors for the LightCap captioner (concept ids into ``vocab``, scores, boxes).
+    ``preprocess(pil) -> [3, S, S]`` in [0, 1]; ``extract(images [B,3,S,S]) -> list[list[Concept]]``: every object
+    instance, boxes in the preprocessed image's pixels (``scale_concepts`` maps them onto another size);
+    ``counts(instances)`` and ``group_concepts(instances)`` count and group them per word; ``extract_words`` (or
+    ``concept_words(instances)``) gives the distinct top-K words, and ``extract_tensors`` the same as padded
+    tensors for the LightCap captioner (concept ids into ``vocab``, scores, boxes).
     """
 
     def __init__(
