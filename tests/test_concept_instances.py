@@ -11,12 +11,10 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from captioning.inference import Concept, load_model
+from captioning.inference import Concept, counts, group_concepts, load_model
 from captioning.models.lightcap.concepts import (
     _PALETTE,
-    counts,
     draw_concepts,
-    group_concepts,
     select_instances,
     top_concept_rows,
 )

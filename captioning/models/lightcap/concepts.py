@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.errors import ConfigError
-from captioning.inference import Concept
+from captioning.inference import Concept, counts, group_concepts
 from captioning.models.lightcap.clip_encoder import GridEncoder, pil_to_tensor, resize_batch
 from captioning.models.lightcap.detector import ProposalDetector
 
@@ -501,23 +501,6 @@ def top_concept_rows(ids: torch.Tensor, scores: torch.Tensor, k: int, min_score:
         if len(rows) == k:
             break
     return rows
-
-
-def group_concepts(instances: list[Concept]) -> list[Concept]:
-    """Distinct words: each word's best-scoring instance, best first (ties keep the earlier instance)."""
-    best: dict[str, Concept] = {}
-    for c in instances:
-        if c.concept not in best or c.score > best[c.concept].score:
-            best[c.concept] = c
-    return sorted(best.values(), key=lambda c: -c.score)
-
-
-def counts(instances: list[Concept]) -> dict[str, int]:
-    """Instances per concept word, most frequent first (then alphabetical): ``{"house": 29, "tree": 4}``."""
-    tally: dict[str, int] = {}
-    for c in instances:
-        tally[c.concept] = tally.get(c.concept, 0) + 1
-    return dict(sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def scale_concepts(concepts: list[Concept], from_size: tuple[int, int], to_size: tuple[int, int]) -> list[Concept]:
