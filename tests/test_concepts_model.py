@@ -40,9 +40,9 @@ def test_concept_list_file_parsing_and_errors(tmp_path):
 def test_vocabularies_of_both_profiles():
     from captioning.data import LABELS
 
-    words, labels = concept_words(load_config("concepts", "paper"))
+    words, labels = concept_words(load_config("concepts", "paper").to_dict())
     assert len(words) >= 150 and "airplane" in words and labels[words.index("tree")] == "trees"
-    words, labels = concept_words(load_config("concepts", "tiny"))
+    words, labels = concept_words(load_config("concepts", "tiny").to_dict())
     # the 17 label words and the finer synthetic object words, each once
     assert set(LABELS) <= set(words) and {"car", "truck", "boat", "house", "tank"} <= set(words)
     assert len(words) == len(set(words))
@@ -145,8 +145,8 @@ def test_detector_weights_roundtrip_through_safetensors(tmp_path):
 
 
 def _random_extractor(profile: str, clip_overrides=None, **extract):
-    clip_cfg = load_config("clip", profile)
-    cfg = load_config("concepts", profile)
+    clip_cfg = load_config("clip", profile).to_dict()
+    cfg = load_config("concepts", profile).to_dict()
     cfg["extract"].update(extract)
     encoder = GridEncoder.from_config(clip_cfg)
     detector = ProposalDetector(cfg["detector"])

@@ -42,8 +42,8 @@ def random_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     store = ModelStore(root / "store")
     # clip: a random tiny open_clip CLIP + its word-level tokenizer
-    clip_cfg = load_config("clip", "tiny")
-    cfg_concepts = load_config("concepts", "tiny")
+    clip_cfg = load_config("clip", "tiny").to_dict()
+    cfg_concepts = load_config("concepts", "tiny").to_dict()
     words, labels = concept_words(cfg_concepts)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
     model_cfg = clip_model_config(clip_cfg)
