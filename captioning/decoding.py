@@ -45,7 +45,7 @@ class StepModel(Protocol):
     def reorder(self, state: Any, indices: torch.Tensor) -> Any: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeOptions:
     beam_size: int = 1
     max_length: int = 20

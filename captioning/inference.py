@@ -17,7 +17,7 @@ from captioning.errors import StoreError
 if TYPE_CHECKING:  # pragma: no cover
     from captioning.store import ModelStore, ModelVersion
 
-# manifest "task" -> "module:function(version: ModelVersion, store: ModelStore) -> runtime object"
+# manifest "task" -> "module:function(version, store, *, device, precision) -> runtime object"
 LOADERS: dict[str, str] = {
     "ucm-classifier": "captioning.models.ucm.runtime:load_classifier",
     "ucm-captioner": "captioning.models.ucm.runtime:load_captioner",
@@ -46,7 +46,11 @@ def servable_tasks() -> list[str]:
     return sorted(LOADERS)
 
 
-def load_model(store: ModelStore, spec: str, *, verify: bool = True) -> Any:
+def load_model(
+    store: ModelStore, spec: str, *, verify: bool = True, device: str = "cpu", precision: str = "fp32"
+) -> Any:
+    """The runtime of ``spec`` with its weights on ``device`` ("cpu", "cuda", "cuda:1") computing in
+    ``precision`` ("fp32" or "bf16"; see ``captioning.accel`` for resolving "auto")."""
     version: ModelVersion = store.load(spec, verify=verify)
     task = version.manifest.get("task")
     target = LOADERS.get(task)
@@ -56,4 +60,4 @@ def load_model(store: ModelStore, spec: str, *, verify: bool = True) -> Any:
         )
     module_name, func_name = target.split(":")
     loader = getattr(importlib.import_module(module_name), func_name)
-    return loader(version, store)
+    return loader(version, store, device=device, precision=precision)

@@ -51,7 +51,32 @@ def load_detector(detector_version: ModelVersion) -> Any:
     return detector
 
 
-def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
+def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = True) -> Any:
+    """Put a ConceptExtractor on ``device`` with the runtime contract's attributes (``device``, ``dtype``,
+    ``preprocessor``). ``fast``: batch norms folded (CLIP trunk and YOLO), channels-last CLIP trunk, the two
+    convolutional trunks' weights in ``dtype`` (the aligner stays float32: it is small and its ROI boxes need
+    float32 coordinates). ``fast=False`` keeps the reference network (bf16 then runs under autocast)."""
+    import torch
+
+    from captioning.models.lightcap.clip_encoder import PilToTensor
+
+    extractor.to(device)
+    if fast:
+        extractor.encoder.optimize_for_inference(dtype, channels_last=True)
+        extractor.detector.optimize_for_inference(dtype, channels_last=False)
+    elif dtype != torch.float32:
+        extractor.encoder.to(dtype=dtype)
+        extractor.detector.model.to(dtype=dtype)
+    extractor.device, extractor.dtype, extractor.fast = torch.device(device), dtype, bool(fast)
+    extractor.preprocessor = PilToTensor(extractor.image_size)
+    extractor.preprocess = extractor.preprocessor
+    return extractor
+
+
+def load_concept_extractor(
+    version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+) -> Any:
+    from captioning.accel import runtime_placement
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
         ConceptExtractor,
@@ -60,6 +85,7 @@ def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
     )
     from captioning.models.lightcap.concepts_data import load_tensors
 
+    dev, dtype = runtime_placement(device, precision)
     cfg = version.manifest.get("config") or {}
     encoder = load_grid_encoder(parent_version(version, store, "clip"))
     detector = load_detector(parent_version(version, store, "concepts-detector"))
@@ -72,13 +98,15 @@ def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
         raise StoreError(f"{version.spec}: {ALIGNER_FILE} does not fit its config ({exc})") from exc
     extractor = ConceptExtractor(encoder, detector, aligner, vocab, cfg)
     extractor.name, extractor.version, extractor.manifest = version.name, version.version, version.manifest
-    return extractor.eval()
+    return prepare_extractor(extractor.eval(), device=dev, dtype=dtype, fast=fast)
 
 
-def load_captioner(version: ModelVersion, store: ModelStore) -> Any:
+def load_captioner(
+    version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+) -> Any:
     """Task ``lightcap``: the LightCap captioner (``captioner.safetensors``, ``model.json``, ``tokenizer.json``) with
     the concept extractor it was trained on (its ``concepts`` parent, exact version), as one runtime object:
-    ``preprocess(pil)`` and ``caption(images, beam_size=..., max_length=..., ...)`` (captioning/models/lightcap/pipeline.py)."""
+    ``preprocess(pil)`` and ``caption(images, options)`` (captioning/models/lightcap/pipeline.py)."""
     from captioning.models.lightcap.pipeline import load_lightcap
 
-    return load_lightcap(version, store)
+    return load_lightcap(version, store, device=device, precision=precision, fast=fast)
