@@ -243,12 +243,15 @@ class LightCapCaptioner(nn.Module):
     ):
         """Greedy / beam search (``captioning.decoding``) -> one ``Hypothesis`` per image.
 
-        ``fast``: ``FastLightCapDecoder`` (shared prefix, preallocated cache); else ``LightCapDecoder``
-        (``use_cache`` picks its HF ``DynamicCache`` or the uncached reference)."""
+        ``fast``: ``FastLightCapDecoder`` (shared prefix, preallocated cache) and the vectorised beam search; else
+        ``LightCapDecoder`` (``use_cache`` picks its HF ``DynamicCache`` or the uncached reference) and the
+        reference beam search loop."""
         from captioning.decoding import decode
 
         decoder = FastLightCapDecoder(self, options.max_length + 1) if fast else self.decoder(use_cache=use_cache)
-        return decode(decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id, batch_size=grid.shape[0])
+        return decode(
+            decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id, batch_size=grid.shape[0], reference=not fast
+        )
 
 
 def caption_loss(branch_logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, smoothing: float = 0.0):

@@ -55,8 +55,10 @@ class UCMPreprocessor:
 
 
 class _Runtime:
-    """``device``/``dtype``: where the weights live and what the ResNet trunk computes in (its batch norms are
-    folded and, on ``fast``, it runs channels-last); heads and the LSTM decoder stay float32."""
+    """``device``/``dtype``: where the weights live and what the ResNet trunk computes in; heads and the LSTM
+    decoder stay float32. ``fast``: batch norms folded, channels-last, and ``dtype`` is the trunk's weight dtype
+    (fp32 is then true float32, where the published configs' ``image.autocast: bfloat16`` ran the trunk under
+    bf16 autocast). ``fast=False`` is the reference: the network as trained, the config's autocast honoured."""
 
     def __init__(
         self, version: ModelVersion, model: torch.nn.Module, input_size: int, *,
@@ -71,7 +73,12 @@ class _Runtime:
         self.fast = bool(fast)
         self.model = model.eval().to(self.device)
         trunk = self.model.trunk if isinstance(self.model, MultiLabelClassifier) else self.model.encoder.trunk
-        trunk.optimize_for_inference(self.dtype, fold=fast, channels_last=fast)
+        if fast:  # the runtime's precision decides (a config's training-time ``autocast`` no longer applies)
+            trunk.autocast_dtype = None
+            trunk.optimize_for_inference(self.dtype, fold=True, channels_last=True)
+        elif self.dtype != torch.float32:
+            trunk.to(dtype=self.dtype)
+            trunk.autocast_dtype = None
         self.input_size = int(input_size)
         self.preprocessor = UCMPreprocessor(self.input_size)
         self.preprocess = self.preprocessor
@@ -118,7 +125,7 @@ class UCMCaptioner(_Runtime):
         (``self.decoding`` is the published one)."""
         if not isinstance(options, DecodeOptions):
             raise TypeError(f"caption(images, options): options must be a DecodeOptions, got {type(options).__name__}")
-        hyps = decode(self.model, self._check(images), options, bos_id=BOS_ID, eos_id=EOS_ID)
+        hyps = decode(self.model, self._check(images), options, bos_id=BOS_ID, eos_id=EOS_ID, reference=not self.fast)
         out = []
         for hyp in hyps:
             tokens = self.vocab.decode(hyp.tokens)
