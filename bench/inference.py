@@ -172,6 +172,32 @@ def lightcap_stages(rt: Any, images: torch.Tensor, options: Any) -> dict[str, Ca
     }
 
 
+def compiled_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict) -> list[tuple]:
+    """torch.compile'd (inductor) CLIP trunk and YOLO network of a fast LightCap runtime; the first call of each
+    shape (the compilation) is timed into ``seconds``."""
+    from captioning.accel import to_device
+
+    ex = rt.extractor
+    key = (id(rt), "grid")
+    if key not in cache:
+        cache[key] = torch.compile(ex.encoder)
+        cache[(id(rt), "detector")] = torch.compile(ex.detector.model)
+    grid_fn, yolo_fn = cache[key], cache[(id(rt), "detector")]
+    x = to_device(images, rt.device)
+    size = ex.detector.imgsz
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).to(rt.dtype)
+    plans = [("grid[compile]", "greedy", lambda: grid_fn(x)), ("yolo-net[compile]", "greedy", lambda: yolo_fn(y)),
+             ("yolo-net[eager]", "greedy", lambda: ex.detector.model(y))]
+    for name, _, fn in plans[:2]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        seconds[f"{name} {rt.dtype} batch {images.shape[0]} threads {torch.get_num_threads()}"] = round(
+            time.perf_counter() - t0, 1
+        )
+    return plans
+
+
 def caption_texts(rt: Any, pictures: list[Any], options: Any, batch: int = 8) -> list[str]:
     texts = []
     for start in range(0, len(pictures), batch):
@@ -244,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-blip", action="store_true")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--quick", action="store_true", help="2 threads, 3 repeats, 16 pictures per set")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time torch.compile'd CLIP grid and YOLO (fast path) against eager, compile time included",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "inference")
     args = parser.parse_args(argv)
     if args.quick:
@@ -318,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- speed rows
     rows: list[dict[str, Any]] = []
+    compiled: dict[tuple, Any] = {}
+    compile_seconds: dict[str, float] = {}
     pictures = synth_test_images(0, max(batches))[0]
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -340,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     x = torch.stack([rt.preprocess(p) for p in pictures[:batch]])
                     plans = [("total", "-", (lambda x=x, rt=rt: rt.predict(x)))]
+                if args.compile and model == "lightcap" and path == "fast":
+                    plans += compiled_plans(rt, images, compiled, compile_seconds)
                 for stage, decode_name, fn in plans:
                     with torch.no_grad():
                         seconds = time_call(fn, args.repeats, device)
@@ -383,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "identical_to_reference_fp32": identical,
         "decoding": {m: {k: o.to_dict() for k, o in d.items()} for m, d in decodes.items()},
         "rows": rows,
+        "compile_seconds": compile_seconds,
         "blip": blip,
         "summary": summarise(rows, blip, peaks, quality),
     }
