@@ -143,3 +143,25 @@ def test_to_device_converts_floats_only():
     assert accel.to_device(x, torch.device("cpu"), torch.bfloat16).dtype == torch.long
     y = accel.to_device(torch.rand(2), torch.device("cpu"), torch.bfloat16)
     assert y.dtype == torch.bfloat16 and y.device.type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------- eval CLIs
+def test_eval_placement_names_the_flag_or_variable(monkeypatch):
+    import argparse
+
+    from captioning.errors import UsageError
+    from training.eval_ucm import resolve_placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("CAPTIONER_DEVICE", raising=False)
+    monkeypatch.delenv("CAPTIONER_PRECISION", raising=False)
+    assert resolve_placement(argparse.Namespace(device=None, precision=None)) == ("cpu", "fp32")
+    assert resolve_placement(argparse.Namespace(device="cpu", precision="bf16")) == ("cpu", "bf16")
+    monkeypatch.setenv("CAPTIONER_PRECISION", "fp8")
+    with pytest.raises(UsageError, match="CAPTIONER_PRECISION: precision 'fp8'"):
+        resolve_placement(argparse.Namespace(device=None, precision=None))
+    with pytest.raises(UsageError, match="--device: device 'cuda'"):
+        resolve_placement(argparse.Namespace(device="cuda", precision="fp32"))
+    monkeypatch.setenv("CAPTIONER_DEVICE", "gpu0")
+    with pytest.raises(UsageError, match="CAPTIONER_DEVICE: device 'gpu0'"):
+        resolve_placement(argparse.Namespace(device=None, precision="fp32"))
