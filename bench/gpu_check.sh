@@ -16,8 +16,10 @@ set -x
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 
+# what the GPU image (python3 with torch, transformers, torchvision ...) lacks, at requirements.lock's versions
 WHEELS="open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 ultralytics==8.4.190 ultralytics-thop==2.2.3
-ultralytics-platform==0.1.99 pycocotools==2.0.11"
+ultralytics-platform==0.1.99 pycocotools==2.0.11 pydantic==2.14.3 pydantic-core==2.50.4 pydantic-settings==2.16.3
+python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0"
 
 if [ "${1:-}" = "fetch" ]; then
     set -e
