@@ -104,9 +104,9 @@ step() {  # step NAME SECONDS command...
 
 step "cuda tests" 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -ra \
     tests/test_fast_inference.py tests/test_accel.py --junitxml="$OUT/tests.xml"
-step "bench cuda fp32+bf16" 150 "$PY" bench/inference.py --device cuda --threads 2 --repeats 5 --images 64 \
+step "bench cuda fp32+bf16" 120 "$PY" bench/inference.py --device cuda --threads 2 --repeats 5 --images 64 \
     --out "$OUT/inference-cuda"
-step "bench cpu 2 threads" 200 "$PY" bench/inference.py --device cpu --threads 2 --repeats 3 --images 32 \
+step "bench cpu 2 threads" 240 "$PY" bench/inference.py --device cpu --threads 2 --repeats 3 --images 32 \
     --out "$OUT/inference-cpu"
 ls -la "$OUT"
 echo "failed steps: $failed"
