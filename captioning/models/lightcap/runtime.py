@@ -53,9 +53,11 @@ def load_detector(detector_version: ModelVersion) -> Any:
 
 def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = True) -> Any:
     """Put a ConceptExtractor on ``device`` with the runtime contract's attributes (``device``, ``dtype``,
-    ``preprocessor``). ``fast``: batch norms folded (CLIP trunk and YOLO), channels-last CLIP trunk, the two
-    convolutional trunks' weights in ``dtype`` (the aligner stays float32: it is small and its ROI boxes need
-    float32 coordinates). ``fast=False`` keeps the reference network (bf16 then runs under autocast)."""
+    ``preprocessor``). ``fast``: batch norms folded (CLIP trunk and YOLO), both trunks channels-last and their
+    weights in ``dtype`` (measured, CPU ms/img at batch 8, 1 thread: CLIP 23.9 as trained, 21.3 folded, 16.6
+    folded + channels-last, 7.4 in bf16; YOLO bf16 13.1 -> 9.7 with channels-last, fp32 18.4 -> 17.7). The aligner
+    stays float32: it is small and its ROI boxes need float32 coordinates. ``fast=False`` keeps the reference
+    networks (bf16 then stores their weights in bf16)."""
     import torch
 
     from captioning.models.lightcap.clip_encoder import PilToTensor
@@ -63,7 +65,7 @@ def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = T
     extractor.to(device)
     if fast:
         extractor.encoder.optimize_for_inference(dtype, channels_last=True)
-        extractor.detector.optimize_for_inference(dtype, channels_last=False)
+        extractor.detector.optimize_for_inference(dtype, channels_last=True)
     elif dtype != torch.float32:
         extractor.encoder.to(dtype=dtype)
         extractor.detector.model.to(dtype=dtype)
