@@ -1,63 +1,186 @@
-"""Devices and precision: what ``CAPTIONER_DEVICE`` / ``CAPTIONER_PRECISION`` (and the CLIs' flags) mean.
+"""Where and in what precision the runtimes compute: device and precision resolution, BN folding, H2D copies.
 
-* ``resolve_device("auto"|"cpu"|"cuda"|"cuda:N") -> torch.device``: auto is the first GPU when one is
-  present, else the CPU; asking for a GPU that is not there is an error naming the value.
-* ``resolve_precision("auto"|"fp32"|"bf16", device) -> "fp32"|"bf16"``: auto is bf16 on a GPU and on a CPU
-  with native bf16 arithmetic (AVX512-BF16 or AMX, read from the CPU's flags, not assumed), else fp32.
+* ``cpu_has_native_bf16()``: whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16), read from
+  the kernel's CPU flags (``/proc/cpuinfo``), else from torch's own probe (``torch.backends.cpu``); never assumed.
+* ``resolve_device("auto" | "cpu" | "cuda" | "cuda:N") -> torch.device``: ``auto`` is ``cuda`` when a GPU is
+  usable, else ``cpu``; asking for ``cuda`` without one (or for an index that does not exist) is an error.
+* ``resolve_precision("auto" | "fp32" | "bf16", device) -> "fp32" | "bf16"``: ``auto`` is bf16 on CUDA and on a
+  CPU with native bf16, else fp32.
+* ``fold_batch_norms(module)``: every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` (``convN`` /
+  ``bnN`` pairs of a ResNet block, or neighbours in an ``nn.Sequential``) is folded into the convolution's weight
+  and bias and replaced by ``nn.Identity`` (inference only: the result is not trainable as before).
+* ``to_device(tensor, device, dtype)``: a CPU batch onto the runtime's device (pinned + ``non_blocking`` for CUDA).
 """
 
 from __future__ import annotations
 
 import functools
-import re
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
-PRECISION_CHOICES = ("auto", "fp32", "bf16")
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+PRECISIONS = ("fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------- CPU features
+def _cpuinfo_flags(path: str | Path = "/proc/cpuinfo") -> set[str] | None:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags") or line.startswith("Features"):  # x86 / arm
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU has native bf16 arithmetic: x86 ``avx512_bf16`` or ``amx_bf16``, arm ``bf16``."""
+    flags = _cpuinfo_flags(cpuinfo)
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return _torch_cpu_bf16()
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
+def _torch_cpu_bf16() -> bool:
+    """Fallback where /proc/cpuinfo is absent: torch's oneDNN probe of the CPU."""
+    probe = getattr(getattr(torch.backends, "mkldnn", None), "is_bf16_supported", None)
+    if probe is None:
+        return False
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+        return bool(probe())
+    except Exception:  # noqa: BLE001 - an unknown CPU is not a bf16 CPU
+        return False
 
 
-def cpu_has_native_bf16() -> bool:
-    return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
-
-
-def resolve_device(text: str) -> torch.device:
-    value = str(text).strip().lower()
+# ---------------------------------------------------------------------------------------------- settings
+def resolve_device(text: str | torch.device | None) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> a usable ``torch.device`` (ValueError naming the value)."""
+    if isinstance(text, torch.device):
+        text = str(text)
+    value = (text or "auto").strip().lower()
     if value == "auto":
-        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if value == "cpu":
         return torch.device("cpu")
-    match = re.fullmatch(r"cuda(?::(\d+))?", value)
-    if not match:
-        raise ValueError(f"device {text!r} is not one of {DEVICE_CHOICES}")
-    index = int(match.group(1) or 0)
-    if not torch.cuda.is_available():
-        raise ValueError(f"device {text!r}: no CUDA GPU is available on this machine")
-    if index >= torch.cuda.device_count():
-        raise ValueError(f"device {text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return torch.device("cuda", index)
+    if value == "cuda" or value.startswith("cuda:"):
+        index_text = value[5:] if value.startswith("cuda:") else None
+        if index_text is not None and not index_text.isdigit():
+            raise ValueError(f"device {text!r}: the GPU index must be a number (cuda:0, cuda:1, ...)")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r}: CUDA is not available on this machine (use cpu or auto)")
+        if index_text is not None and int(index_text) >= torch.cuda.device_count():
+            raise ValueError(f"device {text!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+        return torch.device(value)
+    raise ValueError(f"device {text!r} is not one of auto, cpu, cuda, cuda:N")
 
 
-def resolve_precision(text: str, device: torch.device | str = "cpu") -> str:
-    value = str(text).strip().lower()
-    if value not in PRECISION_CHOICES:
-        raise ValueError(f"precision {text!r} is not one of {', '.join(PRECISION_CHOICES)}")
-    if value != "auto":
+def resolve_precision(text: str | None, device: torch.device | str = "cpu") -> str:
+    """``auto`` | ``fp32`` | ``bf16`` -> ``fp32`` or ``bf16`` for ``device`` (ValueError naming the value)."""
+    value = (text or "auto").strip().lower()
+    if value in PRECISIONS:
         return value
+    if value != "auto":
+        raise ValueError(f"precision {text!r} is not one of auto, fp32, bf16")
     device = torch.device(device)
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+    if device.type == "cuda":
         return "bf16"
-    return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """``fp32`` -> torch.float32, ``bf16`` -> torch.bfloat16 (already resolved; ``auto`` is an error here)."""
+    try:
+        return DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} (resolve 'auto' first)") from None
+
+
+def runtime_placement(device: str | torch.device, precision: str) -> tuple[torch.device, torch.dtype]:
+    """What a loader gets (``device``, ``precision``) -> (torch.device, compute dtype), validated; ``auto`` is
+    resolved here too, so a loader called directly behaves like one called through the settings."""
+    dev = resolve_device(device)
+    return dev, compute_dtype(resolve_precision(precision, dev))
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (CPU) tensor onto ``device``: pinned and copied ``non_blocking`` for CUDA; ``dtype`` converts floats."""
+    if tensor.device != device:
+        if device.type == "cuda" and tensor.device.type == "cpu":
+            tensor = tensor.pin_memory().to(device, non_blocking=True)
+        else:
+            tensor = tensor.to(device)
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------- BN folding
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(conv.eval(), bn.eval())
+
+
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold each BatchNorm2d that follows its Conv2d into it, in place; returns how many were folded.
+
+    Pairs: children ``convN`` + ``bnN`` (torchvision's and open_clip's ResNet blocks and stems call them in that
+    order, with nothing in between) and consecutive ``Conv2d``, ``BatchNorm2d`` children of an ``nn.Sequential``
+    (the downsample branches). The module must be in eval mode (running statistics are what gets folded).
+    """
+    if module.training:
+        raise ValueError("fold_batch_norms needs a module in eval mode (it folds the running statistics)")
+    folded = 0
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            for first, second in zip(names, names[1:], strict=False):
+                conv, bn = children[first], children[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    setattr(parent, first, _fold(conv, bn))
+                    setattr(parent, second, nn.Identity())
+                    folded += 1
+            continue
+        for name, child in children.items():
+            if not (name.startswith("conv") and isinstance(child, nn.Conv2d)):
+                continue
+            bn_name = "bn" + name[len("conv"):]
+            bn = children.get(bn_name)
+            if isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, name, _fold(child, bn))
+                setattr(parent, bn_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+def count_batch_norms(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def describe_cpu() -> dict[str, Any]:
+    """CPU model, logical cores and native-bf16 flag (for benchmark records)."""
+    import os
+    import platform
+
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }

@@ -45,7 +45,7 @@ class StepModel(Protocol):
     def reorder(self, state: Any, indices: torch.Tensor) -> Any: ...
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecodeOptions:
     beam_size: int = 1
     max_length: int = 20
@@ -152,14 +152,16 @@ def decode(
     bos_id: int,
     eos_id: int,
     batch_size: int | None = None,
+    reference: bool = False,
 ) -> list[Hypothesis]:
-    """The best hypothesis for each of the B inputs (greedy when ``beam_size == 1``)."""
+    """The best hypothesis for each of the B inputs (greedy when ``beam_size == 1``).
+
+    ``reference``: beam search with the original per-input, per-rank Python loop (``beam_search_reference``),
+    kept as what the vectorised ``beam_search`` is tested and benchmarked against."""
     if options.beam_size == 1:
         return greedy_search(model, batch, options, bos_id=bos_id, eos_id=eos_id, batch_size=batch_size)
-    return [
-        beams[0]
-        for beams in beam_search(model, batch, options, bos_id=bos_id, eos_id=eos_id, batch_size=batch_size)
-    ]
+    search = beam_search_reference if reference else beam_search
+    return [beams[0] for beams in search(model, batch, options, bos_id=bos_id, eos_id=eos_id, batch_size=batch_size)]
 
 
 @torch.no_grad()
@@ -201,7 +203,7 @@ def greedy_search(
 
 
 @torch.no_grad()
-def beam_search(
+def beam_search_reference(
     model: StepModel,
     batch: Any,
     options: DecodeOptions,
@@ -276,6 +278,98 @@ def beam_search(
         last = torch.tensor(next_tokens, dtype=torch.long)
         prefix = torch.cat([prefix[rows], last[:, None]], dim=1)
         beam_scores = torch.tensor(next_scores, dtype=torch.float64).view(n_inputs, k)
+
+    for b in range(n_inputs):
+        if not finished[b]:  # every path was banned: hand back the empty caption with -inf score
+            finished[b].append(Hypothesis(tokens=[], log_prob=NEG_INF, score=NEG_INF))
+    return finished
+
+
+@torch.no_grad()
+def beam_search(
+    model: StepModel,
+    batch: Any,
+    options: DecodeOptions,
+    *,
+    bos_id: int,
+    eos_id: int,
+    batch_size: int | None = None,
+) -> list[list[Hypothesis]]:
+    """Up to ``beam_size`` finished hypotheses per input, best first; the same search (and results) as
+    ``beam_search_reference``, with the per-step bookkeeping done on tensors for all inputs at once.
+
+    Per step, of each input's top 2K candidates: the first K (by rank) that are finite and not ``<eos>`` become
+    its beams (padded with dead beams: score -inf); an ``<eos>`` candidate ranked within the top K finishes a
+    hypothesis (only these few events reach Python); an input is done when it has K finished hypotheses and no
+    live beam can still beat the worst of them (``_is_done``), after which its beams are dead.
+    """
+    n_inputs = len(batch) if batch_size is None else batch_size
+    k = options.beam_size
+    alpha = options.length_penalty
+    state = model.init_state(batch)
+    state = model.reorder(state, torch.arange(n_inputs).repeat_interleave(k))
+    beam_scores = torch.zeros(n_inputs, k, dtype=torch.float64)
+    beam_scores[:, 1:] = NEG_INF
+    prefix = torch.zeros(n_inputs * k, 0, dtype=torch.long)
+    last = torch.full((n_inputs * k,), bos_id, dtype=torch.long)
+    finished: list[list[Hypothesis]] = [[] for _ in range(n_inputs)]
+    n_kept = torch.zeros(n_inputs, dtype=torch.long)
+    worst_kept = torch.full((n_inputs,), NEG_INF, dtype=torch.float64)
+    done = torch.zeros(n_inputs, dtype=torch.bool)
+    base_row = torch.arange(n_inputs)[:, None] * k                                     # [B,1]
+    filler_rows = base_row.expand(n_inputs, k)
+
+    for step in range(options.max_length + 1):
+        log_probs, state = model.step(last.to(_device_of(state, last)), state)
+        log_probs = adjust_log_probs(log_probs.cpu(), prefix, step, options, eos_id)  # [B*K, V]
+        vocab = log_probs.shape[1]
+        candidates = (beam_scores.view(-1, 1) + log_probs.double()).view(n_inputs, k * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [B, 2K]
+        top_beam = top_index // vocab
+        top_token = top_index % vocab
+        finite = top_scores != NEG_INF
+        is_eos = top_token == eos_id
+        open_input = ~done[:, None]
+        # hypotheses finished this step: <eos> within the top K (Python only for these few)
+        ranks = torch.arange(top_scores.shape[1])
+        ending = is_eos & finite & open_input & (ranks < k)[None, :]
+        if bool(ending.any()):
+            for b, rank in ending.nonzero().tolist():
+                row = b * k + int(top_beam[b, rank])
+                score = float(top_scores[b, rank])
+                tokens = prefix[row].tolist()
+                ranked = score / gnmt_length_penalty(len(tokens) + 1, alpha)
+                finished[b].append(Hypothesis(tokens=tokens, log_prob=score, score=ranked))
+            for b in ending.any(dim=1).nonzero().flatten().tolist():
+                finished[b].sort(key=lambda h: h.score, reverse=True)
+                del finished[b][k:]
+                n_kept[b] = len(finished[b])
+                worst_kept[b] = finished[b][-1].score
+        # the next beams: the first K live candidates by rank, then dead fillers
+        live = finite & ~is_eos & open_input
+        slot = live.long().cumsum(dim=1) - 1
+        chosen = live & (slot < k)
+        next_rows = filler_rows.clone()
+        next_tokens = torch.full((n_inputs, k), eos_id, dtype=torch.long)
+        next_scores = torch.full((n_inputs, k), NEG_INF, dtype=torch.float64)
+        b_idx, r_idx = chosen.nonzero(as_tuple=True)
+        s_idx = slot[b_idx, r_idx]
+        next_rows[b_idx, s_idx] = b_idx * k + top_beam[b_idx, r_idx]
+        next_tokens[b_idx, s_idx] = top_token[b_idx, r_idx]
+        next_scores[b_idx, s_idx] = top_scores[b_idx, r_idx]
+        # done: K finished and no live beam can still beat the worst of them (``_is_done``)
+        best_alive = next_scores.max(dim=1).values
+        length = options.max_length + 1 if alpha > 0 else step + 2
+        bound = best_alive / gnmt_length_penalty(length, alpha)
+        done |= (n_kept >= k) & ((best_alive == NEG_INF) | (bound <= worst_kept))
+
+        if bool(done.all()) or step == options.max_length:
+            break
+        rows = next_rows.flatten()
+        state = model.reorder(state, rows.to(_device_of(state, rows)))
+        last = next_tokens.flatten()
+        prefix = torch.cat([prefix[rows], last[:, None]], dim=1)
+        beam_scores = next_scores
 
     for b in range(n_inputs):
         if not finished[b]:  # every path was banned: hand back the empty caption with -inf score

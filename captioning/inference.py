@@ -78,6 +78,9 @@ class Runtime(Protocol):
     name: str  # store name
     version: int
     manifest: dict[str, Any]
+    device: torch.device  # where the weights live and batches run
+    dtype: torch.dtype  # compute precision: float32 or bfloat16
+    preprocessor: Callable[[Image.Image], torch.Tensor]  # picklable, no weights; ``preprocess`` is the same
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> float32 CPU tensor [3,H,W] (a fixed size per model)."""

@@ -102,7 +102,7 @@ class Engine:
 
     def preparer(self) -> Preparer:
         return Preparer(self.settings.format_list, self.settings.max_image_pixels,
-                        [getattr(r, "preprocessor", r.preprocess) for r in self.runtimes])
+                        [r.preprocessor for r in self.runtimes])
 
     def infer(self, prepared: Sequence[Prepared | dict[str, Any]], keys: Sequence[str] | None = None
               ) -> list[dict[str, Any]]:

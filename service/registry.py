@@ -34,7 +34,7 @@ def run_batch(runtime: Any, key: Any, payloads: list[Any]) -> Any:
     import torch
 
     images = torch.stack(payloads)  # [B, 3, H, W], CPU float32
-    if getattr(runtime, "device", torch.device("cpu")).type == "cuda":
+    if runtime.device.type == "cuda":
         images = images.pin_memory()  # the runtime's host-to-device copy is then asynchronous
     with torch.inference_mode():
         return KINDS[key.kind].run(runtime, key.options, images)
@@ -234,7 +234,7 @@ class ModelRegistry:
                 "task": str(manifest.get("task", "")),
                 "profile": str(manifest.get("profile", "")),
                 "alias": self.settings.alias,
-                "device": str(getattr(runtime, "device", "cpu")),
+                "device": str(runtime.device),
                 "precision": self.settings.precision_name,
             }
         )
@@ -264,7 +264,7 @@ class ModelRegistry:
             "request_names": [served.name, *(n for n in served.spec.request_names if served.answers_to(n))],
             "serving_version": served.version,
             "serving_alias": self.settings.alias,
-            "device": str(getattr(served.runtime, "device", "cpu")),
+            "device": str(served.runtime.device),
             "precision": self.settings.precision_name,
             "alias_version": aliases.get(self.settings.alias),
             "aliases": aliases,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from captioning.config import load_config
-from training.eval_ucm import DECODING_FLAGS
+from training.eval_ucm import DECODING_FLAGS, add_placement_arguments, resolve_placement
 from training.lightcap import DEFAULT_FEATURES, caption_scores, load_features, open_store
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D")
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser, name: str | None = None) -> N
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts Java: several seconds)")
     parser.add_argument("--examples", type=int, default=5, help="captions shown with their references")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_placement_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         store, args.model, corpus, args.split, decoding={flag: getattr(args, flag) for flag, _ in DECODING_FLAGS},
         batch_size=args.batch_size, latency_images=args.latency_images, latency_threads=args.latency_threads,
         features_cache=args.features_cache, examples=args.examples, meteor=not args.no_meteor,
-        cache_speedup=args.cache_speedup,
+        cache_speedup=args.cache_speedup, placement=resolve_placement(args),
     )
     if args.json:
         print(json.dumps(result, indent=1))
@@ -85,13 +86,17 @@ def evaluate(
     examples: int = 5,
     meteor: bool = True,
     cache_speedup: int = 0,
+    placement: tuple[str, str] = ("cpu", "fp32"),
 ) -> dict[str, Any]:
     from captioning.models.lightcap.pipeline import concepts_parent, load_lightcap
 
     version = store.load(spec)
-    pipeline = load_lightcap(version, store)
+    device, precision = placement
+    pipeline = load_lightcap(version, store, device=device, precision=precision)
     parent = concepts_parent(version)
     concepts_version = store.resolve(f"{parent['name']}@{parent['version']}")
+    if features_cache is not None and precision != "fp32":  # bf16 features never stand in for fp32 ones
+        features_cache = Path(features_cache) / precision
     features = load_features(corpus, pipeline.extractor, concepts_version, features_cache)
     options = pipeline.decode_options(**(decoding or {}))  # None values keep the model's
     rows = corpus.split_indices(split)
@@ -124,6 +129,8 @@ def evaluate(
         "split": split,
         "images": len(rows),
         "decoding": options.to_dict(),
+        "device": device,
+        "precision": precision,
         **{k: scores.get(k) for k in METRIC_KEYS},
         "METEOR-note": scores.get("METEOR-note"),
         "parameters": pipeline.model.num_parameters(),

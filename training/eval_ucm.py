@@ -32,12 +32,49 @@ DECODING_FLAGS = (
 )
 
 
+def add_placement_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default=None,
+        help="auto | cpu | cuda | cuda:N (default: $CAPTIONER_DEVICE, else cpu)",
+    )
+    parser.add_argument(
+        "--precision", default=None,
+        help="auto | fp32 | bf16 (default: $CAPTIONER_PRECISION, else fp32); auto: bf16 on a GPU or a CPU with native bf16",
+    )
+
+
+def resolve_placement(args: argparse.Namespace) -> tuple[str, str]:
+    """(device, precision) from ``--device``/``--precision``, else the CAPTIONER_* variables; a bad value is a
+    UsageError naming the flag or variable."""
+    import os
+
+    from captioning.accel import resolve_device, resolve_precision
+
+    chosen = {}
+    for flag, variable, default in (("device", "CAPTIONER_DEVICE", "cpu"), ("precision", "CAPTIONER_PRECISION", "fp32")):
+        value = getattr(args, flag, None)
+        source = f"--{flag}"
+        if value is None:
+            value, source = os.environ.get(variable), variable
+        chosen[flag] = (value or default, source)
+    try:
+        device = resolve_device(chosen["device"][0])
+    except ValueError as exc:
+        raise UsageError(f"{chosen['device'][1]}: {exc}") from None
+    try:
+        precision = resolve_precision(chosen["precision"][0], device)
+    except ValueError as exc:
+        raise UsageError(f"{chosen['precision'][1]}: {exc}") from None
+    return str(device), precision
+
+
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--data", type=Path, required=True, help="dataset folder (UCM layout)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to score (default test)")
     parser.add_argument("--model", default=None, metavar="SPEC", help=f"store spec (default: {name}, its production alias)")
     parser.add_argument("--store", type=Path, default=None, help="model store root (default: settings)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_placement_arguments(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--batch-size", type=int, default=64)
     if name == "ucm-captioner":
@@ -55,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(args.threads))
     store = ModelStore(args.store)
     spec = args.model or args.target
-    runtime = load_model(store, spec)
+    device, precision = resolve_placement(args)
+    runtime = load_model(store, spec, device=device, precision=precision)
     if runtime.manifest.get("task") != args.target:
         raise UsageError(f"{spec} is a {runtime.manifest.get('task')} model; `captioner eval {args.target}` needs a {args.target} model")
     if args.target == "ucm-classifier":
@@ -71,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         "profile": runtime.manifest.get("profile"),
         "data": str(Path(args.data).resolve()),
         "split": args.split,
+        "device": device,
+        "precision": precision,
         "metrics": metrics,
     }
     if args.json:
@@ -119,7 +159,8 @@ def evaluate_captioner(
     corpus = open_dataset(data, splits=(split,))
     max_words = int(runtime.manifest["config"]["text"]["max_words"])
     target = caption_split(corpus, runtime.vocab, split, runtime.input_size, max_words)
-    options = runtime.options(**(overrides or {}))  # None values keep the published decoding
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    options = runtime.decode_options(**overrides)
     captions = []
     for i in range(0, len(target), batch_size):
         captions.extend(c.text for c in runtime.caption(normalize(target.images[i : i + batch_size]), options))

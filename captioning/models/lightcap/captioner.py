@@ -19,6 +19,7 @@ Teachers are the same class with a bigger ``fusion`` section and one head branch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from captioning.errors import ConfigError
-from captioning.models.lightcap.fusion import PrefixLMFusion
+from captioning.models.lightcap.fusion import CAPTION_TYPE, PREFIX_TYPE, PrefixLMFusion
 from captioning.models.lightcap.head import EnsembleHead
 from captioning.models.lightcap.modulator import ConceptModulator
 from captioning.models.lightcap.tokenizer import CaptionTokenizer
@@ -238,13 +239,18 @@ class LightCapCaptioner(nn.Module):
         bos_id: int,
         eos_id: int,
         use_cache: bool = True,
+        fast: bool = False,
     ):
-        """Greedy / beam search (``captioning.decoding``) -> one ``Hypothesis`` per image."""
+        """Greedy / beam search (``captioning.decoding``) -> one ``Hypothesis`` per image.
+
+        ``fast``: ``FastLightCapDecoder`` (shared prefix, preallocated cache) and the vectorised beam search; else
+        ``LightCapDecoder`` (``use_cache`` picks its HF ``DynamicCache`` or the uncached reference) and the
+        reference beam search loop."""
         from captioning.decoding import decode
 
+        decoder = FastLightCapDecoder(self, options.max_length + 1) if fast else self.decoder(use_cache=use_cache)
         return decode(
-            self.decoder(use_cache=use_cache), (grid, concepts), options,
-            bos_id=bos_id, eos_id=eos_id, batch_size=grid.shape[0],
+            decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id, batch_size=grid.shape[0], reference=not fast
         )
 
 
@@ -297,3 +303,162 @@ class LightCapDecoder:
             state["cache"].reorder_cache(indices)
             return {"key_valid": state["key_valid"][indices], "cache": state["cache"]}
         return {k: v[indices] for k, v in state.items()}
+
+
+
+class FastLightCapDecoder:
+    """``captioning.decoding.StepModel`` for a LightCapCaptioner, written for speed; same outputs as
+    ``LightCapDecoder`` (to float32 rounding: tests/test_fast_inference.py).
+
+    * the prefix (visual + concept tokens) is run once per *image*; its keys/values ``[B,heads,P,d]`` are shared
+      by that image's beams (rows ``b*G .. b*G+G-1``), never copied per beam;
+    * the caption tokens' keys/values live in a preallocated time-major buffer ``[T, layers, 2, N, heads, d]``:
+      a step writes slot ``t`` in place (no ``cat``), and a beam reorder is one ``index_select`` of the filled
+      slots for all layers at once into a second buffer (ping-pong);
+    * the BERT layers and the ensemble head run on the model's own weights with fused QKV and fused branch
+      projections, without the per-call overhead of ``transformers``' generic modules.
+
+    ``max_steps``: the most tokens that will be fed (``max_length + 1``). Rows are input-major: a reorder must keep
+    each row with its image (as greedy and beam search in ``captioning.decoding`` do); it is checked.
+    """
+
+    def __init__(self, model: LightCapCaptioner, max_steps: int) -> None:
+        self.model = model
+        bert = model.fusion.bert
+        cfg = bert.config
+        self.max_steps = int(max_steps)
+        self.heads = int(cfg.num_attention_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.head_dim = self.hidden // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        emb = bert.embeddings
+        self.word = emb.word_embeddings.weight
+        self.positions = emb.position_embeddings.weight
+        self.types = emb.token_type_embeddings.weight
+        self.emb_norm = (emb.LayerNorm.weight, emb.LayerNorm.bias, emb.LayerNorm.eps)
+        self.layers = []
+        for layer in bert.encoder.layer:
+            att = layer.attention
+            self.layers.append(
+                {
+                    "qkv_w": torch.cat([att.self.query.weight, att.self.key.weight, att.self.value.weight]),
+                    "qkv_b": torch.cat([att.self.query.bias, att.self.key.bias, att.self.value.bias]),
+                    "out_w": att.output.dense.weight, "out_b": att.output.dense.bias,
+                    "norm1": (att.output.LayerNorm.weight, att.output.LayerNorm.bias, att.output.LayerNorm.eps),
+                    "in_w": layer.intermediate.dense.weight, "in_b": layer.intermediate.dense.bias,
+                    "ffn_w": layer.output.dense.weight, "ffn_b": layer.output.dense.bias,
+                    "norm2": (layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, layer.output.LayerNorm.eps),
+                }
+            )
+        act = getattr(cfg, "hidden_act", "gelu")
+        if act != "gelu":
+            raise ConfigError(f"the fast LightCap decoder supports BERT's 'gelu' activation, not {act!r}")
+        head = model.head
+        self.n_branches = head.num_branches
+        self.branch_w = torch.cat([b.dense.weight for b in head.branches])                    # [n*H,H]
+        self.branch_b = torch.cat([b.dense.bias for b in head.branches])                      # [n*H]
+        self.branch_gamma = torch.stack([b.norm.weight for b in head.branches])               # [n,H]
+        self.branch_beta = torch.stack([b.norm.bias for b in head.branches])                  # [n,H]
+        self.branch_eps = head.branches[0].norm.eps
+        self.vocab_bias = head.bias
+        self.log_n = math.log(self.n_branches)
+
+    # ------------------------------------------------------------------ pieces
+    def _layer_norm(self, x: torch.Tensor, norm: tuple) -> torch.Tensor:
+        return F.layer_norm(x, (self.hidden,), norm[0], norm[1], norm[2])
+
+    def _ffn(self, x: torch.Tensor, layer: dict[str, Any]) -> torch.Tensor:
+        inner = F.gelu(F.linear(x, layer["in_w"], layer["in_b"]))
+        return self._layer_norm(F.linear(inner, layer["ffn_w"], layer["ffn_b"]) + x, layer["norm2"])
+
+    def head_log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N,H] -> ensemble log-probabilities [N,V] (``EnsembleHead.forward``)."""
+        N = hidden.shape[0]
+        y = F.gelu(F.linear(hidden, self.branch_w, self.branch_b)).view(N, self.n_branches, self.hidden)
+        y = F.layer_norm(y, (self.hidden,), None, None, self.branch_eps) * self.branch_gamma + self.branch_beta
+        logits = F.linear(y, self.word, self.vocab_bias)                                      # [N,n,V]
+        return torch.logsumexp(logits.log_softmax(dim=-1), dim=1) - self.log_n
+
+    # ------------------------------------------------------------------ StepModel
+    @torch.no_grad()
+    def init_state(self, batch: tuple[torch.Tensor, ConceptInputs | None]) -> dict[str, Any]:
+        grid, concepts = batch
+        prefix_embeds, prefix_valid = self.model.prefix(grid, concepts)                      # [B,P,H], [B,P]
+        B, P, H = prefix_embeds.shape
+        h, d = self.heads, self.head_dim
+        if P + self.max_steps > self.positions.shape[0]:
+            raise ConfigError(f"prefix {P} + {self.max_steps} caption tokens exceed {self.positions.shape[0]} positions")
+        x = prefix_embeds + self.types[PREFIX_TYPE] + self.positions[:P]
+        x = self._layer_norm(x, self.emb_norm)
+        mask = torch.zeros(B, 1, 1, P, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~prefix_valid[:, None, None, :], torch.finfo(x.dtype).min)  # [B,1,1,P]
+        keys, values = [], []
+        for layer in self.layers:
+            q, k, v = F.linear(x, layer["qkv_w"], layer["qkv_b"]).view(B, P, 3, h, d).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                   # [B,h,P,d]
+            keys.append(k * self.scale)  # pre-scaled: a step's scores are then q . k
+            values.append(v)
+            att = F.linear(ctx.transpose(1, 2).reshape(B, P, H), layer["out_w"], layer["out_b"])
+            x = self._ffn(self._layer_norm(att + x, layer["norm1"]), layer)
+        caption_base = self.types[CAPTION_TYPE] + self.positions[P : P + self.max_steps]   # [T,H]
+        return {
+            "prefix_k": keys, "prefix_v": values, "mask": mask, "B": B, "P": P, "G": 1, "t": 0,
+            "cache": None, "spare": None, "caption_base": caption_base,
+        }
+
+    def _buffers(self, state: dict[str, Any], rows: int) -> torch.Tensor:
+        ref = state["prefix_k"][0]
+        return ref.new_empty(self.max_steps, len(self.layers), 2, rows, self.heads, self.head_dim)
+
+    @torch.no_grad()
+    def step(self, last_tokens: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        B, G, t = state["B"], state["G"], state["t"]
+        N = B * G
+        if last_tokens.shape[0] != N:
+            raise ValueError(f"step got {last_tokens.shape[0]} rows, the state has {N}")
+        if t >= self.max_steps:
+            raise ValueError(f"the cache holds {self.max_steps} caption tokens; step {t + 1} is one too many")
+        if state["cache"] is None:
+            state["cache"], state["spare"] = self._buffers(state, N), self._buffers(state, N)
+        cache = state["cache"]
+        h, d, H = self.heads, self.head_dim, self.hidden
+        x = self._layer_norm(self.word[last_tokens] + state["caption_base"][t], self.emb_norm)  # [N,H]
+        for i, layer in enumerate(self.layers):
+            q, k, v = F.linear(x, layer["qkv_w"], layer["qkv_b"]).view(N, 3, h, d).unbind(1)   # [N,h,d]
+            cache[t, i, 0] = k * self.scale
+            cache[t, i, 1] = v
+            # prefix part: the image's keys, shared by its G rows: [B,h,G,d] @ [B,h,d,P] -> [B,h,G,P]
+            q_img = q.view(B, G, h, d).transpose(1, 2)
+            s_prefix = torch.matmul(q_img, state["prefix_k"][i].transpose(-1, -2)) + state["mask"]
+            # caption part, per row: [N,h,1,d] @ [N,h,d,t+1] -> [N,h,1,t+1]
+            own_k = cache[: t + 1, i, 0].permute(1, 2, 3, 0)                                  # [N,h,d,t+1]
+            s_own = torch.matmul(q.unsqueeze(2), own_k).view(B, G, h, t + 1).transpose(1, 2)  # [B,h,G,t+1]
+            probs = torch.cat([s_prefix, s_own], dim=-1).softmax(dim=-1)
+            P = s_prefix.shape[-1]
+            ctx = torch.matmul(probs[..., :P], state["prefix_v"][i])                         # [B,h,G,d]
+            own_v = cache[: t + 1, i, 1].permute(1, 2, 0, 3)                                  # [N,h,t+1,d]
+            p_own = probs[..., P:].transpose(1, 2).reshape(N, h, 1, t + 1)
+            ctx = ctx.transpose(1, 2).reshape(N, h, d) + torch.matmul(p_own, own_v).view(N, h, d)
+            att = F.linear(ctx.reshape(N, H), layer["out_w"], layer["out_b"])
+            x = self._ffn(self._layer_norm(att + x, layer["norm1"]), layer)
+        state["t"] = t + 1
+        return self.head_log_probs(x), state
+
+    def reorder(self, state: dict[str, Any], indices: torch.Tensor) -> dict[str, Any]:
+        B, G, t = state["B"], state["G"], state["t"]
+        rows = indices.shape[0]
+        if rows % B:
+            raise ValueError(f"reorder to {rows} rows: not a multiple of the {B} images")
+        new_g = rows // B
+        owner = torch.div(indices, G, rounding_mode="floor")
+        expected = torch.arange(rows, device=indices.device) // new_g
+        if not bool((owner == expected).all()):
+            raise ValueError("reorder moved a row to another image: the fast decoder shares prefixes per image")
+        if state["cache"] is not None:
+            if new_g != G:
+                state["spare"] = self._buffers(state, rows)
+            if t:
+                torch.index_select(state["cache"][:t], 3, indices, out=state["spare"][:t])
+            state["cache"], state["spare"] = state["spare"], (state["cache"] if new_g == G else self._buffers(state, rows))
+        state["G"] = new_g
+        return state

@@ -343,19 +343,59 @@ class GridEncoder(nn.Module):
     def train(self, mode: bool = True) -> GridEncoder:
         return super().train(mode and not self.frozen)
 
+    def optimize_for_inference(self, dtype: torch.dtype = torch.float32, *, channels_last: bool = True) -> int:
+        """Fold the trunk's batch norms into its convolutions, store the weights in ``dtype`` and (optionally)
+        lay them out channels-last. Returns the number of batch norms folded. Frozen encoders only."""
+        from captioning.accel import fold_batch_norms
+
+        if not self.frozen:
+            raise ValueError("optimize_for_inference: freeze() the grid encoder first (it folds running statistics)")
+        folded = fold_batch_norms(self.trunk)
+        self.trunk.to(dtype=dtype)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.trunk.to(memory_format=torch.channels_last)
+        return folded
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.pixel_mean) / self.pixel_std  # [B,3,H,W]
+        """``images`` on any device (moved to the encoder's); returns float32 whatever the compute dtype."""
+        weight = self.trunk.conv1.weight
+        images = images.to(weight.device, non_blocking=True)
+        x = ((images.float() - self.pixel_mean) / self.pixel_std).to(weight.dtype)  # [B,3,H,W]
+        if getattr(self, "channels_last", False):
+            x = x.contiguous(memory_format=torch.channels_last)
         t = self.trunk
         x = t.stem(x)  # [B, width, H/4, W/4]
         x = t.layer1(x)  # [B, 4w, H/4, W/4]
         x = t.layer2(x)  # [B, 8w, H/8, W/8]
         x = t.layer3(x)  # [B, 16w, H/16, W/16]
         x = t.layer4(x)  # [B, 32w, H/32, W/32]
-        return x
+        return x.float().contiguous()
 
     def preprocess(self, image: Any) -> torch.Tensor:
         """PIL image -> ``[3, S, S]`` float in [0, 1], S = ``image_size`` (aspect not kept, as in UCM tiles)."""
         return pil_to_tensor(image, self.image_size)
+
+
+class PilToTensor:
+    """The preprocessor of LightCap's runtimes: PIL image -> ``[3, size, size]`` float32 RGB in [0, 1] on the CPU.
+
+    Small and picklable (holds the side only, no weights), so worker processes can preprocess."""
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return pil_to_tensor(image, self.size)
+
+    def __repr__(self) -> str:
+        return f"PilToTensor(size={self.size})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PilToTensor) and other.size == self.size
+
+    def __hash__(self) -> int:
+        return hash(("PilToTensor", self.size))
 
 
 def _norm(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -114,6 +114,22 @@ class ProposalDetector(nn.Module):
         return {k: v.float() if v.is_floating_point() else v for k, v in model.float().state_dict().items()}
 
     # inference ---------------------------------------------------------------------------------------------
+    channels_last = False
+
+    def optimize_for_inference(self, dtype: torch.dtype = torch.float32, *, channels_last: bool = False) -> int:
+        """ultralytics' own ``fuse()`` (each Conv's batch norm folded into it, RepConv branches merged), weights
+        in ``dtype`` and optionally channels-last. Returns the number of batch norms folded."""
+        from captioning.accel import count_batch_norms
+
+        before = count_batch_norms(self.model)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.model.fuse(verbose=False)
+        self.model.to(dtype=dtype)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        return before - count_batch_norms(self.model)
+
     def train(self, mode: bool = True) -> ProposalDetector:  # inference-only module: the network stays in eval
         super().train(False)
         return self
@@ -125,18 +141,24 @@ class ProposalDetector(nn.Module):
         from ultralytics.utils.nms import non_max_suppression
 
         height, width = images.shape[-2:]
-        x = images
+        weight = next(self.model.parameters())
+        x = images.to(weight.device, non_blocking=True).float()
         if (height, width) != (self.imgsz, self.imgsz):
-            x = nn.functional.interpolate(images, size=(self.imgsz, self.imgsz), mode="bilinear", align_corners=False)
+            x = nn.functional.interpolate(x, size=(self.imgsz, self.imgsz), mode="bilinear", align_corners=False)
+        x = x.to(weight.dtype)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         prediction = self.model(x)  # eval: ([B, 4 + 1, anchors] xywh + score, raw head outputs)
+        if isinstance(prediction, (tuple, list)):
+            prediction = prediction[0]
         detections = non_max_suppression(
-            prediction,
+            prediction.float(),
             conf_thres=self.conf if conf is None else float(conf),
             iou_thres=self.iou,
             agnostic=True,
             max_det=self.max_det if max_det is None else int(max_det),
         )  # B x [N, 6] (x1, y1, x2, y2, score, class)
-        scale = torch.tensor([width / self.imgsz, height / self.imgsz] * 2, dtype=torch.float32, device=images.device)
+        scale = torch.tensor([width / self.imgsz, height / self.imgsz] * 2, dtype=torch.float32, device=x.device)
         out = []
         for det in detections:
             boxes = det[:, :4].float() * scale  # [N,4] in the input's pixels

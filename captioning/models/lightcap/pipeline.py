@@ -9,7 +9,7 @@
       tokenizer.json          the caption tokenizer
 
 * ``LightCapPipeline``: the runtime object of task ``lightcap`` (docs/ARCHITECTURE.md "Inference contract"):
-  ``preprocess(pil) -> [3,S,S]`` and ``caption(images [B,3,S,S], ...) -> list[CaptionOut]``.
+  ``preprocess(pil) -> [3,S,S]`` and ``caption(images [B,3,S,S], options) -> list[CaptionOut]``.
 """
 
 from __future__ import annotations
@@ -133,7 +133,17 @@ def load_captioner_folder(folder: str | Path) -> tuple[LightCapCaptioner, Captio
 
 # ---------------------------------------------------------------------------------------------- runtime
 class LightCapPipeline:
-    """Images -> captions with a concept extractor and a LightCap captioner (both frozen)."""
+    """Images -> captions with a concept extractor and a LightCap captioner (both frozen).
+
+    The runtime contract (``captioning.inference``): ``name``, ``version``, ``manifest``, ``device``, ``dtype``,
+    ``preprocessor`` (= ``preprocess``: PIL -> float32 CPU ``[3,S,S]``), ``decoding`` (the published
+    ``DecodeOptions`` from ``model.json``) and ``caption(images, options)``.
+
+    ``device``/``dtype`` are the extractor's (the CLIP and YOLO trunks compute in ``dtype``); the captioner's
+    transformer stays float32 (it is small, its cost is per-step overhead, not arithmetic). ``fast``: the decode
+    loop shares each image's prefix keys/values across its beams with a preallocated cache
+    (``LightCapCaptioner.generate(fast=True)``); ``fast=False`` is the reference loop (HF ``DynamicCache``).
+    """
 
     def __init__(
         self,
@@ -141,20 +151,27 @@ class LightCapPipeline:
         model: LightCapCaptioner,
         tokenizer: CaptionTokenizer,
         *,
-        decoding: dict[str, Any] | None = None,
+        decoding: Any = None,
         name: str = "lightcap",
         version: int | None = None,
         manifest: dict[str, Any] | None = None,
+        fast: bool = True,
     ) -> None:
-        self.extractor = extractor
-        self.model = model.eval()
-        self.tokenizer = tokenizer
         from captioning.decoding import DecodeOptions
+        from captioning.models.lightcap.clip_encoder import PilToTensor
 
-        self.decoding = DecodeOptions.from_dict(decoding)
+        self.extractor = extractor
+        self.device = getattr(extractor, "device", torch.device("cpu"))
+        self.dtype = getattr(extractor, "dtype", torch.float32)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.decoding = decoding if isinstance(decoding, DecodeOptions) else DecodeOptions.from_dict(decoding)
         self.name = name
         self.version = version
         self.manifest = manifest or {}
+        self.fast = bool(fast)
+        self.preprocessor = getattr(extractor, "preprocessor", None) or PilToTensor(extractor.image_size)
+        self.preprocess = self.preprocessor
         vocab = extractor.vocab
         if vocab.dim != model.arch["concept_dim"]:
             raise StoreError(
@@ -165,12 +182,13 @@ class LightCapPipeline:
             max_concepts=model.arch["max_concepts"], max_concept_tokens=model.arch["max_concept_tokens"],
         )
 
-    def preprocess(self, image: Any) -> torch.Tensor:
-        return self.extractor.preprocess(image)
-
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """images [B,3,S,S] -> CLIP grid [B,C,h,w], concept ids [B,K] (-1 = none), scores [B,K]."""
+        """images [B,3,S,S] (CPU float32) -> CLIP grid [B,C,h,w] (float32, on ``device``), concept ids [B,K]
+        (-1 = none), scores [B,K] (CPU)."""
+        from captioning.accel import to_device
+
+        images = to_device(images.float(), self.device)
         grid = self.extractor.grid(images)
         ids, scores, _ = self.extractor.extract_tensors(images, grid=grid)
         return grid, ids, scores
@@ -179,6 +197,7 @@ class LightCapPipeline:
         return self.packer(ids, scores)
 
     def decode_options(self, **overrides: Any):
+        """The published decoding with non-None ``overrides`` (a new frozen ``DecodeOptions``)."""
         from captioning.decoding import DecodeOptions
 
         return DecodeOptions.from_dict(self.decoding.to_dict(), **overrides)
@@ -187,9 +206,10 @@ class LightCapPipeline:
     def caption_features(self, grid: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, options) -> list:
         from captioning.inference import CaptionOut
 
-        concepts = self.packer(ids, scores).to(grid.device)
+        concepts = self.packer(ids.cpu(), scores.cpu()).to(self.device)
         hyps = self.model.generate(
-            grid.float(), concepts, options, bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id
+            grid.to(self.device).float(), concepts, options,
+            bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, fast=self.fast,
         )
         outs = []
         for hyp in hyps:
@@ -199,7 +219,12 @@ class LightCapPipeline:
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, options) -> list:
-        """``images [B,3,S,S]`` -> captions decoded with ``options`` (``self.decoding``: the published)."""
+        """``images [B,3,S,S]`` (CPU float32, from ``preprocess``) -> captions decoded with ``options`` (a
+        ``DecodeOptions``; ``self.decoding`` is the published one). Concept words in ``extra["concepts"]``."""
+        from captioning.decoding import DecodeOptions
+
+        if not isinstance(options, DecodeOptions):
+            raise TypeError(f"caption(images, options): options must be a DecodeOptions, got {type(options).__name__}")
         grid, ids, scores = self.features(images)
         outs = self.caption_features(grid, ids, scores, options)
         for out, row_ids, row_scores in zip(outs, ids.tolist(), scores.tolist(), strict=True):
@@ -221,14 +246,18 @@ def concepts_parent(version) -> dict[str, Any]:
     raise StoreError(f"{version.name}@{version.version}: the manifest names no concept extractor")
 
 
-def load_lightcap(version, store) -> LightCapPipeline:
-    """The runtime object of a stored LightCap captioner (student or teacher) and its concept extractor."""
-    from captioning.inference import load_model
+def load_lightcap(
+    version, store, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+) -> LightCapPipeline:
+    """The runtime object of a stored LightCap captioner (student or teacher) and its concept extractor, on
+    ``device`` in ``precision``; ``fast=False`` builds the reference path (unfolded networks, reference decoder)."""
+    from captioning.models.lightcap.runtime import load_concept_extractor
 
     parent = concepts_parent(version)
-    extractor = load_model(store, f"{parent['name']}@{parent['version']}")
+    concepts_version = store.load(f"{parent['name']}@{parent['version']}")
+    extractor = load_concept_extractor(concepts_version, store, device=device, precision=precision, fast=fast)
     model, tokenizer, meta = load_captioner_folder(version.path)
     return LightCapPipeline(
         extractor, model, tokenizer, decoding=meta.get("decoding"),
-        name=version.name, version=version.version, manifest=version.manifest,
+        name=version.name, version=version.version, manifest=version.manifest, fast=fast,
     )

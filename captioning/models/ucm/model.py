@@ -230,8 +230,23 @@ class ResNetTrunk(nn.Module):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
+    def optimize_for_inference(self, dtype: torch.dtype = torch.float32, *, fold: bool = True, channels_last: bool = True) -> int:
+        """Inference only: fold the batch norms into the convolutions (``fold``), keep the weights in ``dtype``
+        (the input is cast to it in ``forward``) and lay them out channels-last. Returns the BNs folded."""
+        from captioning.accel import fold_batch_norms
+
+        folded = fold_batch_norms(self.eval()) if fold else 0
+        self.to(dtype=dtype)
+        if channels_last:
+            self.channels_last = True
+            self.to(memory_format=torch.channels_last)
+        return folded
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] -> grid [B, C, S/2^(stages+1), S/2^(stages+1)] (float32)."""
+        weight_dtype = self.conv1.weight.dtype
+        if images.dtype != weight_dtype and self.autocast_dtype is None:
+            images = images.to(weight_dtype)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(images.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):

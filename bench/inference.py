@@ -1,0 +1,570 @@
+"""In-process inference benchmark of the served models, stage by stage, with quality in the same table.
+
+    PYTHONPATH=. python bench/inference.py                 # the full table (about 10-15 min on 2 cores)
+    PYTHONPATH=. python bench/inference.py --quick         # a subset: 2 threads, fewer images and repeats
+    PYTHONPATH=. python bench/inference.py --device cuda   # on a GPU (bench/gpu_check.sh)
+
+Rows: per model and stage (LightCap: CLIP grid, detector, aligner, decode, end to end; UCM captioner; UCM
+classifier), batch 1 and 8, 1 and 2 threads, fp32 and bf16, greedy and the published beam, for the *reference*
+path (the networks as trained: unfolded batch norms, ``transformers``' generic decoder with its ``DynamicCache``)
+and the *fast* path (what the runtimes serve: folded BN, channels-last, shared-prefix decoder). Each row:
+
+* ``ms/img``: median over ``--repeats`` timed calls (after one warm-up) divided by the batch size;
+* ``FLOPs/img``: ``torch.utils.flop_counter.FlopCounterMode`` over one call (matmuls and convolutions);
+* ``GFLOP/s`` achieved and its fraction of the fp32 matmul peak measured in the same run (a 2048x2048 matmul at
+  the same thread count); ``floor ms/img`` = FLOPs / peak;
+* ``CIDEr-D``: of that model, path, precision and decoding on the fixed image sets (batch 8; batch size and
+  threads do not change the captions): ``test``: the first ``--images`` pictures of the test split of the
+  synthetic set the defaults were trained on (``captioning.data.synth``, seed 0, 100 per class, 256 px, the
+  same split rule and TIFF-JPEG round trip as ``captioner synth``); ``unseen``: as many test pictures of seed 777.
+
+The peer in the same run: BLIP-base (``transformers.BlipForConditionalGeneration`` with a default ``BlipConfig``,
+random init, 384 px, greedy 20 tokens), batch 1 and 8, 2 threads; reported as a throughput ratio.
+Writes ``bench/results/inference.json`` and ``.md`` (``--out`` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from captioning import accel  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+# ---------------------------------------------------------------------------------------------- data
+def synth_test_images(seed: int, n: int, per_class: int = 100, size: int = 256) -> tuple[list[Any], list[list[str]]]:
+    """The first ``n`` test-split pictures (round robin over the 21 classes) of ``captioner synth --seed seed``,
+    rendered in memory and round-tripped through the generator's TIFF-JPEG encoding; and their references."""
+    from PIL import Image
+
+    from captioning.data.synth.concepts import UCM_CLASSES
+    from captioning.data.synth.generator import TIFF_OPTIONS, render, split_counts
+
+    n_train, n_val, _ = split_counts(per_class)
+    per_scene = []
+    for ci, _scene in enumerate(UCM_CLASSES):
+        order = np.random.default_rng([seed, ci, 99, 99]).permutation(per_class)
+        per_scene.append(sorted(int(j) for j in order[n_train + n_val :]))
+    chosen = []
+    rank = 0
+    while len(chosen) < n and rank < max(len(t) for t in per_scene):
+        for ci, tests in enumerate(per_scene):
+            if rank < len(tests) and len(chosen) < n:
+                chosen.append((ci, tests[rank]))
+        rank += 1
+    images, refs = [], []
+    for ci, j in chosen:
+        rendered = render(UCM_CLASSES[ci], seed, ci * per_class + j, size)
+        buffer = io.BytesIO()
+        rendered.image.save(buffer, format="TIFF", **TIFF_OPTIONS)
+        buffer.seek(0)
+        images.append(Image.open(buffer).convert("RGB"))
+        refs.append(list(rendered.captions))
+    return images, refs
+
+
+def cider(texts: list[str], refs: list[list[str]]) -> float:
+    from captioning.metrics import caption_metrics
+
+    scores = caption_metrics({i: r for i, r in enumerate(refs)}, {i: t for i, t in enumerate(texts)}, meteor=False)
+    return round(float(scores["CIDEr-D"]), 4)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median wall-clock seconds and median process CPU seconds (all threads) of ``repeats`` calls after one
+    warm-up call. On a shared machine the CPU time is the robust one: it does not count time spent preempted."""
+    fn()
+    sync(device)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        sync(device)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(
+    threads: int, device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> tuple[float, float]:
+    """GFLOP per wall second and per process-CPU second of a 2048x2048 matmul (medians of ``repeats``)."""
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048, device=device).to(dtype)
+    b = torch.randn(2048, 2048, device=device).to(dtype)
+    wall, cpu = time_call(lambda: a @ b, repeats, device)
+    return 2 * 2048**3 / wall / 1e9, 2 * 2048**3 / max(cpu, 1e-9) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- models
+def load_runtimes(store_path: Path, device: str, precisions: list[str], paths: list[str]) -> dict[tuple, Any]:
+    """(model, path, precision) -> runtime; ``reference``: the networks as trained (``fast=False``)."""
+    from captioning.models.lightcap.pipeline import load_lightcap
+    from captioning.models.ucm.runtime import load_captioner, load_classifier
+    from captioning.store import ModelStore
+
+    store = ModelStore(store_path)
+    out = {}
+    for precision in precisions:
+        for path in paths:
+            fast = path == "fast"
+            lc = store.load("lightcap@production")
+            out[("lightcap", path, precision)] = load_lightcap(lc, store, device=device, precision=precision, fast=fast)
+            out[("ucm-captioner", path, precision)] = load_captioner(
+                store.load("ucm-captioner@production"), store, device=device, precision=precision, fast=fast
+            )
+            out[("ucm-classifier", path, precision)] = load_classifier(
+                store.load("ucm-classifier@production"), store, device=device, precision=precision, fast=fast
+            )
+    return out
+
+
+def lightcap_stages(rt: Any, images: torch.Tensor, options: Any) -> dict[str, Callable[[], Any]]:
+    """Callables of LightCap's stages on a fixed batch (inputs precomputed, so each times its own work)."""
+    from captioning.accel import to_device
+
+    ex = rt.extractor
+    on_device = to_device(images, rt.device)
+    with torch.no_grad():
+        grid = ex.grid(on_device)
+        proposals = ex.propose(on_device)
+        boxes = [b for b, _ in proposals]
+        ids, scores, _ = ex.extract_tensors(on_device, grid=grid)
+    return {
+        "grid": lambda: ex.grid(on_device),
+        "detector": lambda: ex.propose(on_device),
+        "aligner": lambda: ex.classify_boxes(on_device, boxes, grid=grid),
+        "decode": lambda: rt.caption_features(grid, ids, scores, options),
+        "total": lambda: rt.caption(images, options),
+    }
+
+
+def compiled_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict) -> list[tuple]:
+    """torch.compile'd (inductor) CLIP trunk and YOLO network of a fast LightCap runtime; the first call of each
+    shape (the compilation) is timed into ``seconds``."""
+    from captioning.accel import to_device
+    from captioning.models.lightcap.clip_encoder import resize_batch
+
+    ex = rt.extractor
+    key = (id(rt), "grid")
+    if key not in cache:
+        cache[key] = torch.compile(ex.encoder)
+        cache[(id(rt), "detector")] = torch.compile(ex.detector.model)
+    grid_fn, yolo_fn = cache[key], cache[(id(rt), "detector")]
+    x = to_device(images, rt.device)
+    grid_in = resize_batch(x, ex.encoder_size)  # what ConceptExtractor.grid feeds the encoder
+    size = ex.detector.imgsz
+    y = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).to(rt.dtype)
+    plans = [("grid[compile]", "greedy", lambda: grid_fn(grid_in)), ("grid[eager]", "greedy", lambda: ex.encoder(grid_in)),
+             ("yolo-net[compile]", "greedy", lambda: yolo_fn(y)), ("yolo-net[eager]", "greedy", lambda: ex.detector.model(y))]
+    for name, _, fn in (plans[0], plans[2]):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        seconds[f"{name} {rt.dtype} batch {images.shape[0]} threads {torch.get_num_threads()}"] = round(
+            time.perf_counter() - t0, 1
+        )
+    return plans
+
+
+def caption_texts(rt: Any, pictures: list[Any], options: Any, batch: int = 8) -> list[str]:
+    texts = []
+    for start in range(0, len(pictures), batch):
+        images = torch.stack([rt.preprocess(p) for p in pictures[start : start + batch]])
+        texts.extend(o.text for o in rt.caption(images, options))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------- BLIP
+def blip_rows(threads: int, batches: list[int], repeats: int, device: torch.device) -> list[dict[str, Any]]:
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(BlipConfig()).eval().to(device)
+    size = model.config.vision_config.image_size
+    rows = []
+    torch.set_num_threads(threads)
+    for batch in batches:
+        pixels = torch.rand(batch, 3, size, size, device=device)
+        input_ids = torch.full((batch, 1), model.config.text_config.bos_token_id, dtype=torch.long, device=device)
+
+        def run(pixels=pixels, input_ids=input_ids):
+            with torch.no_grad():
+                return model.generate(
+                    pixel_values=pixels, input_ids=input_ids, max_new_tokens=20, min_new_tokens=20,
+                    num_beams=1, do_sample=False,
+                )
+
+        seconds, cpu_seconds = time_call(run, repeats, device)
+        flops = count_flops(run) if device.type == "cpu" else None
+        rows.append({
+            "model": "blip-base (random init)", "stage": "total", "path": "transformers", "precision": "fp32",
+            "threads": threads, "batch": batch, "decode": "greedy-20", "ms_per_image": round(seconds * 1000 / batch, 2),
+            "cpu_ms_per_image": round(cpu_seconds * 1000 / batch, 2),
+            "images_per_s": round(batch / seconds, 3),
+            "flops_per_image": None if flops is None else flops // batch, "image_size": size,
+        })  # fmt: skip
+        print(f"  blip batch {batch}: {seconds * 1000 / batch:.1f} ms/img", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- main
+def machine(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    info = {
+        **accel.describe_cpu(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--store", type=Path, default=ROOT / "model_store")
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
+    parser.add_argument("--paths", default="reference,fast", help="comma list of reference, fast")
+    parser.add_argument("--threads", default="1,2", help="comma list of CPU thread counts")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--models", default="lightcap,ucm-captioner,ucm-classifier")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--images", type=int, default=64, help="pictures per quality set (test split, unseen seed)")
+    parser.add_argument("--unseen-seed", type=int, default=777)
+    parser.add_argument("--no-blip", action="store_true")
+    parser.add_argument("--no-quality", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="2 threads, 3 repeats, 16 pictures per set")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="also time torch.compile'd CLIP grid and YOLO (fast path) against eager, compile time included",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "inference")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.threads, args.repeats, args.images = "2", 3, min(args.images, 16)
+
+    device = accel.resolve_device(args.device)
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    for p in precisions:
+        accel.compute_dtype(p)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    threads_list = [int(t) for t in args.threads.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    started = time.time()
+    info = machine(device)
+    print(json.dumps(info), flush=True)
+
+    peaks = {}
+    for threads in threads_list:
+        fp32_wall, fp32_cpu = matmul_peak(threads, device)
+        bf16_wall, bf16_cpu = matmul_peak(threads, device, torch.bfloat16)
+        peaks[threads] = {
+            "fp32_gflops": round(fp32_wall, 1), "bf16_gflops": round(bf16_wall, 1),
+            "fp32_gflop_per_cpu_s": round(fp32_cpu, 1), "bf16_gflop_per_cpu_s": round(bf16_cpu, 1),
+        }
+        print(f"matmul peak, {threads} thread(s): {peaks[threads]}", flush=True)
+
+    runtimes = load_runtimes(args.store, str(device), precisions, paths)
+    any_lc = runtimes[("lightcap", paths[0], precisions[0])]
+    published = {m: runtimes[(m, paths[0], precisions[0])].decoding for m in ("lightcap", "ucm-captioner")}
+    decodes = {
+        m: {"greedy": published[m].__class__(**{**published[m].to_dict(), "beam_size": 1}), "beam": published[m]}
+        for m in published
+    }
+
+    # ---- quality: CIDEr-D per (model, path, precision, decode) on both sets, batch 8
+    quality: dict[tuple, dict[str, float]] = {}
+    identical: dict[str, Any] = {}
+    if not args.no_quality:
+        sets = {
+            "test": synth_test_images(0, args.images),
+            "unseen": synth_test_images(args.unseen_seed, args.images),
+        }
+        torch.set_num_threads(max(threads_list))
+        captions: dict[tuple, list[str]] = {}
+        for (model, path, precision), rt in runtimes.items():
+            if model not in decodes or model not in models:
+                continue
+            for decode_name, options in decodes[model].items():
+                row = {}
+                for set_name, (pictures, refs) in sets.items():
+                    texts = caption_texts(rt, pictures, options)
+                    captions[(model, path, precision, decode_name, set_name)] = texts
+                    row[set_name] = cider(texts, refs)
+                quality[(model, path, precision, decode_name)] = row
+                print(f"quality {model} {path} {precision} {decode_name}: {row}", flush=True)
+        for model in decodes:
+            for decode_name in ("greedy", "beam"):
+                for set_name in sets:
+                    key_ref = (model, "reference", "fp32", decode_name, set_name)
+                    for path in paths:
+                        for precision in precisions:
+                            key = (model, path, precision, decode_name, set_name)
+                            if key == key_ref or key_ref not in captions or key not in captions:
+                                continue
+                            same = sum(a == b for a, b in zip(captions[key], captions[key_ref], strict=True))
+                            identical[f"{model} {path} {precision} {decode_name} {set_name}"] = {
+                                "identical": same, "of": len(captions[key]),
+                                "differences": [
+                                    {"reference": b, "this": a}
+                                    for a, b in zip(captions[key], captions[key_ref], strict=True) if a != b
+                                ][:5],
+                            }  # fmt: skip
+
+    # ---- speed rows
+    rows: list[dict[str, Any]] = []
+    compiled: dict[tuple, Any] = {}
+    compile_seconds: dict[str, float] = {}
+    pictures = synth_test_images(0, max(batches))[0]
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        peak = peaks[threads]["fp32_gflops"]
+        cpu_peak = peaks[threads]["fp32_gflop_per_cpu_s"]
+        for batch in batches:
+            images = torch.stack([any_lc.preprocess(p) for p in pictures[:batch]])
+            for (model, path, precision), rt in runtimes.items():
+                if model not in models:
+                    continue
+                if model == "lightcap":
+                    plans = []
+                    for decode_name, options in decodes[model].items():
+                        stages = lightcap_stages(rt, images, options)
+                        if decode_name == "greedy":
+                            plans += [(s, decode_name, stages[s]) for s in ("grid", "detector", "aligner")]
+                        plans += [(s, decode_name, stages[s]) for s in ("decode", "total")]
+                elif model == "ucm-captioner":
+                    x = torch.stack([rt.preprocess(p) for p in pictures[:batch]])
+                    plans = [("total", d, (lambda x=x, o=o, rt=rt: rt.caption(x, o))) for d, o in decodes[model].items()]
+                else:
+                    x = torch.stack([rt.preprocess(p) for p in pictures[:batch]])
+                    plans = [("total", "-", (lambda x=x, rt=rt: rt.predict(x)))]
+                if args.compile and model == "lightcap" and path == "fast":
+                    plans += compiled_plans(rt, images, compiled, compile_seconds)
+                for stage, decode_name, fn in plans:
+                    with torch.no_grad():
+                        seconds, cpu_seconds = time_call(fn, args.repeats, device)
+                        flops = count_flops(fn) // batch
+                    ms = seconds * 1000 / batch
+                    gflops = flops / (seconds / batch) / 1e9
+                    q = quality.get((model, path, precision, decode_name), {}) if stage == "total" else {}
+                    row = {
+                        "model": model, "stage": stage, "path": path, "precision": precision, "threads": threads,
+                        "batch": batch, "decode": decode_name, "ms_per_image": round(ms, 2),
+                        "flops_per_image": flops, "gflops_per_s": round(gflops, 1),
+                        "fraction_of_fp32_peak": round(gflops / peak, 3),
+                        "floor_ms_per_image": round(flops / (peak * 1e9) * 1000, 2),
+                        "cpu_ms_per_image": round(cpu_seconds * 1000 / batch, 2),
+                        "cpu_floor_ms_per_image": round(flops / (cpu_peak * 1e9) * 1000, 2),
+                        "cider_test": q.get("test"), "cider_unseen": q.get("unseen"),
+                    }  # fmt: skip
+                    rows.append(row)
+                    print(
+                        f"{model:15s} {stage:8s} {path:9s} {precision} t{threads} b{batch} {decode_name:6s} "
+                        f"{ms:8.2f} ms/img  {flops / 1e9:6.3f} GFLOP  {gflops:6.1f} GFLOP/s", flush=True,
+                    )
+
+    blip = []
+    if not args.no_blip:
+        blip_threads = max(threads_list)
+        blip = blip_rows(blip_threads, batches, max(1, min(args.repeats, 3)), device)
+
+    result = {
+        "command": "python bench/inference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": info,
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.time() - started, 1),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "matmul_peak": {str(k): v for k, v in peaks.items()},
+        "quality_sets": {
+            "test": f"synthetic seed 0 (the defaults' data), first {args.images} test-split pictures",
+            "unseen": f"synthetic seed {args.unseen_seed}, first {args.images} test-split pictures",
+        },
+        "quality": [
+            {"model": k[0], "path": k[1], "precision": k[2], "decode": k[3], **v} for k, v in quality.items()
+        ],
+        "identical_to_reference_fp32": identical,
+        "decoding": {m: {k: o.to_dict() for k, o in d.items()} for m, d in decodes.items()},
+        "rows": rows,
+        "compile_seconds": compile_seconds,
+        "blip": blip,
+        "summary": summarise(rows, blip, peaks, quality),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {args.out.with_suffix('.json')} and .md in {result['seconds']} s", flush=True)
+    return 0
+
+
+def _find(rows, **match) -> dict[str, Any] | None:
+    for row in rows:
+        if all(row.get(k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def summarise(rows, blip, peaks, quality) -> dict[str, Any]:
+    """The issue's targets, each from this run's rows (None where the run did not measure it)."""
+    out: dict[str, Any] = {}
+    threads = 2 if "2" in {str(k) for k in peaks} else max(peaks)
+    lc8 = _find(rows, model="lightcap", stage="total", path="fast", precision="fp32", threads=threads, batch=8, decode="beam")
+    lc1 = _find(rows, model="lightcap", stage="total", path="fast", precision="fp32", threads=threads, batch=1, decode="beam")
+    lcb8 = _find(rows, model="lightcap", stage="total", path="fast", precision="bf16", threads=threads, batch=8, decode="beam")
+    ref8 = _find(rows, model="lightcap", stage="total", path="reference", precision="fp32", threads=threads, batch=8, decode="beam")
+    ucm8 = _find(rows, model="ucm-captioner", stage="total", path="fast", precision="fp32", threads=threads, batch=8, decode="beam")
+    out["threads"] = threads
+    # wall clock, and process CPU time (robust on a shared machine: preemption is not counted; with N threads it
+    # sums them, and its floor is the matmul's FLOPs per CPU-second at the same thread count)
+    for clock, ms, floor_key in (("wall", "ms_per_image", "floor_ms_per_image"), ("cpu", "cpu_ms_per_image", "cpu_floor_ms_per_image")):
+        if lc8:
+            floor = lc8[floor_key]
+            out[f"{clock}: lightcap fp32 b8 ms/img"] = lc8[ms]
+            out[f"{clock}: lightcap fp32 floor ms/img"] = floor
+            out[f"{clock}: lightcap fp32 b8 / floor"] = round(lc8[ms] / floor, 2)
+            out[f"{clock}: TARGET lightcap fp32 b8 <= 2x floor"] = lc8[ms] <= 2 * floor
+        if lc1:
+            out[f"{clock}: lightcap fp32 b1 ms/img"] = lc1[ms]
+            out[f"{clock}: TARGET lightcap fp32 b1 <= 25 ms"] = lc1[ms] <= 25.0
+        if lcb8 and lc8:
+            out[f"{clock}: lightcap bf16 b8 ms/img"] = lcb8[ms]
+            out[f"{clock}: TARGET lightcap bf16 b8 < fp32 floor"] = lcb8[ms] < lc8[floor_key]
+        if ref8 and lc8:
+            out[f"{clock}: lightcap fp32 b8 speed-up fast vs reference"] = round(ref8[ms] / lc8[ms], 2)
+        if ucm8:
+            out[f"{clock}: ucm-captioner fp32 b8 ms/img"] = ucm8[ms]
+            out[f"{clock}: TARGET ucm-captioner b8 <= 5 ms"] = ucm8[ms] <= 5.0
+    for model in ("lightcap", "ucm-captioner"):
+        base = quality.get((model, "reference", "fp32", "beam")) or quality.get((model, "fast", "fp32", "beam"))
+        bf = quality.get((model, "fast", "bf16", "beam"))
+        if base and bf:
+            delta = {k: round(abs(bf[k] - base[k]), 4) for k in base}
+            out[f"{model}_bf16_cider_delta"] = delta
+            out[f"target_{model}_bf16_cider_within_0.02"] = all(v <= 0.02 for v in delta.values())
+    for batch in (1, 8):
+        b = _find(blip, batch=batch)
+        lc = _find(rows, model="lightcap", stage="total", path="fast", precision="fp32", threads=threads, batch=batch, decode="beam")
+        if b and lc:
+            out[f"wall: lightcap fast fp32 vs blip-base b{batch} throughput ratio"] = round(b["ms_per_image"] / lc["ms_per_image"], 1)
+            out[f"cpu: lightcap fast fp32 vs blip-base b{batch} throughput ratio"] = round(
+                b["cpu_ms_per_image"] / lc["cpu_ms_per_image"], 1
+            )
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        "# Inference benchmark (bench/inference.py)",
+        "",
+        f"`{result['command']}` in {result['seconds']} s.",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, native bf16: "
+        f"{m['native_bf16']} (torch capability {m['torch_cpu_capability']}), device {m['device']}"
+        + (f" ({m['gpu']})" if m.get("gpu") else "")
+        + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; load average "
+        f"{m['load_average_start']} at start, {result['load_average_end']} at the end (a shared machine: "
+        "compare rows of this run with each other, as ratios). Peak RSS of the bench process "
+        f"{result['peak_rss_mib']} MiB.",
+        "",
+        "Matmul peak (2048x2048): "
+        + "; ".join(
+            f"{t} thread(s): fp32 {v['fp32_gflops']} GFLOP/s wall, {v['fp32_gflop_per_cpu_s']} per CPU-second; "
+            f"bf16 {v['bf16_gflops']} wall, {v['bf16_gflop_per_cpu_s']} per CPU-second"
+            for t, v in result["matmul_peak"].items()
+        ),
+        "",
+        "Columns: `ms/img` wall clock (median), `floor` = FLOPs / the fp32 matmul peak; `CPU ms/img` = process CPU "
+        "time (all threads) per image, `CPU floor` = FLOPs / the matmul's FLOPs per CPU-second at the same thread "
+        "count. On a shared, loaded machine the CPU columns are the trustworthy ones (preemption is not counted).",
+        "",
+        "Quality sets: " + "; ".join(f"`{k}`: {v}" for k, v in result["quality_sets"].items()) + ".",
+        "",
+        "## Targets",
+        "",
+    ]
+    for k, v in result["summary"].items():
+        lines.append(f"- {k}: {v}")
+    lines += [
+        "",
+        "## Quality (CIDEr-D, batch 8)",
+        "",
+        "| model | path | precision | decode | test | unseen |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    for q in result["quality"]:
+        lines.append(f"| {q['model']} | {q['path']} | {q['precision']} | {q['decode']} | {q.get('test')} | {q.get('unseen')} |")
+    if result["identical_to_reference_fp32"]:
+        lines += ["", "Captions identical to the reference fp32 path:", ""]
+        for k, v in result["identical_to_reference_fp32"].items():
+            lines.append(f"- {k}: {v['identical']}/{v['of']}")
+    lines += [
+        "",
+        "## Speed",
+        "",
+        "| model | stage | path | precision | threads | batch | decode | ms/img | GFLOP/img | GFLOP/s | of fp32 peak | floor ms/img | CPU ms/img | CPU floor | CIDEr-D test | unseen |",
+        "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['stage']} | {r['path']} | {r['precision']} | {r['threads']} | {r['batch']} | "
+            f"{r['decode']} | {r['ms_per_image']} | {r['flops_per_image'] / 1e9:.3f} | {r['gflops_per_s']} | "
+            f"{r['fraction_of_fp32_peak']} | {r['floor_ms_per_image']} | {r['cpu_ms_per_image']} | "
+            f"{r['cpu_floor_ms_per_image']} | {r['cider_test'] or ''} | {r['cider_unseen'] or ''} |"
+        )
+    if result["blip"]:
+        lines += ["", "## Peer: BLIP-base (random init, 384 px, greedy 20 tokens)", "",
+                  "| threads | batch | ms/img | CPU ms/img | img/s | GFLOP/img |", "|---:|---:|---:|---:|---:|---:|"]
+        for b in result["blip"]:
+            flops = "" if b["flops_per_image"] is None else f"{b['flops_per_image'] / 1e9:.1f}"
+            lines.append(
+                f"| {b['threads']} | {b['batch']} | {b['ms_per_image']} | {b['cpu_ms_per_image']} | {b['images_per_s']} | {flops} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
