@@ -28,6 +28,7 @@ Pipeline (docs/batch.md)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import sys
@@ -398,8 +399,11 @@ def build_dataset(todo: list[tuple[str, str]], preparer_ref: Any, engine_kwargs:
                           memory=options.actor_memory)
 
 
-def connect(address: str | None) -> bool:
-    """Join (or start) Ray; True when this call started it (then the caller shuts it down)."""
+def connect(address: str | None, options: RayOptions | None = None) -> bool:
+    """Join (or start) Ray; True when this call started it (then the caller shuts it down).
+
+    Started here, Ray gets at least one logical CPU more than the actors reserve, so the decode tasks always
+    have somewhere to run (a pool of N one-CPU actors on an N-core machine would otherwise starve them)."""
     import ray
 
     if ray.is_initialized():
@@ -407,8 +411,29 @@ def connect(address: str | None) -> bool:
     kwargs: dict[str, Any] = {"log_to_driver": bool(os.environ.get("CAPTIONER_RAY_LOGS"))}
     if address is None:
         kwargs["include_dashboard"] = False
+        if options is not None:
+            kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(options.actors * options.num_cpus) + 1)
     ray.init(address=address, **kwargs)
     return True
+
+
+def check_capacity(options: RayOptions, wait_s: float = 0.0) -> None:
+    """Refuse a pool the cluster cannot hold (GPUs; after waiting up to ``wait_s`` for nodes still joining),
+    warn when the actors leave no CPU for the decode tasks."""
+    import ray
+
+    gpus = options.actors * options.num_gpus
+    deadline = time.monotonic() + wait_s
+    have = ray.cluster_resources()
+    while gpus > have.get("GPU", 0) and time.monotonic() < deadline:
+        time.sleep(5)
+        have = ray.cluster_resources()
+    if gpus > have.get("GPU", 0):
+        raise UsageError(f"--actors {options.actors} x --num-gpus {options.num_gpus:g} needs {gpus:g} GPU(s); "
+                         f"the Ray cluster has {have.get('GPU', 0):g}")
+    if options.actors * options.num_cpus >= have.get("CPU", 0):
+        print(f"warning: {options.actors} actor(s) x {options.num_cpus:g} CPU take all {have.get('CPU', 0):g} "
+              "CPUs of the Ray cluster; the decode tasks wait for more nodes", file=sys.stderr)
 
 
 def run(source: str | Path, dest: str | Path, engine_kwargs: dict[str, Any], options: RayOptions | None = None, *,
@@ -448,8 +473,9 @@ def run(source: str | Path, dest: str | Path, engine_kwargs: dict[str, Any], opt
     import ray.data
     from tqdm.auto import tqdm
 
-    started_ray = connect(options.address)
+    started_ray = connect(options.address, options)
     try:
+        check_capacity(options, wait_s=0.0 if started_ray else float(os.environ.get("CAPTIONER_RAY_WAIT_S", 300)))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         preparer_ref = ray.put(preparer)
