@@ -72,7 +72,7 @@ def time_ray(folder: Path, engine_kwargs: dict, batch_size: int, actors: int, wo
     stats = ray_engine.run(folder, dest, engine_kwargs, ray_engine.RayOptions(actors=actors, batch_size=batch_size),
                            progress=False)
     took = time.perf_counter() - started
-    assert stats.captioned == stats.images and len(stats.actors) == actors, stats
+    assert stats.captioned == stats.images and len(stats.actors) <= actors, stats
     shutil.rmtree(dest)
     return took
 

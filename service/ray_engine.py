@@ -143,6 +143,13 @@ def _read_error(key: str, exc: Exception) -> dict[str, Any]:
                                    "detail": f"{key}: cannot read ({reason})"}}
 
 
+def _decode_error(key: str, exc: Exception) -> dict[str, Any]:
+    from service.problems import problem_type
+
+    return {"path": key, "error": {"type": problem_type("invalid-image"), "status": 400,
+                                   "detail": f"{key}: cannot be decoded ({type(exc).__name__}: {exc})"}}
+
+
 _PREPARERS: dict[Any, Any] = {}  # per worker process: the preparer, fetched once from the object store
 
 
@@ -154,9 +161,12 @@ def prepare_batch(table: Any, preparer_ref: Any) -> Any:
     import pyarrow as pa
     import ray
 
-    preparer = _PREPARERS.get(preparer_ref.hex())
-    if preparer is None:
-        preparer = _PREPARERS[preparer_ref.hex()] = ray.get(preparer_ref)
+    if isinstance(preparer_ref, ray.ObjectRef):
+        preparer = _PREPARERS.get(preparer_ref.hex())
+        if preparer is None:
+            preparer = _PREPARERS[preparer_ref.hex()] = ray.get(preparer_ref)
+    else:  # the preparer itself (tests, or a caller that ships it in the task)
+        preparer = preparer_ref
     blobs: list[bytes | None] = []
     records: list[str | None] = []
     keys = table.column("path").to_pylist()
@@ -166,7 +176,10 @@ def prepare_batch(table: Any, preparer_ref: Any) -> Any:
         except (OSError, ValueError) as exc:
             prepared: Any = _read_error(key, exc)
         else:
-            prepared = preparer(key, data)
+            try:
+                prepared = preparer(key, data)
+            except Exception as exc:  # a decoder crash on one odd file must not fail the run: record it
+                prepared = _decode_error(key, exc)
         if isinstance(prepared, dict):
             blobs.append(None)
             records.append(json.dumps(prepared))
@@ -356,7 +369,7 @@ class RayOptions:
     batch_size: int = 8  # images per Engine.infer call in an actor
     num_gpus: float = 0.0  # per actor
     num_cpus: float = 1.0  # per actor (its torch threads)
-    read_block: int = 16  # images per decode/preprocess task
+    read_block: int = 16  # images per decode/preprocess task (at most)
     actor_memory: int = 1 << 30  # bytes of memory each actor reserves (its models and batches)
 
 
@@ -386,7 +399,8 @@ def build_dataset(todo: list[tuple[str, str]], preparer_ref: Any, engine_kwargs:
     import pyarrow as pa
     import ray.data
 
-    step = max(1, options.read_block)
+    # blocks of read_block images, smaller for a small collection so that every actor gets blocks
+    step = max(1, min(options.read_block, math.ceil(len(todo) / (4 * options.actors))))
     tables = [pa.table({"path": [k for k, _ in todo[i:i + step]], "uri": [u for _, u in todo[i:i + step]]})
               for i in range(0, len(todo), step)]
     ds = ray.data.from_arrow(tables)
@@ -413,7 +427,11 @@ def connect(address: str | None, options: RayOptions | None = None) -> bool:
         kwargs["include_dashboard"] = False
         if options is not None:
             kwargs["num_cpus"] = max(os.cpu_count() or 1, math.ceil(options.actors * options.num_cpus) + 1)
-    ray.init(address=address, **kwargs)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as exc:
+        raise UsageError(f"--address {address}: no Ray cluster there ({exc}); start one (`ray start --head`) "
+                         "or leave --address out to run Ray on this machine") from None
     return True
 
 

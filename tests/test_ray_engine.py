@@ -175,7 +175,67 @@ def test_bad_options_are_named(tmp_path):
         ray_engine.run(tmp_path, tmp_path / "o", {}, fmt="csv")
 
 
+# ---------------------------------------------------------------------------------------------- stages
+def test_prepare_batch_turns_every_failure_into_a_record_naming_the_file(tmp_path):
+    """Unreadable, refused by the preparer, or crashing the decoder: an error record; the rest is prepared."""
+    (tmp_path / "good.png").write_bytes(b"good")
+    (tmp_path / "odd.png").write_bytes(b"odd")
+    (tmp_path / "refused.png").write_bytes(b"refused")
+
+    def preparer(key, data):
+        if data == b"odd":
+            raise ZeroDivisionError("decoder bug")
+        if data == b"refused":
+            return {"path": key, "error": {"type": "/problems/unsupported-image", "status": 415, "detail": key}}
+        return ("prepared", key, len(data))
+
+    keys = ["good.png", "gone.png", "odd.png", "refused.png"]
+    table = pa.table({"path": keys, "uri": [str(tmp_path / k) for k in keys]})
+    out = ray_engine.prepare_batch(table, preparer)
+    assert out.column("path").to_pylist() == keys
+    blobs, records = out.column("prepared").to_pylist(), out.column("record").to_pylist()
+    import pickle
+
+    assert pickle.loads(blobs[0]) == ("prepared", "good.png", 4) and records[0] is None
+    errors = [json.loads(r)["error"] for r in records[1:]]
+    assert blobs[1:] == [None, None, None]
+    assert errors[0]["type"] == "/problems/invalid-image" and "gone.png: cannot read" in errors[0]["detail"]
+    assert "odd.png: cannot be decoded (ZeroDivisionError: decoder bug)" == errors[1]["detail"]
+    assert errors[2]["status"] == 415
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def test_cli_refuses_ray_flags_with_the_local_engine(tmp_path, capsys):
+    from captioning.cli import main
+
+    for flags, message in ((["--format", "parquet"], "--format parquet needs --engine ray"),
+                           (["--actors", "2"], "--actors needs --engine ray"),
+                           (["--address", "auto"], "--address needs --engine ray")):
+        assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), *flags]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["batch", str(tmp_path), "--out", str(tmp_path / "o"), "--engine", "ray", "--shard", "0/2"]) == 2
+    assert "--shard is for the local engine" in capsys.readouterr().err
+
+
+def test_cli_flags_reach_the_engine():
+    from captioning.cli import build_parser
+
+    args = build_parser().parse_args(["batch", "list.txt", "--out", "res", "--engine", "ray", "--actors", "3",
+                                      "--num-gpus", "0.5", "--batch-size", "4", "--beam-size", "2",
+                                      "--model", "ucm", "--format", "jsonl"])
+    kwargs = ray_engine.engine_kwargs_from_args(args)
+    assert kwargs["model"] == "ucm" and kwargs["options"] == {"beam_size": 2}
+    assert kwargs["tasks"] == ("caption",) and kwargs["store_root"] is None
+    assert (args.actors, args.num_gpus, args.batch_size, args.format) == (3, 0.5, 4, "jsonl")
+
+
 # ---------------------------------------------------------------------------------------------- cluster
+def urlparse_path(key: str) -> str:
+    from urllib.parse import urlparse
+
+    return urlparse(key).path if "://" in key else key
+
+
 def _synth_images(root: Path, per_class: int, size: int) -> Path:
     from captioning.data.synth import generate
 
@@ -240,6 +300,26 @@ def test_two_node_cluster_survives_a_lost_node_and_matches_the_local_engine(tmp_
         again = ray_engine.run(images, dest, engine_kwargs, ray_engine.RayOptions(actors=1), progress=False)
         assert (again.skipped, again.captioned + again.failed) == (len(expected_keys) - len(lost_keys), len(lost_keys))
         assert read_records(dest) == records
+
+        # the command line on the same cluster: a list file (relative path, file:// URI, a missing file)
+        from captioning.cli import main
+
+        listing = tmp_path / "inputs.txt"
+        picked = expected_keys[:5]
+        listing.write_text(f"synth/imgs/{picked[0]}\n{(images / picked[1]).as_uri()}\nsynth/imgs/nope.png\n"
+                           + "".join(f"{images / k}\n" for k in picked[2:]))
+        cli_dest = tmp_path / "cli-out"
+        argv = ["batch", str(listing), "--out", str(cli_dest), "--engine", "ray", "--address", cluster.address,
+                "--format", "jsonl", "--batch-size", "4"]
+        assert main(argv) == 0
+        cli_records = {r["path"]: r for r in read_records(cli_dest)}
+        assert len(cli_records) == 6 and all(p.name.endswith(".jsonl") for p in cli_dest.iterdir())
+        missing = cli_records["synth/imgs/nope.png"]["error"]
+        assert missing["type"].endswith("/invalid-image") and "synth/imgs/nope.png: cannot read" in missing["detail"]
+        by_name = {Path(urlparse_path(k)).name: r for k, r in cli_records.items()}
+        for key in picked:
+            assert by_name[key]["caption"] == next(r for r in records if r["path"] == key)["caption"]
+        assert main([*argv, "--strict"]) == 0, "a re-run has nothing left to do"
     finally:
         ray.shutdown()
         cluster.shutdown()
