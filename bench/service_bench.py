@@ -83,14 +83,78 @@ def loadavg() -> list[float]:
         return []
 
 
-def peak_rss_mib(pid: int) -> float | None:
+def rss_mib(pid: int, field: str = "VmHWM") -> float | None:
+    """VmHWM: peak resident memory; VmRSS: now."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
+            if line.startswith(field):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         return None
     return None
+
+
+def big_png(side: int = 7000) -> bytes:
+    """A PNG of side x side pixels that compresses to a few dozen KB (flat colour): cheap to send, costly to
+    decode -- what an overloaded server must refuse before decoding."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 140, 60)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def server_env(store: Path, work: Path, name: str, served: list[str], batch: int, args, **extra: str) -> dict:
+    env = {
+        "CAPTIONER_MODEL_STORE": str(store), "CAPTIONER_DATA_DIR": str(work / f"data-{name}"),
+        "CAPTIONER_MODELS": ",".join(served), "CAPTIONER_MAX_BATCH_SIZE": str(batch),
+        "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms), "CAPTIONER_QUEUE_SIZE": "256",
+        "CAPTIONER_REQUEST_TIMEOUT_S": "300", "CAPTIONER_LOG_LEVEL": "warning",
+        "CAPTIONER_TORCH_THREADS": str(args.threads), "CAPTIONER_API_KEY": "", "CAPTIONER_ADMIN_KEY": "",
+        **({"CAPTIONER_PRECISION": args.precision} if args.precision else {}), **extra,
+    }
+    return {k: v for k, v in env.items() if v}
+
+
+def overload_and_memory(store: Path, work: Path, served: list[str], images: list[bytes], args) -> dict:
+    """Goodput at 4x overload against the throughput at 8 clients (a server whose queue holds 8 images, so 32
+    clients overload it; refusals are immediate 429s and clients retry at once), then the peak memory of one
+    request carrying 32 PNGs of 49 megapixels each on a fresh server."""
+    out: dict = {}
+    env = server_env(store, work, "overload", served, 8, args, CAPTIONER_QUEUE_SIZE="8")
+    server = ServerProcess(env, log_path=work / "server-overload.log").start()
+    try:
+        cells = {}
+        for clients in (8, 32):
+            cells[clients] = asyncio.run(run_cell(server.url, "/v1/caption", {}, images, clients, args.duration,
+                                                  args.warmup))
+            print(f"overload c={clients}: {cells[clients]['throughput_rps']:.2f} answered/s, statuses "
+                  f"{cells[clients]['statuses']}", flush=True)
+        out["overload"] = {
+            "queue_size": 8, "clients_8": cells[8], "clients_32": cells[32],
+            "goodput_ratio": round(cells[32]["throughput_rps"] / cells[8]["throughput_rps"], 3)
+            if cells[8]["throughput_rps"] else None,
+        }
+    finally:
+        server.terminate(60)
+    env = server_env(store, work, "bigpng", served, 8, args)
+    server = ServerProcess(env, log_path=work / "server-bigpng.log").start()
+    try:
+        time.sleep(1.0)
+        idle = rss_mib(server.proc.pid, "VmRSS")
+        png = big_png()
+        files = [("files", (f"{i}.png", png, "image/png")) for i in range(32)]
+        start = time.perf_counter()
+        r = httpx.post(f"{server.url}/v1/labels", files=files, timeout=600)
+        out["big_request"] = {
+            "images": 32, "pixels_each": 7000 * 7000, "body_bytes": len(png) * 32, "status": r.status_code,
+            "seconds": round(time.perf_counter() - start, 2), "idle_rss_mib": idle,
+            "peak_rss_mib": rss_mib(server.proc.pid), "max_inflight_pixels": "default (200,000,000)",
+        }
+        print(f"32 x 49 MP request: {out['big_request']}", flush=True)
+    finally:
+        server.terminate(60)
+    return out
 
 
 async def run_cell(url: str, path: str, params: dict, images: list[bytes], concurrency: int, duration: float,
@@ -151,6 +215,8 @@ def main() -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. smoke)")
+    parser.add_argument("--precision", default="", help="CAPTIONER_PRECISION for the servers (default: theirs, auto)")
+    parser.add_argument("--skip-overload", action="store_true", help="skip the overload and 49 MP memory runs")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -185,15 +251,10 @@ def main() -> int:
     }
     try:
         for mode, batch in MODES.items():
-            env = {
-                "CAPTIONER_MODEL_STORE": str(store.root), "CAPTIONER_DATA_DIR": str(work / f"data-{batch}"),
-                "CAPTIONER_MODELS": ",".join(served), "CAPTIONER_MAX_BATCH_SIZE": str(batch),
-                "CAPTIONER_MAX_WAIT_MS": str(args.max_wait_ms), "CAPTIONER_QUEUE_SIZE": "256",
-                "CAPTIONER_REQUEST_TIMEOUT_S": "300", "CAPTIONER_LOG_LEVEL": "warning",
-                "CAPTIONER_TORCH_THREADS": str(args.threads), "CAPTIONER_API_KEY": "", "CAPTIONER_ADMIN_KEY": "",
-            }
-            env = {k: v for k, v in env.items() if v}
+            env = server_env(store.root, work, str(batch), served, batch, args)
             servers[mode] = ServerProcess(env, log_path=work / f"server-{batch}.log").start()
+        time.sleep(1.0)
+        result["idle_rss_mib"] = {mode: rss_mib(s.proc.pid, "VmRSS") for mode, s in servers.items()}
         for label, path, params, model in routes:
             for concurrency in levels:
                 for mode, server in servers.items():
@@ -208,13 +269,15 @@ def main() -> int:
                     print(f"{label:14s} c={concurrency:<3d} {mode:13s} {cell['throughput_rps']:7.2f} req/s  "
                           f"p50 {cell['p50_ms']} p95 {cell['p95_ms']} p99 {cell['p99_ms']} ms  "
                           f"batch {cell['mean_batch_size']}", flush=True)
-        result["peak_rss_mib"] = {mode: peak_rss_mib(s.proc.pid) for mode, s in servers.items()}
+        result["peak_rss_mib"] = {mode: rss_mib(s.proc.pid) for mode, s in servers.items()}
     finally:
         for server in servers.values():
             try:
                 server.terminate(60)
             except Exception:  # noqa: BLE001
                 server.kill()
+    if not args.skip_overload:
+        result.update(overload_and_memory(store.root, work, served, images, args))
     result["loadavg_after"] = loadavg()
     result["wall_s"] = round(time.time() - started, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +314,22 @@ def markdown(result: dict) -> str:
             f"{cell['mean_batch_size']} | {speedup} |"
         )
     peak = result.get("peak_rss_mib", {})
-    lines += ["", "Peak server memory (VmHWM): " + ", ".join(f"{k}: {v} MiB" for k, v in peak.items()), ""]
+    idle = result.get("idle_rss_mib", {})
+    lines += ["", "Server memory: idle (VmRSS after start) " + ", ".join(f"{k}: {v} MiB" for k, v in idle.items())
+              + "; peak under this load (VmHWM) " + ", ".join(f"{k}: {v} MiB" for k, v in peak.items()), ""]
+    if "overload" in result:
+        o = result["overload"]
+        lines.append(
+            f"Overload (caption route, queue of {o['queue_size']} images, batching on): {o['clients_8']['throughput_rps']:.2f} "
+            f"answered/s at 8 clients, {o['clients_32']['throughput_rps']:.2f} at 32 (4x; statuses "
+            f"{o['clients_32']['statuses']}): goodput ratio {o['goodput_ratio']} (target >= 0.9).")
+    if "big_request" in result:
+        b = result["big_request"]
+        lines.append(
+            f"One request of {b['images']} PNGs of 49 megapixels each ({b['body_bytes'] // 1024} KB body, /v1/labels): "
+            f"status {b['status']} in {b['seconds']} s; server idle {b['idle_rss_mib']} MiB, peak {b['peak_rss_mib']} MiB "
+            f"(CAPTIONER_MAX_INFLIGHT_PIXELS {b['max_inflight_pixels']}).")
+    lines.append("")
     errors = [c for c in cells if set(c["statuses"]) - {200}]
     if errors:
         lines.append("Non-200 answers: " + "; ".join(f"{c['route']} c={c['concurrency']} {c['mode']}: {c['statuses']}"

@@ -142,7 +142,7 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
-class Problem:
+class Finding:
     """One thing ``verify`` found wrong; ``str()`` names the model, version and file."""
 
     name: str
@@ -486,11 +486,11 @@ class ModelStore:
                     out.append(ModelVersion(model, version, path, {}, error=str(exc)))
         return out
 
-    def _check_version(self, mv: ModelVersion) -> list[Problem]:
-        problems: list[Problem] = []
+    def _check_version(self, mv: ModelVersion) -> list[Finding]:
+        problems: list[Finding] = []
 
         def bad(message: str, path: Path | None = None) -> None:
-            problems.append(Problem(mv.name, mv.version, message, str(path) if path else None))
+            problems.append(Finding(mv.name, mv.version, message, str(path) if path else None))
 
         digest = mv.manifest.get("digest")
         if digest != manifest_digest(mv.manifest):
@@ -531,7 +531,7 @@ class ModelStore:
                 if rel != MANIFEST and rel not in mv.files:
                     yield rel
 
-    def verify(self, name: str | None = None) -> list[Problem]:
+    def verify(self, name: str | None = None) -> list[Finding]:
         """Check every version (of ``name``): manifest, digest, every file's size and sha256, files not in the
         manifest, parents present, aliases pointing at existing versions. [] means all is well."""
         self._require_root()
@@ -540,7 +540,7 @@ class ModelStore:
         names = [name] if name is not None else sorted(
             e.name for e in self.root.iterdir() if _NAME_RE.match(e.name) and e.is_dir()
         )
-        problems: list[Problem] = []
+        problems: list[Finding] = []
         for model in names:
             folder = self.root / model
             versions = self.versions(model)
@@ -548,31 +548,31 @@ class ModelStore:
                 if entry.name.startswith(".") or entry.name == ALIASES:
                     continue
                 if not (_is_version_dirname(entry.name) and entry.is_dir()):
-                    problems.append(Problem(model, None, f"unexpected entry {entry.name!r} in {folder}", str(entry)))
+                    problems.append(Finding(model, None, f"unexpected entry {entry.name!r} in {folder}", str(entry)))
             try:
                 aliases = self.aliases(model)
             except StoreError as exc:
-                problems.append(Problem(model, None, str(exc), str(folder / ALIASES)))
+                problems.append(Finding(model, None, str(exc), str(folder / ALIASES)))
                 aliases = {}
             for alias, version in sorted(aliases.items()):
                 if version not in versions:
                     problems.append(
-                        Problem(model, None, f"alias {alias!r} points at version {version}, which is missing",
+                        Finding(model, None, f"alias {alias!r} points at version {version}, which is missing",
                                 str(folder / ALIASES))
                     )
             for version in versions:
                 try:
                     mv = self._version(model, version)
                 except StoreError as exc:
-                    problems.append(Problem(model, version, str(exc).split(": ", 1)[-1], str(folder / str(version))))
+                    problems.append(Finding(model, version, str(exc).split(": ", 1)[-1], str(folder / str(version))))
                     continue
                 problems.extend(self._check_version(mv))
                 for rel in self._unlisted_files(mv):
-                    problems.append(Problem(model, version, f"file {rel} is not in the manifest", str(mv.path / rel)))
+                    problems.append(Finding(model, version, f"file {rel} is not in the manifest", str(mv.path / rel)))
                 for parent in mv.manifest.get("parents", []):
                     pname, pversion = parent.get("name"), parent.get("version")
                     if not (isinstance(pname, str) and _NAME_RE.match(pname) and pversion in self.versions(pname)):
-                        problems.append(Problem(model, version, f"parent {pname}@{pversion} is not in the store"))
+                        problems.append(Finding(model, version, f"parent {pname}@{pversion} is not in the store"))
         return problems
 
     # ------------------------------------------------------------------ writing (under the store lock)

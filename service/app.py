@@ -1,7 +1,8 @@
 """The FastAPI application: ``create_app(settings)``; ``captioner serve`` runs it with uvicorn.
 
-routes (service/routes/*) -> intake (service/intake.py, in a thread pool) -> pool (service/pool.py, per
-model) -> model backends (service/backends.py over captioning.inference objects). Models load in the
+routes (service/routes/*: parameters in, records out) -> the one inference path (service/inference.py: plan,
+admission, intake in a thread pool, pools, records) -> pools (service/pool.py, per model) -> runtimes
+(captioning.inference protocols, built by its task table). Models load in the
 background at start-up (``/healthz`` answers at once, ``/readyz`` once they are loaded); shutdown drains:
 uvicorn stops accepting and waits for open requests, then the job runner stops feeding, then every pool
 runs what is queued and stops.
@@ -21,8 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import captioning
 from captioning.store import ModelStore
-from service.deps import get_settings  # noqa: F401 - re-exported for routes/tests
-from service.flow import Ctx
+from service.inference import Ctx
 from service.jobs import JobManager
 from service.metrics import Metrics
 from service.middleware import BodyLimit, RequestMetrics
@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         settings.decode_threads, thread_name_prefix="intake", initializer=_one_torch_thread
     )
     ctx = Ctx(settings=settings, metrics=metrics, registry=registry, decode_executor=decode_executor)
-    ctx.jobs = JobManager(settings, registry, metrics, decode_executor)
+    ctx.jobs = JobManager(ctx)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -32,8 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run_serve)
 
     caption = subparsers.add_parser(
-        "caption", help="caption local image files without a server (JSON lines on stdout)",
-        description="Caption local files with a captioner from the model store; one JSON line per image.",
+        "caption", help="caption (and label, find concepts in) local image files without a server (JSON lines)",
+        description="Run the model store's models over local files; one JSON line per image, the same record "
+        "the service answers (--tasks chooses caption, labels, concepts).",
     )
     caption.add_argument("images", nargs="+", type=Path, metavar="IMG")
     _model_args(caption)
@@ -67,26 +68,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="lightcap | ucm | a store name (default: lightcap if present, else ucm)")
+    parser.add_argument("--tasks", default="caption",
+                        help="comma-separated: caption, labels, concepts (one JSON line per image carries them all)")
+    parser.add_argument("--model", default=None, help="captioner: lightcap | ucm | a store name (default: lightcap if "
+                        "present, else ucm)")
     parser.add_argument("--alias", default=None, help="store alias to load (default: CAPTIONER_ALIAS, production)")
     parser.add_argument("--store", type=Path, default=None, help="model store root (default: CAPTIONER_MODEL_STORE)")
     parser.add_argument("--beam-size", type=int, default=None, help="beam width (1: greedy; default: the model's)")
     parser.add_argument("--max-length", type=int, default=None, help="longest caption in tokens")
+    parser.add_argument("--threshold", type=float, default=None, help="labels: decision threshold (default: the model's)")
+    parser.add_argument("--min-score", type=float, default=None, help="concepts: drop instances scoring below this")
+    parser.add_argument("--group", choices=("instance", "concept"), default=None,
+                        help="concepts: every instance (default) or the distinct words")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-
-
-def _settings(**overrides):
-    from pydantic import ValidationError
-
-    from service.settings import Settings
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
-        raise UsageError(f"setting {where}: {err['msg']}") from None
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: CAPTIONER_DEVICE, auto)")
+    parser.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: CAPTIONER_PRECISION, auto)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -96,6 +93,8 @@ def run_serve(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:  # through the environment, so every uvicorn worker process sees it
             os.environ[f"CAPTIONER_{setting.upper()}"] = str(value)
+    from service.offline import _settings
+
     settings = _settings()
     uvicorn.run(
         "service.app:create_app",
@@ -109,32 +108,31 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace):
+def _engine(args: argparse.Namespace):
     import torch
 
-    from captioning.store import ModelStore
-    from service.offline import load_captioner
+    from service.offline import Engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     for name, value in (("--beam-size", args.beam_size), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be at least 1")
-    settings = _settings(model_store=args.store)
-    store = ModelStore(settings.model_store)
-    model = load_captioner(store, args.model, args.alias or settings.alias)
-    return settings, model
+    options = {"beam_size": args.beam_size, "max_length": args.max_length, "threshold": args.threshold,
+               "min_score": args.min_score, "group": args.group}
+    try:
+        return Engine.from_store(args.store, tasks=args.tasks, model=args.model, alias=args.alias, options=options,
+                                 device=args.device, precision=args.precision)
+    except ValueError as exc:  # pydantic's range checks of the options
+        raise UsageError(str(exc)) from None
 
 
 def run_caption(args: argparse.Namespace) -> int:
-    from service.offline import caption_files
-
-    settings, model = _load(args)
+    engine = _engine(args)
     failed = 0
-    for outcome in caption_files(model, ((str(p), p) for p in args.images), settings, beam_size=args.beam_size,
-                                 max_length=args.max_length, batch_size=args.batch_size):
-        print(json.dumps(outcome.line), flush=True)
-        failed += not outcome.ok
+    for record in engine.records(((str(p), p) for p in args.images), batch_size=args.batch_size):
+        print(json.dumps(record), flush=True)
+        failed += "error" in record
     return 1 if failed else 0
 
 
@@ -147,12 +145,11 @@ def run_batch_cmd(args: argparse.Namespace) -> int:
     check_local_args(args)
 
     shard = parse_shard(args.shard)
-    settings, model = _load(args)
-    stats = run_batch(args.dir, args.out, model, settings, shard=shard, beam_size=args.beam_size,
-                      max_length=args.max_length, batch_size=args.batch_size)
+    engine = _engine(args)
+    stats = run_batch(args.dir, args.out, engine, shard=shard, batch_size=args.batch_size)
     print(
-        f"{args.out}: {stats['captioned']} captioned, {stats['failed']} failed, {stats['skipped']} already there "
-        f"(shard {shard[0]}/{shard[1]}: {stats['images']} images; {model.name}@{model.version}; {stats['seconds']} s)",
+        f"{args.out}: {stats['captioned']} {'captioned' if 'caption' in engine.kinds else 'done'}, {stats['failed']} failed, {stats['skipped']} already there "
+        f"(shard {shard[0]}/{shard[1]}: {stats['images']} images; {engine.describe()}; {stats['seconds']} s)",
         file=sys.stderr,
     )
     return 1 if args.strict and stats["failed"] else 0

@@ -38,12 +38,12 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from captioning.inference import parse_kinds
 from service.archive import Extractor, Limits
-from service.flow import prepare_one
+from service.inference import error_of, infer_background, plan
 from service.intake import ImageProblem, RawImage
-from service.pool import BACKGROUND, Dropped, Overloaded, PoolClosed, cancel_items, wait_items
+from service.pool import Dropped, PoolClosed, cancel_items
 from service.problems import Problem, problem_type
-from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +263,16 @@ class JobStore:
 
 def describe(job: dict[str, Any]) -> dict[str, Any]:
     total, done, failed, refused = job["total"], job["done"], job["failed"], job["refused"]
+    params = json.loads(job["params"])
+    models = params.pop("models", {"caption": job["model"]})
     finished = done + failed + refused
     return {
         "id": job["id"],
         "state": job["state"],
         "model": job["model"],
-        "params": json.loads(job["params"]),
+        "models": models,
+        "tasks": list(models),
+        "params": params,
         "uploads": [original for _, original in json.loads(job["uploads"])],
         "total": total,
         "done": done,
@@ -293,30 +297,25 @@ class JobManager:
     POLL_S = 1.0
     TAKEOVER_S = 3.0
 
-    def __init__(self, settings: Settings, registry: Any, metrics: Any, decode_executor: Any):
-        self.settings = settings
-        self.registry = registry
-        self.metrics = metrics
-        self.decode_executor = decode_executor
+    def __init__(self, ctx: Any):
+        self.ctx = ctx  # service.inference.Ctx: settings, registry, pools, intake threads
+        self.settings = ctx.settings
+        self.registry = ctx.registry
+        self.metrics = ctx.metrics
         self.store: JobStore | None = None
         self._task: asyncio.Task | None = None
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._lock = FileLock(
-            str(Path(settings.data_dir) / "jobs-runner.lock"), timeout=0, thread_local=False, preserve_lock_file=True
+            str(Path(self.settings.data_dir) / "jobs-runner.lock"), timeout=0, thread_local=False, preserve_lock_file=True
         )
         self._holding = False
         self._cancelled: set[str] = set()
         self._inflight: dict[str, set] = {}
-        self.current: str | None = None
 
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
-
-    @property
-    def runner(self) -> bool:
-        return self._holding
 
     async def start(self) -> None:
         Path(self.settings.data_dir).mkdir(parents=True, exist_ok=True)
@@ -405,44 +404,48 @@ class JobManager:
         except TimeoutError:
             pass
 
+    def _plans(self, job: dict[str, Any]) -> list[Any]:
+        """The job's plans on the models served now (params were validated at submit; a model that is no
+        longer served, or options it cannot take, fail the job with a Problem naming why)."""
+        from service.routes.jobs import JobParams  # the route's parameter model is the job's
+
+        stored = json.loads(job["params"])
+        models = stored.pop("models", {"caption": job["model"]})
+        params = JobParams.model_validate(stored)
+        ctx = self.ctx
+        kinds = parse_kinds(params.tasks)
+        return [plan(ctx, kind, params, models.get(kind)) for kind in kinds]
+
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
         store = self.store
-        self.current = job_id
         try:
-            served = self.registry.served.get(job["model"])
-            if served is None:
-                await asyncio.to_thread(
-                    store.set_state, job_id, "failed",
-                    error=f"model {job['model']!r} is not served by this instance (served: {', '.join(self.registry.served)})",
-                )
-                self.metrics.jobs.labels("failed").inc()
-                return
-            runs = await asyncio.to_thread(store.begin_run, job_id)
-            if job["state"] in ("queued", "preparing"):
-                await asyncio.to_thread(store.set_state, job_id, "preparing", only_from=("queued", "preparing"))
-                entries = await asyncio.to_thread(self._extract, job)
-                if not await asyncio.to_thread(store.add_items, job_id, entries):
-                    return  # cancelled meanwhile
-                self.metrics.jobs.labels("started").inc()
-                refused = sum(1 for e in entries if e.refused)
-                if refused:
-                    self.metrics.job_items.labels("refused").inc(refused)
-            elif runs > 1:
-                self.metrics.jobs.labels("resumed").inc()
+            plans = self._plans(job)
+        except Problem as problem:
+            await asyncio.to_thread(store.set_state, job_id, "failed", error=problem.detail)
+            self.metrics.jobs.labels("failed").inc()
+            return
+        runs = await asyncio.to_thread(store.begin_run, job_id)
+        if job["state"] in ("queued", "preparing"):
+            await asyncio.to_thread(store.set_state, job_id, "preparing", only_from=("queued", "preparing"))
+            entries = await asyncio.to_thread(self._extract, job)
+            if not await asyncio.to_thread(store.add_items, job_id, entries):
+                return  # cancelled meanwhile
+            self.metrics.jobs.labels("started").inc()
+            refused = sum(1 for e in entries if e.refused)
+            if refused:
+                self.metrics.job_items.labels("refused").inc(refused)
+        elif runs > 1:
+            self.metrics.jobs.labels("resumed").inc()
+        await asyncio.to_thread(store.rebuild_results, job_id)
+        pending = await asyncio.to_thread(store.pending, job_id)
+        await self._feed(job_id, plans, pending)
+        if self._stopping or job_id in self._cancelled:
+            return
+        left = await asyncio.to_thread(store.pending, job_id)
+        if not left and await asyncio.to_thread(store.set_state, job_id, "succeeded", only_from=("running",)):
+            self.metrics.jobs.labels("succeeded").inc()
             await asyncio.to_thread(store.rebuild_results, job_id)
-            pending = await asyncio.to_thread(store.pending, job_id)
-            params = json.loads(job["params"])
-            group = (params.get("beam_size"), params.get("max_length"))
-            await self._feed(job_id, served, group, pending)
-            if self._stopping or job_id in self._cancelled:
-                return
-            left = await asyncio.to_thread(store.pending, job_id)
-            if not left and await asyncio.to_thread(store.set_state, job_id, "succeeded", only_from=("running",)):
-                self.metrics.jobs.labels("succeeded").inc()
-                await asyncio.to_thread(store.rebuild_results, job_id)
-        finally:
-            self.current = None
 
     def _extract(self, job: dict[str, Any]) -> list[Any]:
         folder = self.store.job_dir(job["id"])
@@ -451,7 +454,7 @@ class JobManager:
         uploads = [(folder / "uploads" / stored, original) for stored, original in json.loads(job["uploads"])]
         return Extractor(folder, limits).run(uploads)
 
-    async def _feed(self, job_id: str, served: Any, group: tuple, pending: list[tuple[int, str, str]]) -> None:
+    async def _feed(self, job_id: str, plans: list[Any], pending: list[tuple[int, str, str]]) -> None:
         slots = asyncio.Semaphore(self.settings.job_inflight)
         tasks: set[asyncio.Task] = set()
         inflight: set = set()
@@ -468,7 +471,7 @@ class JobManager:
                 if self._stopping or job_id in self._cancelled:
                     slots.release()
                     break
-                task = asyncio.create_task(self._item(job_id, served, group, idx, name, path, inflight))
+                task = asyncio.create_task(self._item(job_id, plans, idx, name, path, inflight))
                 task.add_done_callback(lambda _t: slots.release())
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -477,31 +480,15 @@ class JobManager:
         finally:
             self._inflight.pop(job_id, None)
 
-    async def _item(self, job_id: str, served: Any, group: tuple, idx: int, name: str, path: str, inflight: set) -> None:
-        handle = served.model
-        loop = asyncio.get_running_loop()
+    async def _item(self, job_id: str, plans: list[Any], idx: int, name: str, path: str, inflight: set) -> None:
         line: dict[str, Any] = {"index": idx, "name": name}
         try:
-            prepared = await loop.run_in_executor(
-                self.decode_executor, _prepare_file, self.store.job_dir(job_id) / path, idx, name, self.settings, handle
-            )
-            while True:
-                try:
-                    items = served.pool.submit([prepared.tensors[0]], handle=handle, group=group,
-                                               priority=BACKGROUND, timeout=ITEM_TIMEOUT_S)
-                    break
-                except Overloaded as exc:
-                    await asyncio.sleep(min(exc.retry_after, 5))
-            inflight.update(items)
-            try:
-                (out,) = await wait_items(items, timeout=ITEM_TIMEOUT_S)
-            finally:
-                inflight.difference_update(items)
-            line.update({"caption": out.text, "score": _finite(out.score), "model": handle.name,
-                         "version": handle.version})
+            raw = await asyncio.to_thread(_read_entry, self.store.job_dir(job_id) / path, idx, name)
+            outcome = await infer_background(self.ctx, raw, plans, timeout=ITEM_TIMEOUT_S, inflight=inflight)
+            line.update(outcome.record())
             state = "done"
         except ImageProblem as problem:
-            line["error"] = {"type": problem_type(problem.slug), "status": problem.status, "detail": problem.message}
+            line["error"] = error_of(problem)
             state = "failed"
         except (Dropped, PoolClosed, asyncio.CancelledError):
             return  # cancelled or shutting down: the entry stays pending (a resume runs it)
@@ -516,16 +503,8 @@ class JobManager:
             self.metrics.job_items.labels("done" if state == "done" else "failed").inc()
 
 
-def _prepare_file(path: Path, idx: int, name: str, settings: Settings, handle: Any):
+def _read_entry(path: Path, idx: int, name: str) -> RawImage:
     try:
-        data = path.read_bytes()
+        return RawImage(idx, name, path.read_bytes())
     except OSError as exc:
         raise ImageProblem("invalid-image", idx, name, f"cannot read the extracted file ({exc.strerror})") from None
-    return prepare_one(RawImage(idx, name, data), settings, [handle])
-
-
-def _finite(value: Any) -> float | None:
-    import math
-
-    value = float(value)
-    return value if math.isfinite(value) else None

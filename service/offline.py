@@ -1,7 +1,9 @@
-"""Captioning without a server: ``captioner caption`` and ``captioner batch`` / ``batch-merge``.
+"""Inference without a server: ``captioner caption`` and ``captioner batch`` / ``batch-merge``, and the
+``Engine`` that the Ray engine's actors run.
 
-Same intake checks and the same backend code as the service (``service.intake``, ``service.backends``),
-same models (``captioning.inference.load_model``), no HTTP.
+One code path with the service: the same task table and record builders (``captioning.inference``), the
+same intake (``service.intake.decode_image``) and ``service.inference.prepare_one``; no pools, no HTTP. So an
+image gives the same record here as from ``/v1/caption`` or a job (``path`` instead of ``index``/``filename``).
 
 Sharding (``--shard I/N``): an image belongs to shard ``sha256(relative path) mod N``, so shards are
 disjoint, their union is every image exactly once, and adding files does not move the others between
@@ -13,99 +15,151 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from captioning.errors import CaptionerError, UsageError
-from captioning.inference import load_model
-from service.backends import ROLES, caption_batch
-from service.intake import ImageProblem, RawImage, decode_image
-from service.problems import problem_type
-from service.registry import FAMILIES
+from captioning.inference import KINDS, TASKS, Limits, combine_records, load_model, parse_kinds
+from service.inference import Prepared, error_of, prepare_one
+from service.intake import ImageProblem, RawImage
 from service.settings import Settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def resolve_captioner(store: Any, model: str | None, alias: str) -> str:
-    """``lightcap``/``ucm``/a store name -> the store name; None -> lightcap when the store has it, else ucm."""
-    if model:
-        return FAMILIES.get(model, model)
-    for name in ("lightcap", "ucm-captioner"):
-        if name in store.models() and alias in store.aliases(name):
-            return name
-    raise UsageError(
-        f"no captioner with alias {alias!r} in the model store {store.root} (looked for lightcap, ucm-captioner); "
-        "train one or pass --store"
-    )
-
-
-def load_captioner(store: Any, model: str | None, alias: str) -> Any:
-    name = resolve_captioner(store, model, alias)
-    loaded = load_model(store, f"{name}@{alias}")
-    if ROLES.get(loaded.manifest.get("task")) != "caption":
-        raise UsageError(f"{name}@{alias} is a {loaded.manifest.get('task')!r} model, not a captioner")
-    return loaded
+def store_name(store: Any, kind: str, requested: str | None, alias: str) -> str:
+    """The store name for ``kind``: what ``requested`` names (``lightcap``, ``ucm``, a store name), else the
+    task of that kind with the lowest rank that the store has under ``alias``."""
+    if requested:
+        for spec in TASKS.values():
+            if spec.kind == kind and requested in spec.request_names:
+                return spec.task
+        return requested
+    for spec in sorted((t for t in TASKS.values() if t.kind == kind), key=lambda t: t.rank):
+        if spec.task in store.models() and alias in store.aliases(spec.task):
+            return spec.task
+    looked = ", ".join(t.task for t in TASKS.values() if t.kind == kind)
+    raise UsageError(f"no {KINDS[kind].noun} with alias {alias!r} in the model store {store.root} (looked for {looked}); "
+                     "train one or pass --store")
 
 
 @dataclass
-class Outcome:
-    key: str  # the path as printed / recorded
-    line: dict[str, Any]
+class Preparer:
+    """Decode + validate + preprocess one image for every kind of an engine. Small and picklable (it holds
+    the runtimes' preprocessing, not their weights), so it can run in other processes (Ray tasks)."""
 
-    @property
-    def ok(self) -> bool:
-        return "error" not in self.line
+    formats: list[str]
+    max_pixels: int
+    preprocessors: list[Callable[[Any], Any]]
 
-
-def caption_files(model: Any, items: Iterable[tuple[str, Path]], settings: Settings, *, beam_size: int | None = None,
-                  max_length: int | None = None, batch_size: int = 8) -> Iterator[Outcome]:
-    """Caption ``(key, path)`` pairs in batches; yields one outcome per input, in input order."""
-    pending: list[tuple[str, Any]] = []
-    order: list[Outcome | str] = []
-
-    def flush() -> Iterator[Outcome]:
-        if pending:
-            outs = caption_batch(model, (beam_size, max_length), [t for _, t in pending])
-            done = {key: out for (key, _), out in zip(pending, outs, strict=True)}
-            pending.clear()
-        else:
-            done = {}
-        for entry in order:
-            if isinstance(entry, Outcome):
-                yield entry
-            else:
-                out = done[entry]
-                yield Outcome(entry, {"path": entry, "caption": out.text, "score": _score(out.score),
-                                      "model": model.name, "version": model.version})
-        order.clear()
-
-    for index, (key, path) in enumerate(items):
+    def __call__(self, key: str, data: bytes, index: int = 0) -> Prepared | dict[str, Any]:
+        """-> the prepared image, or its error record (``{"path", "error": {type, status, detail}}``)."""
         try:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                raise ImageProblem("invalid-image", index, key, f"cannot read ({exc.strerror})") from None
-            decoded = decode_image(RawImage(index, key, data), formats=settings.format_list,
-                                   max_pixels=settings.max_image_pixels)
-            pending.append((key, model.preprocess(decoded.image)))
-            order.append(key)
+            return prepare_one(RawImage(index, key, data), self.formats, self.max_pixels, self.preprocessors)
         except ImageProblem as problem:
-            order.append(Outcome(key, {"path": key, "error": {
-                "type": problem_type(problem.slug), "status": problem.status, "detail": problem.message}}))
-        if len(pending) >= batch_size:
-            yield from flush()
-    yield from flush()
+            return {"path": key, "error": error_of(problem)}
 
 
-def _score(value: Any) -> float | None:
-    value = float(value)
-    return round(value, 6) if math.isfinite(value) else None
+class Engine:
+    """Runtimes of the chosen kinds with their resolved options; ``records`` turns files into result records."""
+
+    def __init__(self, runtimes: Sequence[Any], options: Sequence[Any], settings: Settings):
+        self.kinds = [TASKS[r.manifest["task"]].kind for r in runtimes]
+        self.runtimes = list(runtimes)
+        self.options = list(options)
+        self.settings = settings
+
+    @classmethod
+    def from_store(cls, store_root: str | Path | None = None, *, tasks: str | Sequence[str] = ("caption",),
+                   model: str | None = None, alias: str | None = None, options: dict[str, Any] | None = None,
+                   device: str | None = None, precision: str | None = None, settings: Settings | None = None
+                   ) -> Engine:
+        """Load the kinds' models from the store (``CAPTIONER_*`` settings fill what is not given) and resolve
+        ``options`` (request parameters: beam_size, max_length, threshold, top_k, min_score, group) against them."""
+        from captioning.store import ModelStore
+
+        overrides = {"model_store": store_root, "device": device, "precision": precision}
+        settings = settings or _settings(**overrides)
+        store = ModelStore(settings.model_store)
+        alias = alias or settings.alias
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        runtimes, resolved = [], []
+        for kind in parse_kinds(tasks):
+            spec = KINDS[kind]
+            name = store_name(store, kind, model if kind == "caption" else None, alias)
+            runtime = load_model(store, f"{name}@{alias}", device=settings.device_name,
+                                 precision=settings.precision_name)
+            if TASKS[runtime.manifest["task"]].kind != kind:
+                raise UsageError(f"{name}@{alias} is a {runtime.manifest['task']!r} model, not a {kind} model")
+            params = spec.params.model_validate({k: v for k, v in options.items() if k in spec.params.model_fields})
+            runtimes.append(runtime)
+            resolved.append(spec.resolve(runtime, params, Limits()))
+        return cls(runtimes, resolved, settings)
+
+    def preparer(self) -> Preparer:
+        return Preparer(self.settings.format_list, self.settings.max_image_pixels,
+                        [getattr(r, "preprocessor", r.preprocess) for r in self.runtimes])
+
+    def infer(self, prepared: Sequence[Prepared | dict[str, Any]], keys: Sequence[str] | None = None
+              ) -> list[dict[str, Any]]:
+        """One record per item, in order; error records pass through. ``keys`` name the items (default: the
+        prepared images' filenames)."""
+        import torch
+
+        ok = [i for i, p in enumerate(prepared) if isinstance(p, Prepared)]
+        results: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in ok}
+        if ok:
+            for k, (kind, runtime, options) in enumerate(zip(self.kinds, self.runtimes, self.options, strict=True)):
+                images = torch.stack([prepared[i].tensors[k] for i in ok])
+                with torch.inference_mode():
+                    outs = KINDS[kind].run(runtime, options, images)
+                for i, out in zip(ok, outs, strict=True):
+                    results[i][kind] = KINDS[kind].record(out, runtime, options, prepared[i].frame(k))
+        records = []
+        for i, p in enumerate(prepared):
+            if isinstance(p, Prepared):
+                key = keys[i] if keys is not None else p.decoded.filename
+                records.append({"path": key, **combine_records(results[i])})
+            else:
+                records.append(p)
+        return records
+
+    def records(self, items: Iterable[tuple[str, bytes | Path]], batch_size: int = 8) -> Iterator[dict[str, Any]]:
+        """``(key, bytes or path)`` pairs -> one record each, in input order, ``batch_size`` images per batch."""
+        prepare = self.preparer()
+        pending: list[Prepared | dict[str, Any]] = []
+        for index, (key, data) in enumerate(items):
+            if isinstance(data, (str, Path)):
+                try:
+                    data = Path(data).read_bytes()
+                except OSError as exc:
+                    problem = ImageProblem("invalid-image", index, key, f"cannot read ({exc.strerror})")
+                    pending.append({"path": key, "error": error_of(problem)})
+                    continue
+            pending.append(prepare(key, data, index))
+            if len(pending) >= batch_size:
+                yield from self.infer(pending)
+                pending = []
+        if pending:
+            yield from self.infer(pending)
+
+    def describe(self) -> str:
+        return ", ".join(f"{r.name}@{r.version}" for r in self.runtimes)
+
+
+def _settings(**overrides: Any) -> Settings:
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise UsageError(f"setting {where} (CAPTIONER_{where.upper()}): {err['msg']}") from None
 
 
 # --- batch: listing, sharding, resuming ----------------------------------------------------------------
@@ -186,8 +240,7 @@ def merge(out: Path, shards: list[Path], expect: list[str] | None = None) -> int
     return len(merged)
 
 
-def run_batch(root: Path, out: Path, model: Any, settings: Settings, *, shard: tuple[int, int] = (0, 1),
-              beam_size: int | None = None, max_length: int | None = None, batch_size: int = 8,
+def run_batch(root: Path, out: Path, engine: Engine, *, shard: tuple[int, int] = (0, 1), batch_size: int = 8,
               progress: bool = True) -> dict[str, int]:
     index, count = shard
     images = [p for p in list_images(root) if shard_of(p, count) == index]
@@ -202,10 +255,9 @@ def run_batch(root: Path, out: Path, model: Any, settings: Settings, *, shard: t
                disable=not progress or bool(os.environ.get("CAPTIONER_NO_PROGRESS")))
     started = time.perf_counter()
     with open(out, "a", encoding="utf-8") as fh:
-        for outcome in caption_files(model, ((p, root / p) for p in todo), settings, beam_size=beam_size,
-                                     max_length=max_length, batch_size=batch_size):
-            fh.write(json.dumps(outcome.line) + "\n")
-            stats["captioned" if outcome.ok else "failed"] += 1
+        for record in engine.records(((p, root / p) for p in todo), batch_size=batch_size):
+            fh.write(json.dumps(record) + "\n")
+            stats["failed" if "error" in record else "captioned"] += 1
             bar.update(1)
             if bar.n % batch_size == 0:
                 fh.flush()
@@ -216,5 +268,5 @@ def run_batch(root: Path, out: Path, model: Any, settings: Settings, *, shard: t
     return stats
 
 
-__all__ = ["CaptionerError", "caption_files", "list_images", "load_captioner", "merge", "parse_shard",
-           "read_results", "run_batch", "shard_of"]
+__all__ = ["CaptionerError", "Engine", "Preparer", "list_images", "merge", "parse_shard", "read_results",
+           "run_batch", "shard_of", "store_name"]

@@ -2,16 +2,17 @@
 
 Why asyncio for the queue and threads for the work: admission, deadlines, cancellation and batch forming
 are bookkeeping that must react within microseconds to many concurrent requests, which is what the event
-loop is for (no locks: everything but ``runner`` runs on the loop). The model forward pass is a blocking
+loop is for (no locks: everything but ``run_batch`` runs on the loop). The model forward pass is a blocking
 torch call that releases the GIL, so it runs on a ``ThreadPoolExecutor`` with one thread per replica, each
 thread pinned to ``torch_threads`` intra-op threads (torch's thread count is per calling thread). Replicas
 share the model's read-only weights, so a second replica costs threads, not memory.
 
-Life of an item: ``submit`` (admission: at most ``capacity`` queued items per priority, else
-:class:`Overloaded` with a Retry-After estimate) -> queued -> the batcher, once a replica is free, takes the
+Life of an item: ``reserve`` (admission, before the caller decodes anything: at most ``capacity`` queued or
+reserved items per priority, else :class:`Overloaded` with a Retry-After estimate) -> ``submit`` with that
+reservation -> queued -> the batcher, once a replica is free, takes the
 oldest highest-priority item and adds compatible items (same model object, same decode parameters) until
 ``max_batch_size`` or ``max_wait_ms`` has passed -> items whose deadline has passed or whose caller went away
-are dropped right before the batch runs -> ``runner(handle, group, payloads)`` in a replica thread ->
+are dropped right before the batch runs -> ``run_batch(handle, group, payloads)`` in a replica thread ->
 each item's future gets its result (or the batch's exception).
 
 Because an item carries the model object (``handle``) that preprocessed it, a hot swap never mixes
@@ -83,7 +84,21 @@ class PoolStats:
     ewma_batch_s: float = 0.0
 
 
-Runner = Callable[[Any, Hashable, list[Any]], Sequence[Any]]
+BatchFn = Callable[[Any, Hashable, list[Any]], Sequence[Any]]  # (runtime, batch key, payloads) -> results
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Room in a pool's queue held for ``count`` items that are still being decoded (see ``BatchPool.reserve``)."""
+
+    pool: BatchPool
+    priority: int
+    count: int
+
+    def release(self) -> None:
+        if self.count:
+            self.pool._reserved[self.priority] -= self.count
+            self.count = 0
 
 
 class BatchPool:
@@ -92,7 +107,7 @@ class BatchPool:
     def __init__(
         self,
         name: str,
-        runner: Runner,
+        run_batch: BatchFn,
         *,
         max_batch_size: int = 8,
         max_wait_ms: float = 5.0,
@@ -102,7 +117,7 @@ class BatchPool:
         metrics: Any = None,
     ):
         self.name = name
-        self.runner = runner
+        self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.capacity = capacity
@@ -112,6 +127,7 @@ class BatchPool:
         self.stats = PoolStats()
         self._queues: dict[int, deque[WorkItem]] = {INTERACTIVE: deque(), BACKGROUND: deque()}
         self._queued = {INTERACTIVE: 0, BACKGROUND: 0}
+        self._reserved = {INTERACTIVE: 0, BACKGROUND: 0}
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -168,6 +184,16 @@ class BatchPool:
         per_batch = self.stats.ewma_batch_s or 0.1
         return max(1, math.ceil(batches * per_batch / self.replicas))
 
+    def reserve(self, count: int, priority: int = INTERACTIVE) -> Reservation:
+        """Hold room for ``count`` items before they are decoded, so overload is refused before it costs CPU.
+        Raises :class:`Overloaded` (or :class:`PoolClosed`). Must be called on the pool's event loop."""
+        if self._closing or self._batcher is None:
+            raise PoolClosed(f"model {self.name!r} is not accepting work (shutting down)")
+        if self._queued[priority] + self._reserved[priority] + count > self.capacity:
+            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+        self._reserved[priority] += count
+        return Reservation(self, priority, count)
+
     def submit(
         self,
         payloads: Sequence[Any],
@@ -176,12 +202,16 @@ class BatchPool:
         group: Hashable = None,
         priority: int = INTERACTIVE,
         timeout: float = 30.0,
+        reservation: Reservation | None = None,
     ) -> list[WorkItem]:
-        """Queue ``payloads`` together (all or none). Must be called on the pool's event loop."""
+        """Queue ``payloads`` together (all or none), into the room ``reservation`` holds when given (it is
+        used up either way). Must be called on the pool's event loop."""
+        if reservation is not None:
+            reservation.release()
         if self._closing or self._batcher is None:
             raise PoolClosed(f"model {self.name!r} is not accepting work (shutting down)")
-        if self._queued[priority] + len(payloads) > self.capacity:
-            raise Overloaded(self.name, self._queued[priority], self.retry_after())
+        if self._queued[priority] + self._reserved[priority] + len(payloads) > self.capacity:
+            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
         now = time.monotonic()
         items = []
         for payload in payloads:
@@ -323,9 +353,9 @@ class BatchPool:
 
     def _run(self, handle: Any, group: Hashable, payloads: list[Any]) -> tuple[Sequence[Any], float]:
         start = time.perf_counter()
-        results = self.runner(handle, group, payloads)
+        results = self.run_batch(handle, group, payloads)
         if len(results) != len(payloads):
-            raise RuntimeError(f"model {self.name!r}: runner returned {len(results)} results for {len(payloads)} inputs")
+            raise RuntimeError(f"model {self.name!r}: the batch function returned {len(results)} results for {len(payloads)} inputs")
         return results, time.perf_counter() - start
 
     def _finish(self, batch: list[WorkItem], fut: asyncio.Future) -> None:

@@ -1,8 +1,9 @@
 """The live models: one :class:`Served` per model name, each with its batching pool; hot swap on reload.
 
 A model is loaded only through ``captioning.inference.load_model(store, "<name>@<alias>")`` (hashes
-verified). ``reload`` loads the alias's current version in a thread while the old object keeps serving,
-then replaces ``Served.model`` -- a single reference assignment, atomic for every reader. A request takes
+verified); what it serves and the names a request may use come from its ``TaskSpec``. ``reload`` loads the
+alias's current version in a thread while the old object keeps serving, then replaces ``Served.runtime`` -- a
+single reference assignment, atomic for every reader. A request takes
 the reference once, preprocesses with it and queues items that carry it, so a batch never mixes versions
 and batches already queued or running finish on the old object, which is freed when the last is done.
 A version that fails to load or to verify is refused and the old object stays.
@@ -18,42 +19,54 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captioning.errors import CaptionerError
-from captioning.inference import LOADERS, load_model
-from service.backends import ROLES, runner_for
+from captioning.inference import KINDS, TASKS, TaskSpec, load_model, task_spec
 from service.pool import BatchPool
 from service.problems import Problem
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# the `model` values a caption request may use for a family, besides the store name itself
-FAMILIES = {"lightcap": "lightcap", "ucm": "ucm-captioner"}
+
+def run_batch(runtime: Any, key: Any, payloads: list[Any]) -> Any:
+    """What a pool's replica thread runs: the kind's batch function over the stacked payloads.
+
+    ``key`` is the items' ``service.inference.BatchKey`` (kind + resolved options): ``BatchPool`` groups by it."""
+    import torch
+
+    images = torch.stack(payloads)  # [B, 3, H, W], CPU float32
+    if getattr(runtime, "device", torch.device("cpu")).type == "cuda":
+        images = images.pin_memory()  # the runtime's host-to-device copy is then asynchronous
+    with torch.inference_mode():
+        return KINDS[key.kind].run(runtime, key.options, images)
 
 
 @dataclass
 class Served:
-    name: str
-    model: Any  # the live runtime object (captioning.inference contract)
+    name: str  # store name
+    runtime: Any  # the live runtime object (captioning.inference protocols); replaced on reload
     pool: BatchPool
-    role: str  # caption | labels | concepts
+    spec: TaskSpec
     loaded_at: float = field(default_factory=time.time)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
     def version(self) -> int:
-        return self.model.version
+        return self.runtime.version
 
     @property
     def manifest(self) -> dict[str, Any]:
-        return self.model.manifest
+        return self.runtime.manifest
 
-    @property
-    def task(self) -> str:
-        return self.model.manifest.get("task", "")
+    def answers_to(self, requested: str) -> bool:
+        return requested == self.name or (self.name == self.spec.task and requested in self.spec.request_names)
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, store: Any, metrics: Any, loader: Callable[[Any, str], Any] = load_model):
+    def __init__(self, settings: Settings, store: Any, metrics: Any, loader: Callable[..., Any] = load_model):
         self.settings = settings
         self.store = store
         self.metrics = metrics
@@ -64,15 +77,15 @@ class ModelRegistry:
 
     # --- start / stop ---------------------------------------------------------------------------------
     def wanted(self) -> list[str]:
-        """The names to serve: the explicit list, or (auto) every servable name that has the alias."""
+        """The store names to serve: the explicit list, or (auto) each task's own store name (``TASKS``: the
+        store name equal to the task, e.g. ``lightcap``, not ``lightcap-teacher``) when it has the alias."""
         if self.settings.model_names is not None:
             return self.settings.model_names
-        names = []
         available = set(self.store.models()) if self.store.root.is_dir() else set()
-        for name in sorted(LOADERS):
-            if name in available and self.settings.alias in self.store.aliases(name):
-                names.append(name)
-        return names
+        return [name for name in sorted(TASKS) if name in available and self.settings.alias in self.store.aliases(name)]
+
+    def load(self, spec: str) -> Any:
+        return self.loader(self.store, spec, device=self.settings.device_name, precision=self.settings.precision_name)
 
     async def start(self) -> None:
         """Load every wanted model (one at a time, in a thread) and start its pool. A model that fails is
@@ -85,22 +98,19 @@ class ModelRegistry:
         for name in names:
             spec = f"{name}@{self.settings.alias}"
             try:
-                model = await asyncio.to_thread(self.loader, self.store, spec)
-                await self._add(name, model)
+                runtime = await asyncio.to_thread(self.load, spec)
+                await self._add(name, runtime)
             except Exception as exc:  # noqa: BLE001 - any failure: report, keep serving the rest
                 log.error("cannot serve %s: %s", spec, exc, exc_info=not isinstance(exc, CaptionerError))
                 self.failures[name] = f"{spec}: {exc}"
         self.loading = False
 
-    async def _add(self, name: str, model: Any) -> None:
-        task = model.manifest.get("task")
-        role = ROLES.get(task)
-        if role is None:
-            raise CaptionerError(f"{name}: task {task!r} has no service route")
+    async def _add(self, name: str, runtime: Any) -> None:
+        spec = task_spec(runtime)
         s = self.settings
         pool = BatchPool(
             name,
-            runner_for(role),
+            run_batch,
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             capacity=s.queue_size,
@@ -109,7 +119,7 @@ class ModelRegistry:
             metrics=self.metrics,
         )
         await pool.start()
-        self.served[name] = Served(name=name, model=model, pool=pool, role=role)
+        self.served[name] = Served(name=name, runtime=runtime, pool=pool, spec=spec)
         self._report(name)
         self.metrics.workers_up.labels(name).set(s.replicas)
 
@@ -125,34 +135,43 @@ class ModelRegistry:
         )
 
     # --- lookup ---------------------------------------------------------------------------------------
-    def get(self, name: str, role: str) -> Served:
-        served = self.served.get(FAMILIES.get(name, name) if role == "caption" else name)
-        if served is None or served.role != role:
-            known = ", ".join(self.names(role)) or "none"
-            raise Problem("unknown-model", f"model {name!r} is not served for {role} (served: {known})")
-        return served
+    def names(self, kind: str) -> list[str]:
+        return [s.name for s in self.served.values() if s.kind == kind]
 
-    def names(self, role: str) -> list[str]:
-        return [s.name for s in self.served.values() if s.role == role]
+    def pick(self, kind: str, requested: str | None = None) -> Served:
+        """The served model for ``kind``: the one ``requested`` names (a store name or a request name such as
+        ``ucm``), else the default (``CAPTIONER_DEFAULT_CAPTION_MODEL`` for captions, else the lowest rank).
 
-    def first(self, role: str) -> Served:
-        for served in self.served.values():
-            if served.role == role:
-                return served
+        A request naming no model is refused (503) rather than quietly given another model when the default
+        failed to load: the answer names the model and why."""
+        if requested is None and kind == "caption" and self.settings.default_caption_model != "auto":
+            requested = self.settings.default_caption_model
+        if requested is not None:
+            for served in self.served.values():
+                if served.kind == kind and served.answers_to(requested):
+                    return served
+            known = ", ".join(self.names(kind)) or "none"
+            raise Problem("unknown-model", f"model {requested!r} is not served for {kind} (served: {known})")
+        candidates = sorted((s for s in self.served.values() if s.kind == kind), key=lambda s: s.spec.rank)
+        broken = [
+            (name, why) for name, why in self.failures.items()
+            if name in TASKS and TASKS[name].kind == kind
+            and (not candidates or TASKS[name].rank < candidates[0].spec.rank)
+        ]
+        if broken:
+            name, why = broken[0]
+            raise Problem(
+                "model-unavailable",
+                f"the default {kind} model {name!r} failed to load ({why}); name a served model explicitly"
+                + (f" (served: {', '.join(s.name for s in candidates)})" if candidates else ""),
+            )
+        if candidates:
+            return candidates[0]
         why = "; ".join(self.failures.values())
         raise Problem(
             "model-unavailable",
-            f"no {role} model is loaded" + (" yet (loading)" if self.loading else "") + (f" ({why})" if why else ""),
+            f"no {kind} model is loaded" + (" yet (loading)" if self.loading else "") + (f" ({why})" if why else ""),
         )
-
-    def default_captioner(self) -> Served:
-        choice = self.settings.default_caption_model
-        if choice != "auto":
-            return self.get(choice, "caption")
-        for name in ("lightcap", "ucm-captioner"):
-            if name in self.served:
-                return self.served[name]
-        return self.first("caption")
 
     # --- hot swap -------------------------------------------------------------------------------------
     async def reload(self, name: str) -> dict[str, Any]:
@@ -164,9 +183,9 @@ class ModelRegistry:
             known = ", ".join(self.served) or "none"
             raise Problem("unknown-model", f"model {name!r} is not served here (served: {known})")
         async with served.reload_lock:
-            old = served.model
+            old = served.runtime
             try:
-                new = await asyncio.to_thread(self.loader, self.store, spec)
+                new = await asyncio.to_thread(self.load, spec)
             except Exception as exc:  # noqa: BLE001 - refused: keep serving the old object
                 self.metrics.reloads.labels(name, "refused").inc()
                 log.warning("reload of %s refused: %s", spec, exc)
@@ -175,16 +194,17 @@ class ModelRegistry:
                     f"{spec} could not be loaded ({exc}); version {old.version} keeps serving",
                     serving_version=old.version,
                 ) from None
-            if ROLES.get(new.manifest.get("task")) != served.role:
+            new_spec = TASKS.get(new.manifest.get("task"))
+            if new_spec is None or new_spec.kind != served.kind:
                 self.metrics.reloads.labels(name, "refused").inc()
                 raise Problem(
                     "reload-failed",
-                    f"{spec} is a {new.manifest.get('task')!r} model, not a {served.role} model; "
+                    f"{spec} is a {new.manifest.get('task')!r} model, not a {served.spec.task!r} model; "
                     f"version {old.version} keeps serving",
                     serving_version=old.version,
                 )
             outcome = "unchanged" if new.version == old.version else "swapped"
-            served.model = new  # the swap: one reference assignment
+            served.runtime = new  # the swap: one reference assignment
             served.loaded_at = time.time()
             self._report(name)
             self.metrics.reloads.labels(name, outcome).inc()
@@ -194,26 +214,28 @@ class ModelRegistry:
     async def _retry(self, name: str, spec: str) -> dict[str, Any]:
         """Reload of a model that failed to load at start: load it now (e.g. after the store was fixed)."""
         try:
-            model = await asyncio.to_thread(self.loader, self.store, spec)
-            await self._add(name, model)
+            runtime = await asyncio.to_thread(self.load, spec)
+            await self._add(name, runtime)
         except Exception as exc:  # noqa: BLE001
             self.metrics.reloads.labels(name, "refused").inc()
             self.failures[name] = f"{spec}: {exc}"
             raise Problem("reload-failed", f"{spec} could not be loaded ({exc}); it is still not served") from None
         del self.failures[name]
         self.metrics.reloads.labels(name, "swapped").inc()
-        log.info("reload %s: now served (version %s)", name, model.version)
-        return {"name": name, "previous_version": None, "version": model.version, "outcome": "swapped"}
+        log.info("reload %s: now served (version %s)", name, runtime.version)
+        return {"name": name, "previous_version": None, "version": runtime.version, "outcome": "swapped"}
 
     def _report(self, name: str) -> None:
-        model = self.served[name].model
-        manifest = model.manifest
+        runtime = self.served[name].runtime
+        manifest = runtime.manifest
         self.metrics.model_info.labels(name).info(
             {
-                "version": str(model.version),
+                "version": str(runtime.version),
                 "task": str(manifest.get("task", "")),
                 "profile": str(manifest.get("profile", "")),
                 "alias": self.settings.alias,
+                "device": str(getattr(runtime, "device", "cpu")),
+                "precision": self.settings.precision_name,
             }
         )
 
@@ -237,10 +259,13 @@ class ModelRegistry:
         manifest = served.manifest
         return {
             "name": name,
-            "task": served.task,
-            "role": served.role,
+            "task": served.spec.task,
+            "kind": served.kind,
+            "request_names": [served.name, *(n for n in served.spec.request_names if served.answers_to(n))],
             "serving_version": served.version,
             "serving_alias": self.settings.alias,
+            "device": str(getattr(served.runtime, "device", "cpu")),
+            "precision": self.settings.precision_name,
             "alias_version": aliases.get(self.settings.alias),
             "aliases": aliases,
             "profile": manifest.get("profile"),

@@ -44,7 +44,15 @@ class Settings(BaseSettings):
     )
     alias: str = Field("production", description="store alias that is served and that reload switches to")
     default_caption_model: str = Field(
-        "auto", description="captioner used when a request names none; `auto`: lightcap if served, else ucm"
+        "auto", description="captioner used when a request names none; `auto`: lightcap if served, else ucm "
+        "(if lightcap fails to load, such requests get 503 naming it, not another model)"
+    )
+    device: str = Field(
+        "auto", description="where models run: `auto` (the first GPU if any, else cpu), `cpu`, `cuda`, `cuda:N`"
+    )
+    precision: str = Field(
+        "auto", description="compute precision: `auto` (bf16 on a GPU or a CPU with native bf16, else fp32), "
+        "`fp32`, `bf16`"
     )
 
     # --- data -----------------------------------------------------------------------------------------
@@ -69,6 +77,10 @@ class Settings(BaseSettings):
         ",".join(KNOWN_FORMATS), description="allowed image formats (Pillow names; subset of the default)"
     )
     intake_threads: int = Field(0, ge=0, description="threads decoding / preprocessing images (0: cores, max 4)")
+    max_inflight_pixels: int = Field(
+        200_000_000, gt=0, description="decoded pixels held at once across all requests and jobs; an image waits "
+        "briefly for room, else 429 with Retry-After (at least CAPTIONER_MAX_IMAGE_PIXELS)"
+    )
 
     # --- pool -----------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, description="largest batch a worker runs (1 turns batching off)")
@@ -93,6 +105,22 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        from captioning.accel import resolve_device
+
+        resolve_device(value)  # ValueError names the value (no GPU, bad index, unknown word)
+        return value.strip().lower()
+
+    @field_validator("precision")
+    @classmethod
+    def _check_precision(cls, value: str) -> str:
+        from captioning.accel import resolve_precision
+
+        resolve_precision(value)
+        return value.strip().lower()
+
     @field_validator("formats")
     @classmethod
     def _check_formats(cls, value: str) -> str:
@@ -111,6 +139,15 @@ class Settings(BaseSettings):
         return ",".join(names)
 
     @model_validator(mode="after")
+    def _check_pixels(self) -> Settings:
+        if self.max_inflight_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"CAPTIONER_MAX_INFLIGHT_PIXELS ({self.max_inflight_pixels}) must be at least "
+                f"CAPTIONER_MAX_IMAGE_PIXELS ({self.max_image_pixels}), or the largest allowed image could never run"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_keys(self) -> Settings:
         for name in ("api_key", "admin_key"):
             secret = getattr(self, name)
@@ -127,6 +164,20 @@ class Settings(BaseSettings):
     def model_names(self) -> list[str] | None:
         """Explicit model names, or None for ``auto``."""
         return None if self.models == "auto" else self.models.split(",")
+
+    @property
+    def device_name(self) -> str:
+        """The resolved device, e.g. ``cpu`` or ``cuda:0``."""
+        from captioning.accel import resolve_device
+
+        return str(resolve_device(self.device))
+
+    @property
+    def precision_name(self) -> str:
+        """The resolved precision on the resolved device: ``fp32`` or ``bf16``."""
+        from captioning.accel import resolve_precision
+
+        return resolve_precision(self.precision, self.device_name)
 
     @property
     def threads_per_replica(self) -> int:

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from captioning.data.synth.concepts import UCM_CLASSES
 from captioning.data.synth.generator import render
+from captioning.decoding import DecodeOptions
 from captioning.inference import load_model, servable_tasks
 from captioning.store import ModelStore
 
@@ -67,7 +68,7 @@ def test_the_captioners_caption_unseen_pictures_without_triple_repeats(store, sc
         model = load_model(store, f"{name}@production")
         images = torch.stack([model.preprocess(s.image) for s in scenes])
         with torch.inference_mode():
-            outs = model.caption(images, beam_size=3, max_length=20)
+            outs = model.caption(images, DecodeOptions.from_dict(model.decoding.to_dict(), beam_size=3, max_length=20))
         assert len(outs) == len(scenes)
         texts = [o.text for o in outs]
         for text in texts:

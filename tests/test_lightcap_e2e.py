@@ -144,14 +144,14 @@ def test_runtime_loader_captions_images(trained):
     captioner = load_model(store, "lightcap")
     assert captioner.name == "lightcap" and captioner.version == 1
     images = torch.stack([captioner.preprocess(Image.new("RGB", (90, 70), c)) for c in COLOURS.values()])
-    outs = captioner.caption(images, beam_size=2, max_length=6)
+    outs = captioner.caption(images, captioner.decode_options(beam_size=2, max_length=6))
     assert len(outs) == 3 and all(isinstance(o, CaptionOut) for o in outs)
     assert all(len(o.tokens) <= 6 and o.text == " ".join(o.tokens) for o in outs)
-    greedy = captioner.caption(images[:1], beam_size=1)
+    greedy = captioner.caption(images[:1], captioner.decode_options(beam_size=1))
     assert greedy[0].score <= 0.0
     # a whole DecodeOptions replaces the model's decoding (what `eval lightcap` times with)
     whole = captioner.decode_options(beam_size=1, max_length=2, min_length=2)
-    outs = captioner.caption(images, options=whole, max_length=6)
+    outs = captioner.caption(images, whole)
     assert all(len(o.tokens) == 2 for o in outs)
 
 

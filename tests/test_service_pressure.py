@@ -59,15 +59,17 @@ SLOW = {"beam_size": 5, "max_length": 22}  # random weights never stop early: ev
 def slow_batches(monkeypatch):
     """Every caption batch takes at least 0.15 s more, so that with one image per batch the queue surely
     builds up however fast this machine decodes (the deadline and disconnect tests were flaky without)."""
-    from service import backends
+    import dataclasses
 
-    real = backends.RUNNERS["caption"]
+    from captioning import inference
 
-    def slow(model, group, payloads):
+    real = inference.KINDS["caption"]
+
+    def slow(runtime, options, images):
         time.sleep(0.15)
-        return real(model, group, payloads)
+        return real.run(runtime, options, images)
 
-    monkeypatch.setitem(backends.RUNNERS, "caption", slow)
+    monkeypatch.setitem(inference.KINDS, "caption", dataclasses.replace(real, run=slow))
 
 
 def test_full_queue_answers_429_and_every_accepted_request_is_answered(store, tmp_path):

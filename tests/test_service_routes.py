@@ -124,7 +124,7 @@ def test_models_listing_and_unknown_model(server):
     assert set(by_name) == {"lightcap", "ucm-captioner", "ucm-classifier", "concepts"}
     assert by_name["lightcap"]["parents"] == [{"name": "concepts", "version": 1}]
     cap = by_name["ucm-captioner"]
-    assert cap["serving_version"] == 1 and cap["aliases"]["production"] == 1 and cap["role"] == "caption"
+    assert cap["serving_version"] == 1 and cap["aliases"]["production"] == 1 and cap["kind"] == "caption"
     assert cap["metrics"] == {"note": "random weights"} and cap["versions"][0]["version"] == 1
     assert body["default_caption_model"] == "lightcap"
     assert_problem(httpx.get(f"{url}/v1/models/nope", headers=AUTH), 404, "unknown-model")
@@ -223,7 +223,7 @@ def test_docs_page_needs_no_cdn(server):
 
 
 def test_health_ready_metrics_and_openapi(server):
-    url, _ = server
+    url, app = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{url}/readyz").json()["models"] == {"lightcap": 1, "ucm-captioner": 1, "ucm-classifier": 1,
                                                            "concepts": 1}
@@ -233,7 +233,9 @@ def test_health_ready_metrics_and_openapi(server):
                  "captioner_inference_seconds_bucket", "captioner_batch_size_bucket", "captioner_queue_depth",
                  "captioner_http_requests_total", "captioner_jobs_total", "captioner_model_info"):
         assert name in text, name
-    assert 'captioner_model_info{alias="production",name="ucm-captioner",profile="tiny",task="ucm-captioner",version="1"} 1.0' in text
+    precision = app.state.settings.precision_name
+    assert ('captioner_model_info{alias="production",device="cpu",name="ucm-captioner",'
+            f'precision="{precision}",profile="tiny",task="ucm-captioner",version="1"}} 1.0') in text
     assert metric(url, "captioner_http_requests_total", {"route": "/v1/labels", "status": "200"}) >= 1
     spec = httpx.get(f"{url}/openapi.json").json()
     body = spec["paths"]["/v1/caption"]["post"]["requestBody"]["content"]

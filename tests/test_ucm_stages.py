@@ -170,10 +170,10 @@ def test_service_loaders_and_eval_cli(trained, data, capsys):
     assert len(classifier.labels) == 17 and classifier.threshold == store.resolve("ucm-classifier").metrics["threshold"]
 
     captioner = load_model(store, "ucm-captioner")
-    outs = captioner.caption(batch, beam_size=2, max_length=5)
+    outs = captioner.caption(batch, captioner.options(beam_size=2, max_length=5))
     assert len(outs) == 2 and all(len(o.tokens) <= 5 and o.text == " ".join(o.tokens) for o in outs)
     assert all(o.score <= 0 for o in outs)
-    assert captioner.caption(batch)[0].tokens  # the published decoding defaults
+    assert captioner.caption(batch, captioner.decoding)[0].tokens  # the published decoding defaults
 
     assert main(["eval", "ucm-classifier", "--data", str(data), "--store", str(trained[0]), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

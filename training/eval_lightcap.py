@@ -154,7 +154,7 @@ def measure_latency(pipeline, corpus, rows: list[int], options, n_images: int, t
         for i in range(3 + n_images):  # 3 warm-up runs; a small split is cycled through
             image = tensors[i % len(tensors)]
             t0 = time.perf_counter()
-            pipeline.caption(image, options=options)
+            pipeline.caption(image, options)
             if i >= 3:
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:

@@ -119,11 +119,11 @@ def evaluate_captioner(
     corpus = open_dataset(data, splits=(split,))
     max_words = int(runtime.manifest["config"]["text"]["max_words"])
     target = caption_split(corpus, runtime.vocab, split, runtime.input_size, max_words)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    options = runtime.options(**(overrides or {}))  # None values keep the published decoding
     captions = []
     for i in range(0, len(target), batch_size):
-        captions.extend(c.text for c in runtime.caption(normalize(target.images[i : i + batch_size]), **overrides))
-    metrics: dict[str, Any] = {"decoding": runtime.options(**overrides).to_dict(), "images": len(captions)}
+        captions.extend(c.text for c in runtime.caption(normalize(target.images[i : i + batch_size]), options))
+    metrics: dict[str, Any] = {"decoding": options.to_dict(), "images": len(captions)}
     metrics.update(caption_report(captions, target.references, meteor=meteor))
     metrics["examples"] = [
         {"imgid": target.imgids[i], "caption": captions[i], "reference": target.references[i][0]}

@@ -303,13 +303,6 @@ class TrainRun:
         log.info("%s: resumed from %s after epoch %d", self.stage, path, self.epoch)
         return True
 
-    def checkpoint_extra(self, key: str) -> Any:
-        """A non-state value saved in the checkpoint (e.g. a chosen threshold), or None."""
-        path = self.run_dir / CHECKPOINT
-        if not path.is_file():
-            return None
-        return torch.load(path, map_location="cpu", weights_only=False).get(key)
-
     # ------------------------------------------------------------------ outputs
     def plot_loss(self, path: Path | None = None, *, keys: tuple[str, ...] = ("loss",)) -> Path:
         """Write the loss curve (per epoch) as a PNG; returns its path."""

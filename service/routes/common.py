@@ -1,13 +1,50 @@
-"""Helpers shared by the image routes: the OpenAPI description of the image body, parameter limits."""
+"""What the image routes share: one request skeleton (``serve_images``) and the OpenAPI description of the
+image body. A route says which request model it takes and which plans (kinds, models, options) that makes;
+reading, admission, decoding, the pools and the records are ``service.inference``'s."""
 
 from __future__ import annotations
 
-import math
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from fastapi import Request
 from pydantic import BaseModel
 
-from service.problems import Problem
+from service.inference import Ctx, Outcome, Plan, infer
+from service.reading import parse_params, read_images
+
+AfterHook = Callable[[list[Outcome], list[dict[str, Any]]], Awaitable[None]]
+
+
+async def serve_images(request: Request, ctx: Ctx, route: str, request_model: type[BaseModel],
+                       plans_for: Callable[[Any], list[Plan]],
+                       after: Callable[[Any], AfterHook | None] = lambda p: None) -> dict[str, Any]:
+    """Parameters in, records out: read the body, validate the parameters (422), plan (404/503/422), run
+    every image through ``service.inference.infer``, answer one record per image with its input and timings.
+    ``after(params)`` may return a hook that adds to the results; the images are then kept (at most
+    ``service.inference.KEPT_SIDE`` pixels a side) for it to draw on."""
+    started = time.monotonic()
+    deadline = started + ctx.settings.request_timeout_s
+    raws, params = await read_images(request, ctx.settings.max_images_per_request)
+    p = parse_params(request_model, params)
+    plans = plans_for(p)
+    hook = after(p)
+    outcomes = await infer(ctx, raws, plans, deadline=deadline, request=request, keep_image=hook is not None)
+    results = [
+        {
+            "index": o.prepared.decoded.index,
+            "filename": o.prepared.decoded.filename,
+            **o.record(),
+            "input": o.prepared.decoded.info(),
+            "timings_ms": o.timings(),
+        }
+        for o in outcomes
+    ]
+    if hook is not None:
+        await hook(outcomes, results)
+    ctx.metrics.images.labels(route).inc(len(results))
+    return {"results": results, "total_ms": round((time.monotonic() - started) * 1000.0, 3)}
 
 
 def image_body(params: type[BaseModel]) -> dict[str, Any]:
@@ -46,20 +83,6 @@ def image_body(params: type[BaseModel]) -> dict[str, Any]:
             },
         }
     }
-
-
-def check_limit(name: str, value: int | None, limit: int, setting: str) -> None:
-    if value is not None and value > limit:
-        raise Problem(
-            "invalid-parameter",
-            f"parameter {name!r}: {value} is more than this server allows ({limit}, {setting})",
-            errors=[{"parameter": name, "detail": f"at most {limit}"}],
-        )
-
-
-def finite(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
 
 
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {

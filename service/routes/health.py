@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Response
 
 from service.deps import get_ctx
-from service.flow import Ctx
+from service.inference import Ctx
 from service.problems import CATALOG, Problem, problem_type
 
 router = APIRouter(tags=["health"])

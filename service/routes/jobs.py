@@ -10,14 +10,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from starlette.datastructures import UploadFile
 
+from captioning.inference import CaptionParams, ConceptParams, LabelParams, OptionError, parse_kinds
 from service.deps import get_ctx, require_api_key
-from service.flow import Ctx
+from service.inference import Ctx, Plan, plan
 from service.problems import Problem
 from service.reading import media_type, parse_params, read_form
-from service.routes.common import check_limit
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
@@ -29,12 +29,20 @@ _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 PROBLEMS = {"content": {"application/problem+json": {}}}
 
 
-class JobParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class JobParams(CaptionParams, LabelParams, ConceptParams):
+    """Every kind's parameters (validated against the chosen models when the job is submitted: 422 then, not
+    a failure per entry) plus which kinds to run and the captioner."""
 
+    tasks: str = Field("caption", description="comma-separated kinds to run per image: caption, labels, concepts "
+                       "(one record per image carries them all)")
     model: str | None = Field(None, description="captioner (`lightcap`, `ucm`); default as for /v1/caption")
-    beam_size: int | None = Field(None, ge=1, description="beam width (1: greedy; default: the model's)")
-    max_length: int | None = Field(None, ge=1, description="longest caption in tokens")
+
+    def plans(self, ctx: Ctx) -> list[Plan]:
+        try:
+            kinds = parse_kinds(self.tasks)
+        except OptionError as exc:
+            raise Problem("invalid-parameter", str(exc), errors=[{"parameter": "tasks", "detail": exc.message}]) from None
+        return [plan(ctx, kind, self, self.model if kind == "caption" else None) for kind in kinds]
 
 
 def _stored_name(n: int, original: str) -> str:
@@ -106,12 +114,11 @@ async def create_job(request: Request, ctx: Annotated[Ctx, Depends(get_ctx)]) ->
     try:
         uploads, params = await save_uploads(request, folder / "uploads")
         p = parse_params(JobParams, params)
-        check_limit("beam_size", p.beam_size, ctx.settings.max_beam_size, "CAPTIONER_MAX_BEAM_SIZE")
-        check_limit("max_length", p.max_length, ctx.settings.max_length_limit, "CAPTIONER_MAX_LENGTH_LIMIT")
-        served = ctx.registry.get(p.model, "caption") if p.model else ctx.registry.default_captioner()
+        plans = p.plans(ctx)  # 422 / 404 / 503 now, not per entry
         if not uploads:
             raise Problem("no-image", "the job carried no file (send an archive or images)")
-        job = await ctx.jobs.create(job_id, served.name, {"beam_size": p.beam_size, "max_length": p.max_length}, uploads)
+        stored = {**p.model_dump(exclude_unset=True), "models": {pl.kind: pl.served.name for pl in plans}}
+        job = await ctx.jobs.create(job_id, plans[0].served.name, stored, uploads)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise

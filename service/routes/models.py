@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from service.deps import get_ctx, require_admin_key, require_api_key
-from service.flow import Ctx
+from service.inference import Ctx
 from service.problems import Problem
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -18,13 +18,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 async def list_models(ctx: Annotated[Ctx, Depends(get_ctx)]) -> dict[str, Any]:
     registry = ctx.registry
     try:
-        default = registry.default_captioner().name
+        default = registry.pick("caption").name
     except Problem:
         default = None
     return {
         "models": await asyncio.to_thread(lambda: [registry.describe(name) for name in list(registry.served)]),
         "default_caption_model": default,
         "alias": ctx.settings.alias,
+        "device": ctx.settings.device_name,
+        "precision": ctx.settings.precision_name,
         "loading": registry.loading,
         "failures": registry.failures,
     }

@@ -149,7 +149,9 @@ class LightCapPipeline:
         self.extractor = extractor
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.decoding = dict(decoding or {})
+        from captioning.decoding import DecodeOptions
+
+        self.decoding = DecodeOptions.from_dict(decoding)
         self.name = name
         self.version = version
         self.manifest = manifest or {}
@@ -179,7 +181,7 @@ class LightCapPipeline:
     def decode_options(self, **overrides: Any):
         from captioning.decoding import DecodeOptions
 
-        return DecodeOptions.from_dict(self.decoding, **overrides)
+        return DecodeOptions.from_dict(self.decoding.to_dict(), **overrides)
 
     @torch.no_grad()
     def caption_features(self, grid: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, options) -> list:
@@ -196,23 +198,8 @@ class LightCapPipeline:
         return outs
 
     @torch.no_grad()
-    def caption(
-        self,
-        images: torch.Tensor,
-        *,
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        length_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        options=None,
-    ) -> list:
-        """``images [B,3,S,S]`` -> captions; ``options`` (a whole ``DecodeOptions``) replaces the model's decoding,
-        else the keyword overrides adjust it."""
-        if options is None:
-            options = self.decode_options(
-                beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size,
-            )
+    def caption(self, images: torch.Tensor, options) -> list:
+        """``images [B,3,S,S]`` -> captions decoded with ``options`` (``self.decoding``: the published)."""
         grid, ids, scores = self.features(images)
         outs = self.caption_features(grid, ids, scores, options)
         for out, row_ids, row_scores in zip(outs, ids.tolist(), scores.tolist(), strict=True):

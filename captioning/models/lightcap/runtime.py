@@ -51,7 +51,14 @@ def load_detector(detector_version: ModelVersion) -> Any:
     return detector
 
 
-def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
+def _cpu_fp32_only(version: ModelVersion, device: str, precision: str) -> None:
+    if str(device) != "cpu" or precision != "fp32":
+        raise StoreError(f"{version.spec}: only device cpu / precision fp32 are implemented, not {device} / {precision}")
+
+
+def load_concept_extractor(version: ModelVersion, store: ModelStore, *, device: str = "cpu",
+                           precision: str = "fp32") -> Any:
+    _cpu_fp32_only(version, device, precision)
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
         ConceptExtractor,
@@ -75,7 +82,8 @@ def load_concept_extractor(version: ModelVersion, store: ModelStore) -> Any:
     return extractor.eval()
 
 
-def load_captioner(version: ModelVersion, store: ModelStore) -> Any:
+def load_captioner(version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32") -> Any:
+    _cpu_fp32_only(version, device, precision)
     """Task ``lightcap``: the LightCap captioner (``captioner.safetensors``, ``model.json``, ``tokenizer.json``) with
     the concept extractor it was trained on (its ``concepts`` parent, exact version), as one runtime object:
     ``preprocess(pil)`` and ``caption(images, beam_size=..., max_length=..., ...)`` (captioning/models/lightcap/pipeline.py)."""

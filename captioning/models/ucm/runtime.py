@@ -71,30 +71,19 @@ class UCMCaptioner(_Runtime):
         return DecodeOptions.from_dict(self.decoding.to_dict(), **overrides)
 
     @torch.no_grad()
-    def caption(
-        self,
-        images: torch.Tensor,
-        *,
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        min_length: int | None = None,
-        length_penalty: float | None = None,
-        no_repeat_ngram_size: int | None = None,
-        repetition_penalty: float | None = None,
-        max_repeat_run: int | None = None,
-    ) -> list[CaptionOut]:
-        """images [B, 3, S, S] -> one caption each; None options take the published defaults."""
-        options = self.options(
-            beam_size=beam_size, max_length=max_length, min_length=min_length, length_penalty=length_penalty,
-            no_repeat_ngram_size=no_repeat_ngram_size, repetition_penalty=repetition_penalty,
-            max_repeat_run=max_repeat_run,
-        )
+    def caption(self, images: torch.Tensor, options: DecodeOptions) -> list[CaptionOut]:
+        """images [B, 3, S, S] -> one caption each, decoded with ``options`` (``self.decoding``: the published)."""
         hyps = decode(self.model, self._check(images), options, bos_id=BOS_ID, eos_id=EOS_ID)
         out = []
         for hyp in hyps:
             tokens = self.vocab.decode(hyp.tokens)
             out.append(CaptionOut(text=" ".join(tokens), tokens=tokens, score=hyp.mean_log_prob))
         return out
+
+
+def _cpu_fp32_only(version: ModelVersion, device: str, precision: str) -> None:
+    if str(device) != "cpu" or precision != "fp32":
+        raise StoreError(f"{version.spec}: only device cpu / precision fp32 are implemented, not {device} / {precision}")
 
 
 def _config(version: ModelVersion) -> dict[str, Any]:
@@ -104,7 +93,9 @@ def _config(version: ModelVersion) -> dict[str, Any]:
     return config
 
 
-def load_classifier(version: ModelVersion, store: ModelStore | None = None) -> UCMClassifier:
+def load_classifier(version: ModelVersion, store: ModelStore | None = None, *, device: str = "cpu",
+                    precision: str = "fp32") -> UCMClassifier:
+    _cpu_fp32_only(version, device, precision)
     config = _config(version)
     try:
         info = json.loads(version.file(CLASSIFIER_JSON).read_text())
@@ -115,7 +106,9 @@ def load_classifier(version: ModelVersion, store: ModelStore | None = None) -> U
     return UCMClassifier(version, model, info["labels"], info["threshold"], config["image"]["input_size"])
 
 
-def load_captioner(version: ModelVersion, store: ModelStore | None = None) -> UCMCaptioner:
+def load_captioner(version: ModelVersion, store: ModelStore | None = None, *, device: str = "cpu",
+                   precision: str = "fp32") -> UCMCaptioner:
+    _cpu_fp32_only(version, device, precision)
     config = _config(version)
     vocab = Vocabulary.load(version.file(VOCAB))
     model = Captioner(
