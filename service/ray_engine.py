@@ -135,19 +135,20 @@ def read_bytes(uri: str) -> bytes:
 
 
 # --- the stages that run on the cluster --------------------------------------------------------------------
-def _read_error(key: str, exc: Exception) -> dict[str, Any]:
-    from service.problems import problem_type
+def _problem(key: str, message: str) -> dict[str, Any]:
+    """An error record built as the local engine builds it (``Engine.records``), so both write the same."""
+    from service.inference import error_of
+    from service.intake import ImageProblem
 
-    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return {"path": key, "error": {"type": problem_type("invalid-image"), "status": 400,
-                                   "detail": f"{key}: cannot read ({reason})"}}
+    return {"path": key, "error": error_of(ImageProblem("invalid-image", 0, key, message))}
+
+
+def _read_error(key: str, exc: Exception) -> dict[str, Any]:
+    return _problem(key, f"cannot read ({getattr(exc, 'strerror', None) or exc or type(exc).__name__})")
 
 
 def _decode_error(key: str, exc: Exception) -> dict[str, Any]:
-    from service.problems import problem_type
-
-    return {"path": key, "error": {"type": problem_type("invalid-image"), "status": 400,
-                                   "detail": f"{key}: cannot be decoded ({type(exc).__name__}: {exc})"}}
+    return _problem(key, f"cannot be decoded ({type(exc).__name__}: {exc})")
 
 
 _PREPARERS: dict[Any, Any] = {}  # per worker process: the preparer, fetched once from the object store
@@ -210,7 +211,8 @@ class InferActor:
         blobs = table.column("prepared").to_pylist()
         records = table.column("record").to_pylist()
         prepared = [pickle.loads(b) for b in blobs if b is not None]
-        made = iter(self.engine.infer(prepared) if prepared else [])
+        named = [k for k, b in zip(keys, blobs, strict=True) if b is not None]
+        made = iter(self.engine.infer(prepared, keys=named) if prepared else [])
         out: list[str] = []
         for key, blob, record in zip(keys, blobs, records, strict=True):
             if blob is None:
@@ -485,7 +487,10 @@ def run(source: str | Path, dest: str | Path, engine_kwargs: dict[str, Any], opt
     from service.offline import Engine
 
     # On the driver: checks model/alias/options before any cluster work, and makes the (weightless) preparer.
-    preparer = Engine.from_store(**engine_kwargs).preparer()
+    try:
+        preparer = Engine.from_store(**engine_kwargs).preparer()
+    except ValueError as exc:  # the options' range checks (pydantic), as the local engine reports them
+        raise UsageError(str(exc)) from None
 
     import ray
     import ray.data
@@ -558,18 +563,16 @@ def add_ray_args(parser: Any) -> None:
 
 
 def engine_kwargs_from_args(args: Any) -> dict[str, Any]:
-    options = {k: getattr(args, k, None) for k in ("beam_size", "max_length")}
-    tasks = getattr(args, "tasks", None) or ("caption",)
-    if isinstance(tasks, str):
-        tasks = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    """``Engine.from_store`` arguments from the `captioner batch` flags (as the local engine reads them)."""
+    options = {k: getattr(args, k, None) for k in ("beam_size", "max_length", "threshold", "min_score", "group")}
     return {
         "store_root": str(args.store) if getattr(args, "store", None) else None,
-        "tasks": tuple(tasks),
+        "tasks": getattr(args, "tasks", None) or "caption",
         "model": getattr(args, "model", None),
         "alias": getattr(args, "alias", None),
         "options": {k: v for k, v in options.items() if v is not None} or None,
-        "device": getattr(args, "device", None) or "auto",
-        "precision": getattr(args, "precision", None) or "auto",
+        "device": getattr(args, "device", None),
+        "precision": getattr(args, "precision", None),
     }
 
 
