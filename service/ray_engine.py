@@ -11,7 +11,8 @@ Pipeline (docs/batch.md)::
   comments skipped). Relative entries are resolved against the manifest's / list's folder; keys are the
   entries as written. URIs: ``file://`` and whatever ``pyarrow.fs`` opens (``s3://``, ``gs://``, ``hdfs://``).
 * The models run only in the actors, through ``Engine.infer``; the tasks run only ``Engine.preparer()``
-  (small, no weights). Same code path as ``captioner batch`` and the service: no second copy of model logic.
+  (preprocessing, no weights by the runtime contract; a larger one is named in a warning). Same code path
+  as ``captioner batch`` and the service: no second copy of model logic.
 * A file that cannot be read, or is not a valid image, becomes an error record naming it (same shape as
   the local batch: ``{"path", "error": {"type", "status", "detail"}}``); it never fails the run.
 * Output: DEST is a folder of part files ``part-<run>-<n>.parquet`` (or ``.jsonl``), each written to a
@@ -501,6 +502,10 @@ def run(source: str | Path, dest: str | Path, engine_kwargs: dict[str, Any], opt
         check_capacity(options, wait_s=0.0 if started_ray else float(os.environ.get("CAPTIONER_RAY_WAIT_S", 300)))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
+        shipped = len(pickle.dumps(preparer, protocol=pickle.HIGHEST_PROTOCOL))
+        if shipped > 8 << 20:  # the contract: preprocessing only; a bound runtime method drags its weights along
+            print(f"warning: the Engine's preparer pickles to {shipped / 2**20:.0f} MiB (model weights?); every "
+                  "decode worker loads it once", file=sys.stderr)
         preparer_ref = ray.put(preparer)
         ds = build_dataset(todo, preparer_ref, engine_kwargs, options)
         wanted = {k for k, _ in todo}

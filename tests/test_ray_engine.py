@@ -12,6 +12,8 @@ workers and actors starting; run it with ``pytest -m slow tests/test_ray_engine.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
@@ -268,6 +270,15 @@ def test_two_node_cluster_survives_a_lost_node_and_matches_the_local_engine(tmp_
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         worker_id = worker.node_id
+        # decoding stays in tasks: Ray Data does not fuse the prepare stage into the actors (CPU or GPU pool)
+        for gpus in (0.0, 1.0):
+            plan = io.StringIO()
+            with contextlib.redirect_stdout(plan):
+                ray_engine.build_dataset([("a.png", "/x/a.png")] * 8, None, {},
+                                         ray_engine.RayOptions(actors=2, num_gpus=gpus)).explain()
+            physical = plan.getvalue().split("Physical Plan (Optimized)")[1]
+            assert "TaskPoolMapOperator[MapBatches(prepare_batch)]" in physical, physical
+            assert "ActorPoolMapOperator[MapBatches(InferActor)]" in physical, physical
         killed: dict[str, int] = {}
 
         def kill_worker_mid_run(stats: ray_engine.RunStats) -> None:
