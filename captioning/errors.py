@@ -36,3 +36,12 @@ class StoreError(CaptionerError):
 
 class PrerequisiteError(StoreError):
     """A training stage needs a model that is not (yet) in the store, or was trained in another profile."""
+
+
+class SceneError(CaptionerError):
+    """A scene (GeoTIFF / raster) cannot be read or processed, or a scene job's folder does not fit it.
+    The message names the file and what is wrong with it (not a raster, no bands to read, ...)."""
+
+    def __init__(self, message: str, *, path: object = None):
+        super().__init__(f"{path}: {message}" if path is not None else message)
+        self.path = path

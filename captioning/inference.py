@@ -54,6 +54,24 @@ class Concept:
     label: str | None = None  # the remote-sensing label it maps to, if any
 
 
+def group_concepts(instances: list[Concept]) -> list[Concept]:
+    """Distinct words: each word's best-scoring instance, best first (ties keep the earlier instance)."""
+    best: dict[str, Concept] = {}
+    for c in instances:
+        if c.concept not in best or c.score > best[c.concept].score:
+            best[c.concept] = c
+    return sorted(best.values(), key=lambda c: -c.score)
+
+
+def counts(instances: list[Concept]) -> dict[str, int]:
+    """Instances per concept word, most frequent first (then alphabetical): ``{"house": 29, "tree": 4}``."""
+    tally: dict[str, int] = {}
+    for c in instances:
+        tally[c.concept] = tally.get(c.concept, 0) + 1
+    return dict(sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+
 # ---------------------------------------------------------------------------------------------- runtimes
 @runtime_checkable
 class Runtime(Protocol):
@@ -229,13 +247,10 @@ def select_concepts(instances: Sequence[Concept], options: ConceptParams) -> tup
 
     ``group="concept"`` lists the best instance of each distinct word; ``top_k`` trims the list (not the counts)."""
     kept = [c for c in sorted(instances, key=lambda c: -float(c.score)) if float(c.score) >= options.min_score]
-    counts: dict[str, int] = {}
-    for c in kept:
-        counts[c.concept] = counts.get(c.concept, 0) + 1
+    tally = counts(kept)
     if options.group == "concept":
-        seen: set[str] = set()
-        kept = [c for c in kept if not (c.concept in seen or seen.add(c.concept))]
-    return (kept[: options.top_k] if options.top_k else kept), counts
+        kept = group_concepts(kept)
+    return (kept[: options.top_k] if options.top_k else kept), tally
 
 
 def concepts_record(instances: list[Concept], runtime: Any, options: ConceptParams, frame: Frame | None

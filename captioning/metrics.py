@@ -5,7 +5,9 @@
   "136.6" of papers; document frequencies come from the references scored, so say which split it was).
   METEOR runs pycocoevalcap's Java scorer; without a working Java it is ``None`` and ``METEOR-note`` says why.
 * ``multilabel_prf(y_true, y_score, threshold)`` and ``choose_threshold`` (maximises micro-F1 on validation).
-* ``box_recall_ap(predictions, ground_truth)``: class-agnostic recall and all-point AP at IoU 0.5.
+* ``box_recall_ap(predictions, ground_truth)``: class-agnostic recall and all-point AP at IoU 0.5;
+  ``per_concept_ap`` the same per concept (class) and their mean; ``count_errors``: per-concept counting error
+  (MAE of the per-image count, relative to the mean true count, share counted exactly).
 * ``repetition_stats(captions)``: distinct-1/2, share of captions repeating a word back to back, longest run.
 """
 
@@ -417,6 +419,124 @@ def box_recall_ap(
         "n_predictions": int(len(hits)),
         "iou_threshold": float(iou_threshold),
     }
+
+
+def _labelled(item: Any, what: str, key: Any, *, scored: bool) -> tuple[Any, np.ndarray, list[Any]]:
+    if not isinstance(item, Mapping) or "boxes" not in item or "labels" not in item:
+        need = "{'boxes', 'scores', 'labels'}" if scored else "{'boxes', 'labels'}"
+        raise MetricInputError(f"{what} must be a dict {need}", record=f"image {key!r}")
+    boxes = _boxes_tensor(item["boxes"], f"{what} boxes", key)
+    labels = list(item["labels"])
+    scores = _as_array(item["scores"]).reshape(-1) if scored else np.zeros(len(labels))
+    if not len(boxes) == len(labels) == len(scores):
+        raise MetricInputError(
+            f"{what}: {len(boxes)} boxes, {len(labels)} labels" + (f", {len(scores)} scores" if scored else ""),
+            record=f"image {key!r}",
+        )
+    return boxes, scores, labels
+
+
+def per_concept_ap(
+    predictions: Sequence[Any] | Mapping[Any, Any],
+    ground_truth: Sequence[Any] | Mapping[Any, Any],
+    *,
+    iou_threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Box AP per concept (class) at one IoU threshold, and their mean.
+
+    ``predictions``: per image ``{"boxes" [n,4], "scores" [n], "labels" [n]}``; ``ground_truth``: per image
+    ``{"boxes" [m,4], "labels" [m]}`` (labels: words or ids; lists in the same image order or dicts with the same
+    keys). Each concept is scored by ``box_recall_ap`` on its own boxes (a prediction only matches a ground-truth
+    box of its own concept). Returns ``{"per_concept": {label: {"AP", "recall", "precision", "true_positives",
+    "n_ground_truth", "n_predictions"}}, "mAP": mean AP over the concepts that have ground-truth boxes}``; a concept that is only
+    predicted (no ground truth anywhere) has ``AP`` None and does not enter the mean (the COCO convention).
+    """
+    pred_keys, preds = _per_image(predictions, "predictions")
+    gt_keys, gts = _per_image(ground_truth, "ground_truth")
+    if pred_keys != gt_keys:
+        raise MetricInputError(
+            f"predictions ({len(pred_keys)} images) and ground_truth ({len(gt_keys)} images) must cover the same images"
+        )
+    pred_rows = [_labelled(p, "prediction", k, scored=True) for k, p in zip(pred_keys, preds, strict=True)]
+    gt_rows = [_labelled(g, "ground truth", k, scored=False) for k, g in zip(gt_keys, gts, strict=True)]
+    concepts = sorted({lab for _, _, labels in pred_rows + gt_rows for lab in labels}, key=str)
+    per_concept: dict[Any, dict[str, Any]] = {}
+    for concept in concepts:
+        pc, gc = [], []
+        for (pb, ps, pl), (gb, _, gl) in zip(pred_rows, gt_rows, strict=True):
+            pm = np.array([lab == concept for lab in pl], dtype=bool)
+            gm = np.array([lab == concept for lab in gl], dtype=bool)
+            pc.append((pb[np.flatnonzero(pm)], ps[pm]))
+            gc.append(gb[np.flatnonzero(gm)])
+        n_gt = sum(len(g) for g in gc)
+        n_pred = sum(len(s) for _, s in pc)
+        if n_gt == 0:
+            per_concept[concept] = {
+                "AP": None, "recall": None, "precision": 0.0, "true_positives": 0, "n_ground_truth": 0,
+                "n_predictions": n_pred,
+            }
+            continue
+        r = box_recall_ap(pc, gc, iou_threshold=iou_threshold)
+        per_concept[concept] = {
+            "AP": r["AP"], "recall": r["recall"], "precision": r["precision"],
+            "true_positives": r["true_positives"], "n_ground_truth": n_gt, "n_predictions": n_pred,
+        }
+    aps = [v["AP"] for v in per_concept.values() if v["AP"] is not None]
+    if not aps:
+        raise MetricInputError("there are no ground-truth boxes, so AP is undefined")
+    return {"per_concept": per_concept, "mAP": float(np.mean(aps)), "iou_threshold": float(iou_threshold)}
+
+
+def count_errors(
+    predicted: Sequence[Mapping[Any, int]] | Mapping[Any, Mapping[Any, int]],
+    truth: Sequence[Mapping[Any, int]] | Mapping[Any, Mapping[Any, int]],
+) -> dict[str, Any]:
+    """Counting error per concept: per image ``{concept: count}`` predicted against true (same image order/keys).
+
+    For each concept the images that count are those where it is true or predicted (an image where it is neither
+    is counted right trivially and would only dilute the figures). Per concept: ``mae`` (mean absolute error of
+    the count), ``mean_true`` (mean true count), ``relative`` = ``mae / mean_true`` (= sum |error| / sum true,
+    so it does not depend on which images with neither count; None without true instances), ``exact`` (share of
+    images counted exactly), ``bias`` (mean predicted - true), ``images``. ``overall`` pools every (image,
+    concept) pair the same way.
+    """
+    pred_keys, preds = _per_image(predicted, "predicted")
+    true_keys, trues = _per_image(truth, "truth")
+    if pred_keys != true_keys:
+        raise MetricInputError(
+            f"predicted ({len(pred_keys)} images) and truth ({len(true_keys)} images) must cover the same images"
+        )
+    pairs: dict[Any, list[tuple[int, int]]] = {}
+    for key, p, t in zip(pred_keys, preds, trues, strict=True):
+        if not isinstance(p, Mapping) or not isinstance(t, Mapping):
+            raise MetricInputError("counts must be a dict {concept: count} per image", record=f"image {key!r}")
+        for concept in set(p) | set(t):
+            n_pred, n_true = p.get(concept, 0), t.get(concept, 0)
+            if any(isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0 for n in (n_pred, n_true)):
+                raise MetricInputError(
+                    f"count of {concept!r} must be a whole number >= 0, got {n_pred!r} / {n_true!r}",
+                    record=f"image {key!r}",
+                )
+            if n_pred or n_true:
+                pairs.setdefault(concept, []).append((int(n_pred), int(n_true)))
+
+    def summary(rows: list[tuple[int, int]]) -> dict[str, Any]:
+        arr = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
+        err = arr[:, 0] - arr[:, 1]
+        mae, mean_true = float(np.abs(err).mean()), float(arr[:, 1].mean())
+        return {
+            "images": len(rows),
+            "mae": mae,
+            "mean_true": mean_true,
+            "relative": mae / mean_true if mean_true > 0 else None,
+            "exact": float((err == 0).mean()),
+            "bias": float(err.mean()),
+        }
+
+    if not pairs:
+        raise MetricInputError("nothing to count: no concept is true or predicted in any image")
+    per_concept = {c: summary(rows) for c, rows in sorted(pairs.items(), key=lambda kv: str(kv[0]))}
+    return {"per_concept": per_concept, "overall": summary([r for rows in pairs.values() for r in rows])}
 
 
 # ----------------------------------------------------------------------------------------- repetition

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -52,7 +53,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import captioning
 from captioning.errors import StoreError
 
-DEFAULT_ROOT = Path(captioning.__file__).resolve().parents[1] / "model_store"
+EMBEDDED_PACKAGE = "captioner_models"  # the wheel's copy of the repository's model_store/ (pyproject.toml)
+
+
+def embedded_root() -> Path:
+    """The embedded default store: a checkout's (or editable install's) ``model_store/`` next to the
+    ``captioning`` package; else, installed from a wheel, the ``captioner_models`` data package. Only
+    located here (never imported): the store's readers look at model-name folders and version numbers,
+    so nothing Python leaves in it (``__init__.py``, ``__pycache__``) is mistaken for a model."""
+    checkout = Path(captioning.__file__).resolve().parents[1] / "model_store"
+    if checkout.is_dir():
+        return checkout
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if locations:
+        return Path(locations[0]).resolve()
+    return checkout  # neither: the "does not exist" error names the path a checkout would have
+
+
+DEFAULT_ROOT = embedded_root()
 MANIFEST = "manifest.json"
 ALIASES = "aliases.json"
 STAGING = ".staging"
@@ -69,7 +88,8 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class StoreSettings(BaseSettings):
-    """Where the model store lives: ``CAPTIONER_MODEL_STORE`` (default: the repository's ``model_store/``)."""
+    """Where the model store lives: ``CAPTIONER_MODEL_STORE`` (default: the embedded store, the repository's
+    ``model_store/``, or in a wheel install its copy, the ``captioner_models`` package: :func:`embedded_root`)."""
 
     model_config = SettingsConfigDict(env_prefix="CAPTIONER_", extra="ignore", protected_namespaces=())
 

@@ -10,15 +10,21 @@ reported* (one record per entry, not a failure of the whole job):
   zip bomb cannot get past it), and entries past ``max_total_bytes`` or ``max_entries``;
 * encrypted or corrupt entries; entries that are not images in an allowed format (checked from their
   first bytes, not their name).
+
+An upload that starts like an archive (zip, gzip, bzip2, xz or tar magic) but cannot be read as one -- a
+truncated zip has no central directory, so ``zipfile`` does not even recognise it -- is ``invalid-archive``;
+only an upload that is neither an image nor anything archive-like is ``unsupported-image``.
 """
 
 from __future__ import annotations
 
+import lzma
 import re
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -27,6 +33,12 @@ from service.intake import sniff
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _CHUNK = 1 << 20
+_HEAD = 512  # enough for the tar magic ("ustar" at offset 257)
+_ARCHIVE_MAGIC = (
+    (b"PK\x03\x04", "zip archive"), (b"PK\x05\x06", "zip archive"), (b"PK\x07\x08", "zip archive"),
+    (b"\x1f\x8b", "gzip-compressed file"), (b"BZh", "bzip2-compressed file"), (b"\xfd7zXZ\x00", "xz-compressed file"),
+)
+_READ_ERRORS = (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
 
 
 @dataclass
@@ -67,6 +79,16 @@ def unsafe_name(name: str) -> str | None:
     return None
 
 
+def archive_kind(head: bytes) -> str | None:
+    """What kind of archive the first bytes announce (None: nothing archive-like)."""
+    for magic, name in _ARCHIVE_MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[257:262] == b"ustar":
+        return "tar archive"
+    return None
+
+
 def image_kind(head: bytes, formats: list[str]) -> str | None:
     """The allowed format the bytes start with, or None."""
     kind = sniff(head).upper()
@@ -96,7 +118,7 @@ class Extractor:
     # --- one upload ----------------------------------------------------------------------------------
     def upload(self, path: Path, original: str) -> None:
         with open(path, "rb") as fh:
-            head = fh.read(64)
+            head = fh.read(_HEAD)
         if image_kind(head, self.limits.formats):
             with open(path, "rb") as fh:
                 self.accept(original, fh, head_checked=True)
@@ -106,8 +128,13 @@ class Extractor:
                 return self.zip(path, original)
             if tarfile.is_tarfile(path):
                 return self.tar(path, original)
-        except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
+        except _READ_ERRORS as exc:
             self.refuse(original, f"the archive cannot be read ({type(exc).__name__}: {exc})", "invalid-archive")
+            return
+        if kind := archive_kind(head):
+            what = "no end-of-central-directory record" if kind == "zip archive" else "no tar archive inside"
+            self.refuse(original, f"starts like a {kind} but cannot be read as a zip/tar archive: truncated or "
+                        f"corrupt ({what}; {path.stat().st_size} bytes received)", "invalid-archive")
             return
         self.refuse(original, f"neither an allowed image nor a zip/tar archive (looks like {sniff(head)})",
                     "unsupported-image")
@@ -136,7 +163,7 @@ class Extractor:
                     try:
                         with archive.open(info) as src:
                             self.accept(name, src)
-                    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                    except (*_READ_ERRORS, NotImplementedError) as exc:
                         self.refuse(name, f"corrupt entry ({type(exc).__name__}: {exc})", "invalid-archive")
 
     def tar(self, path: Path, original: str) -> None:
@@ -165,7 +192,7 @@ class Extractor:
                     try:
                         with src:
                             self.accept(name, src)
-                    except (tarfile.TarError, OSError, EOFError) as exc:
+                    except _READ_ERRORS as exc:
                         self.refuse(name, f"corrupt entry ({type(exc).__name__}: {exc})", "invalid-archive")
 
     # --- entries -------------------------------------------------------------------------------------

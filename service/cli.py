@@ -66,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--dir", type=Path, default=None, help="also check that every image under DIR is present")
     merge.set_defaults(func=run_merge)
 
+    __import__("service.scene_cli").scene_cli.register(subparsers)  # `captioner scene` (docs/scenes.md)
+
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", default="caption",

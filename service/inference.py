@@ -157,9 +157,20 @@ class Prepared:
 KEPT_SIDE = 1024  # longest side of an image kept after preprocessing (e.g. to draw its boxes on)
 
 
-def header_pixels(raw: RawImage) -> int:
+@dataclass
+class ReadyImage:
+    """An image decoded elsewhere (a scene's tile, read and resampled by ``captioning.scenes``): RGB PIL."""
+
+    index: int
+    filename: str | None
+    image: Any
+
+
+def header_pixels(raw: RawImage | ReadyImage) -> int:
     """width x height from the image header (no pixel decoded); 1 when the header cannot be read (decoding
     then reports the problem)."""
+    if isinstance(raw, ReadyImage):
+        return max(1, raw.image.width * raw.image.height)
     try:
         with pillow_open()(io.BytesIO(raw.data)) as image:
             width, height = image.size
@@ -168,10 +179,14 @@ def header_pixels(raw: RawImage) -> int:
         return 1
 
 
-def prepare_one(raw: RawImage, formats: list[str], max_pixels: int, preprocessors: Sequence[Any],
+def prepare_one(raw: RawImage | ReadyImage, formats: list[str], max_pixels: int, preprocessors: Sequence[Any],
                 keep_image: bool = False) -> Prepared:
     """Decode and validate one image (``ImageProblem`` names what is wrong), then make each model's input."""
-    decoded = decode_image(raw, formats=formats, max_pixels=max_pixels)
+    if isinstance(raw, ReadyImage):
+        image = raw.image.convert("RGB")
+        decoded = DecodedImage(raw.index, raw.filename, image, "decoded", image.width, image.height)
+    else:
+        decoded = decode_image(raw, formats=formats, max_pixels=max_pixels)
     start = time.perf_counter()
     tensors = [preprocess(decoded.image) for preprocess in preprocessors]
     # a full-size decode can be 150 MB: only the (small) tensors wait in the queue, and a kept image (to draw
@@ -247,21 +262,22 @@ async def infer(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], *, de
         raise Problem("client-closed", "the client disconnected; its queued images were dropped") from None
 
 
-async def infer_background(ctx: Ctx, raw: RawImage, plans: Sequence[Plan], *, timeout: float,
-                           inflight: set | None = None) -> Outcome:
-    """One image of a job at background priority: waits (never refused) while interactive work fills the
-    queues. ``inflight`` holds its pool items while they are queued, so a cancel can drop them (``Dropped``
-    then propagates, as does ``PoolClosed`` at shutdown; an image's problem raises ``ImageProblem``)."""
+async def infer_background(ctx: Ctx, raws: Sequence[RawImage | ReadyImage], plans: Sequence[Plan], *,
+                           timeout: float, inflight: set | None = None) -> list[Outcome]:
+    """Images of a job (archive entries, scene tiles) at background priority: waits (never refused) while
+    interactive work fills the queues. ``inflight`` holds their pool items while they are queued, so a cancel
+    can drop them (``Dropped`` then propagates, as does ``PoolClosed`` at shutdown; one image's problem raises
+    its ``ImageProblem``)."""
+    inflight = set() if inflight is None else inflight
     while True:
         try:
-            (outcome,) = await _infer(ctx, [raw], plans, deadline=time.monotonic() + timeout, priority=BACKGROUND,
-                                      inflight=inflight)
-            return outcome
+            return await _infer(ctx, raws, plans, deadline=time.monotonic() + timeout, priority=BACKGROUND,
+                                inflight=inflight)
         except Overloaded as exc:
             await asyncio.sleep(min(exc.retry_after, 5))
 
 
-async def _infer(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], *, deadline: float, priority: int,
+async def _infer(ctx: Ctx, raws: Sequence[RawImage | ReadyImage], plans: Sequence[Plan], *, deadline: float, priority: int,
                  keep_image: bool = False, disconnected=None, inflight: set | None = None) -> list[Outcome]:
     combined = inflight is None
     reservations: list[Reservation] = []
@@ -300,7 +316,7 @@ async def _infer(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], *, d
     return outcomes
 
 
-async def _prepare(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], deadline: float,
+async def _prepare(ctx: Ctx, raws: Sequence[RawImage | ReadyImage], plans: Sequence[Plan], deadline: float,
                    keep_image: bool, combined: bool = True) -> list[Prepared]:
     """Decode and preprocess every image in the intake pool, each after taking its pixels from the budget
     (given back once it is preprocessed); all per-image errors in one problem (``combined``), else the single
@@ -309,7 +325,7 @@ async def _prepare(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], de
     preprocessors = [p.runtime.preprocess for p in plans]
     formats, max_pixels = ctx.settings.format_list, ctx.settings.max_image_pixels
 
-    async def one(raw: RawImage) -> Prepared:
+    async def one(raw: RawImage | ReadyImage) -> Prepared:
         pixels = await ctx.pixels.take(header_pixels(raw), min(deadline - time.monotonic(), 2.0))
         try:
             return await loop.run_in_executor(ctx.decode_executor, prepare_one, raw, formats, max_pixels,
@@ -327,5 +343,5 @@ async def _prepare(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], de
     return results  # type: ignore[return-value]
 
 
-__all__ = ["BACKGROUND", "INTERACTIVE", "Ctx", "Outcome", "Plan", "Prepared", "client_gone", "infer",
+__all__ = ["BACKGROUND", "INTERACTIVE", "Ctx", "Outcome", "Plan", "Prepared", "ReadyImage", "client_gone", "infer",
            "infer_background", "plan", "prepare_one"]

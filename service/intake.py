@@ -6,8 +6,11 @@ Order of checks for one image (each failure names the image by index and filenam
 2. ``Image.open(fp, formats=ALLOWED)`` reads only the header (lazy). Not an allowed format (a text file
    named ``.jpg``, a PDF, ...) -> 415 ``unsupported-image``. TIFFs Pillow cannot open (e.g. more than 4
    bands stored as plain samples) are read with tifffile.
-3. width x height from the header > ``max_pixels`` -> 413 ``image-too-large``, before any pixel is decoded;
-   Pillow's own ``DecompressionBombError``/``Warning`` map to the same answer.
+3. width x height from the header > ``max_pixels`` (``CAPTIONER_MAX_IMAGE_PIXELS``) -> 413 ``image-too-large``,
+   before any pixel is decoded. The configured cap is the only one: Pillow's fixed guard (89.5 MP warning,
+   179 MP error) is switched off in this process, or it would refuse images the setting allows and answer
+   with its own numbers. A file in an allowed format whose header Pillow cannot even read (a PNG cut off
+   after its IHDR) -> 413 if the dimensions it declares are over the cap, else 400 ``invalid-image``.
 4. ``load()`` decodes the first frame (GIF/TIFF: first frame/page); truncated or corrupt -> 400
    ``invalid-image``.
 5. EXIF orientation is applied (``ImageOps.exif_transpose``).
@@ -24,7 +27,6 @@ import binascii
 import io
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,11 @@ _MAGIC_NAMES = (
     (b"PK\x03\x04", "zip archive"),
     (b"\x1f\x8b", "gzip data"),
 )
+# The (format, magic) pairs whose header can be recognised even when Pillow cannot open the file.
+_FORMAT_MAGIC = (("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("GIF", b"GIF87a"), ("GIF", b"GIF89a"),
+                 ("BMP", b"BM"), ("TIFF", TIFF_MAGIC[0]), ("TIFF", TIFF_MAGIC[1]), ("TIFF", TIFF_MAGIC[2]),
+                 ("TIFF", TIFF_MAGIC[3]))
+CAP_SETTING = "CAPTIONER_MAX_IMAGE_PIXELS"
 HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F", "I;32", "I;32B", "I;32L"}
 
 
@@ -163,43 +170,43 @@ def decode_image(raw: RawImage, *, formats: list[str], max_pixels: int) -> Decod
         raise fail("empty-image", "has 0 bytes")
     is_tiff = data[:4] in TIFF_MAGIC
     notes: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = pillow_open()(io.BytesIO(data), formats=formats)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise fail("image-too-large", f"decompression bomb refused ({exc})") from None
-        except UnidentifiedImageError:
-            if is_tiff and "TIFF" in formats:
-                rgb, fmt = _decode_tiff_raw(data, max_pixels, notes, fail), "TIFF"
-                return _done(raw, rgb, fmt, notes, start)
-            kind = sniff(data)
-            allowed = ", ".join(formats)
-            raise fail("unsupported-image", f"not an image in an allowed format (looks like {kind}; allowed: {allowed})") from None
-        except Exception as exc:  # a decoder choking on a corrupt header
-            raise fail("invalid-image", f"corrupt header ({type(exc).__name__}: {exc})") from None
-
-        width, height = image.size
-        if width <= 0 or height <= 0:
-            raise fail("invalid-image", f"has an empty size {width}x{height}")
-        if width * height > max_pixels:
-            raise fail(
-                "image-too-large",
-                f"{width}x{height} = {width * height} pixels is more than the cap of {max_pixels}",
-            )
-        fmt = image.format or "unknown"
-        if is_tiff and _tiff_needs_raw(image):
-            rgb = _decode_tiff_raw(data, max_pixels, notes, fail)
+    _configured_cap_only()
+    try:
+        image = pillow_open()(io.BytesIO(data), formats=formats)
+    except UnidentifiedImageError:
+        if is_tiff and "TIFF" in formats:
+            rgb, fmt = _decode_tiff_raw(data, max_pixels, notes, fail), "TIFF"
             return _done(raw, rgb, fmt, notes, start)
-        frames = getattr(image, "n_frames", 1)
-        if frames > 1:
-            notes.append(f"first of {frames} frames used")
-        try:
-            image.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise fail("image-too-large", f"decompression bomb refused ({exc})") from None
-        except Exception as exc:
-            raise fail("invalid-image", f"truncated or corrupt {fmt} ({type(exc).__name__}: {exc})") from None
+        claimed = _claimed_format(data)
+        if claimed in formats:  # the right magic, but the header itself is cut off or corrupt
+            size = _png_size(data) if claimed == "PNG" else None
+            if size is not None:
+                check_pixels(size, max_pixels, fail)
+            declared = f" (it declares {size[0]}x{size[1]} pixels)" if size else ""
+            raise fail("invalid-image", f"a {claimed} whose header cannot be read: the file is truncated or "
+                       f"corrupt after {len(data)} bytes{declared}") from None
+        kind = sniff(data)
+        allowed = ", ".join(formats)
+        raise fail("unsupported-image", f"not an image in an allowed format (looks like {kind}; allowed: {allowed})") from None
+    except Exception as exc:  # a decoder choking on a corrupt header
+        raise fail("invalid-image", f"corrupt header ({type(exc).__name__}: {exc})") from None
+
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise fail("invalid-image", f"has an empty size {width}x{height}")
+    check_pixels((width, height), max_pixels, fail)
+    fmt = image.format or "unknown"
+    if is_tiff and _tiff_needs_raw(image):
+        rgb = _decode_tiff_raw(data, max_pixels, notes, fail)
+        return _done(raw, rgb, fmt, notes, start)
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        notes.append(f"first of {frames} frames used")
+        check_pixels(image.size, max_pixels, fail)  # counting frames re-reads frame 0 (a GIF frame may grow it)
+    try:
+        image.load()
+    except Exception as exc:
+        raise fail("invalid-image", f"truncated or corrupt {fmt} ({type(exc).__name__}: {exc})") from None
 
     try:
         orientation = _orientation(image)
@@ -211,6 +218,37 @@ def decode_image(raw: RawImage, *, formats: list[str], max_pixels: int) -> Decod
         notes.append(f"EXIF orientation unreadable, ignored ({type(exc).__name__})")
     rgb = to_rgb(image, notes)
     return _done(raw, rgb, fmt, notes, start)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int, fail) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise fail("image-too-large", f"{width}x{height} = {width * height} pixels is more than the cap of "
+                   f"{max_pixels} ({CAP_SETTING})")
+
+
+def _configured_cap_only() -> None:
+    """Switch Pillow's process-wide decompression-bomb guard off: intake checks every header against the
+    configured cap before decoding (``check_pixels``), and Pillow's fixed 89.5 / 179 MP limits would
+    otherwise refuse images the setting allows, quoting numbers no setting controls. Idempotent."""
+    Image.MAX_IMAGE_PIXELS = None
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The allowed-format name the magic bytes announce (None: no known image magic)."""
+    for name, magic in _FORMAT_MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR chunk (the first chunk, right after the signature), if present."""
+    if len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
 
 
 def _done(raw: RawImage, rgb: Image.Image, fmt: str, notes: list[str], start: float) -> DecodedImage:
@@ -287,11 +325,7 @@ def _decode_tiff_raw(data: bytes, max_pixels: int, notes: list[str], fail) -> Im
         with tifffile.TiffFile(io.BytesIO(data)) as tiff:
             page = tiff.pages.first
             width, height = int(page.imagewidth), int(page.imagelength)
-            if width * height > max_pixels:
-                raise fail(
-                    "image-too-large",
-                    f"{width}x{height} = {width * height} pixels is more than the cap of {max_pixels}",
-                )
+            check_pixels((width, height), max_pixels, fail)
             samples = int(page.samplesperpixel)
             nbytes = width * height * samples * np.dtype(page.dtype).itemsize
             if nbytes > 8 * max_pixels:

@@ -43,7 +43,7 @@ from service.archive import Extractor, Limits
 from service.inference import error_of, infer_background, plan
 from service.intake import ImageProblem, RawImage
 from service.pool import Dropped, PoolClosed, cancel_items
-from service.problems import Problem, problem_type
+from service.problems import CATALOG, Problem, problem_type
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     failed INTEGER NOT NULL DEFAULT 0,
     refused INTEGER NOT NULL DEFAULT 0,
     runs INTEGER NOT NULL DEFAULT 0,
-    error TEXT
+    error TEXT,
+    kind TEXT NOT NULL DEFAULT 'images'
 );
 CREATE TABLE IF NOT EXISTS items (
     job_id TEXT NOT NULL,
@@ -101,6 +102,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable across process crashes
         self._db.executescript(SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "kind" not in columns:  # a database from before scene jobs: every job in it is an image job
+            self._db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'images'")
 
     def close(self) -> None:
         with self._lock:
@@ -121,21 +125,27 @@ class JobStore:
             return counts
 
     # --- jobs -----------------------------------------------------------------------------------------
-    def create(self, job_id: str, model: str, params: dict[str, Any], uploads: list[str]) -> None:
+    def create(self, job_id: str, model: str, params: dict[str, Any], uploads: list[str], kind: str = "images") -> None:
         now = time.time()
         self._write([(
-            "INSERT INTO jobs (id, state, model, params, uploads, created, updated) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-            (job_id, model, json.dumps(params), json.dumps(uploads), now, now),
+            "INSERT INTO jobs (id, state, model, params, uploads, created, updated, kind) "
+            "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+            (job_id, model, json.dumps(params), json.dumps(uploads), now, now, kind),
         )])
+
+    def progress(self, job_id: str, total: int, done: int) -> None:
+        """A scene job's progress in tiles (its tiles are recorded by captioning.scenes, not in ``items``)."""
+        self._write([("UPDATE jobs SET total = ?, done = ?, updated = ? WHERE id = ?", (total, done, time.time(), job_id))])
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return dict(row) if row else None
 
-    def list(self, limit: int = 100) -> list[dict[str, Any]]:
+    def list(self, limit: int = 100, kind: str = "images") -> list[dict[str, Any]]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute("SELECT * FROM jobs WHERE kind = ? ORDER BY created DESC LIMIT ?",
+                                    (kind, limit)).fetchall()
         return [dict(r) for r in rows]
 
     def next_active(self) -> dict[str, Any] | None:
@@ -173,7 +183,7 @@ class JobStore:
             else:
                 refused += 1
                 line = {"index": idx, "name": entry.name, "error": {
-                    "type": problem_type(entry.slug), "detail": entry.refused}}
+                    "type": problem_type(entry.slug), "status": CATALOG[entry.slug][0], "detail": entry.refused}}
                 rows.append((job_id, idx, entry.name, None, "refused", json.dumps(line), now))
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -261,13 +271,21 @@ class JobStore:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
 
+ROUTES = {"images": "/v1/jobs", "scene": "/v1/scenes"}
+
+
 def describe(job: dict[str, Any]) -> dict[str, Any]:
     total, done, failed, refused = job["total"], job["done"], job["failed"], job["refused"]
     params = json.loads(job["params"])
     models = params.pop("models", {"caption": job["model"]})
     finished = done + failed + refused
+    base = f"{ROUTES[job['kind']]}/{job['id']}"
+    links = {"self": base, "results": f"{base}/results"}
+    if job["kind"] == "scene":
+        links["files"] = f"{base}/files/"
     return {
         "id": job["id"],
+        "kind": job["kind"],
         "state": job["state"],
         "model": job["model"],
         "models": models,
@@ -285,7 +303,7 @@ def describe(job: dict[str, Any]) -> dict[str, Any]:
         "finished": iso(job["finished"]),
         "runs": job["runs"],
         "error": job["error"],
-        "links": {"self": f"/v1/jobs/{job['id']}", "results": f"/v1/jobs/{job['id']}/results"},
+        "links": links,
     }
 
 
@@ -346,20 +364,21 @@ class JobManager:
         (folder / "uploads").mkdir(parents=True)
         return job_id, folder
 
-    async def create(self, job_id: str, model: str, params: dict[str, Any], uploads: list[str]) -> dict[str, Any]:
-        await asyncio.to_thread(self.store.create, job_id, model, params, uploads)
+    async def create(self, job_id: str, model: str, params: dict[str, Any], uploads: list[str],
+                     kind: str = "images") -> dict[str, Any]:
+        await asyncio.to_thread(self.store.create, job_id, model, params, uploads, kind)
         self.metrics.jobs.labels("created").inc()
         self._wakeup.set()
-        return await self.get(job_id)
+        return await self.get(job_id, kind)
 
-    async def get(self, job_id: str) -> dict[str, Any]:
+    async def get(self, job_id: str, kind: str = "images") -> dict[str, Any]:
         job = await asyncio.to_thread(self.store.get, job_id)
-        if job is None:
-            raise Problem("not-found", f"no job {job_id!r}")
+        if job is None or job["kind"] != kind:
+            raise Problem("not-found", f"no {'scene' if kind == 'scene' else 'job'} {job_id!r}")
         return describe(job)
 
-    async def cancel(self, job_id: str, purge: bool = False) -> dict[str, Any] | None:
-        job = await self.get(job_id)
+    async def cancel(self, job_id: str, purge: bool = False, kind: str = "images") -> dict[str, Any] | None:
+        job = await self.get(job_id, kind)
         if job["state"] in ACTIVE:
             if await asyncio.to_thread(self.store.set_state, job_id, "cancelled"):
                 self.metrics.jobs.labels("cancelled").inc()
@@ -370,7 +389,7 @@ class JobManager:
         if purge:
             await asyncio.to_thread(self.store.delete, job_id)
             return None
-        return await self.get(job_id)
+        return await self.get(job_id, kind)
 
     # --- the runner -----------------------------------------------------------------------------------
     async def _main(self) -> None:
@@ -417,6 +436,10 @@ class JobManager:
         return [plan(ctx, kind, params, models.get(kind)) for kind in kinds]
 
     async def _run(self, job: dict[str, Any]) -> None:
+        if job["kind"] == "scene":
+            from service.scenes import run_scene_job
+
+            return await run_scene_job(self, job)
         job_id = job["id"]
         store = self.store
         try:
@@ -484,7 +507,7 @@ class JobManager:
         line: dict[str, Any] = {"index": idx, "name": name}
         try:
             raw = await asyncio.to_thread(_read_entry, self.store.job_dir(job_id) / path, idx, name)
-            outcome = await infer_background(self.ctx, raw, plans, timeout=ITEM_TIMEOUT_S, inflight=inflight)
+            (outcome,) = await infer_background(self.ctx, [raw], plans, timeout=ITEM_TIMEOUT_S, inflight=inflight)
             line.update(outcome.record())
             state = "done"
         except ImageProblem as problem:

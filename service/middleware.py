@@ -3,6 +3,12 @@
 * :class:`BodyLimit` caps the request body *while it is read*: a declared ``Content-Length`` over the cap
   is answered 413 before reading anything; a body without one (chunked) is counted as it arrives and the
   read fails with 413 as soon as the cap is passed, so an oversize body is never held in memory.
+* :class:`UnexpectedErrors` answers an exception no handler took as 500 ``internal-error`` and *returns*:
+  Starlette's outermost ``ServerErrorMiddleware`` would send the same answer and then re-raise, and uvicorn
+  closes a connection whose app raised -- after a response without ``Connection: close``, so a keep-alive
+  client's next request on it was reset. Here the exception ends with the answer and the connection stays
+  usable. An exception after the response has started cannot be answered any more: it propagates (uvicorn
+  then closes the connection, the only honest end of a half-sent body).
 * :class:`RequestMetrics` counts requests and observes latency by route template (``/v1/jobs/{job_id}``,
   never the raw path, so label cardinality stays bounded) and status.
 """
@@ -74,6 +80,31 @@ class BodyLimit:
 def too_large(size: int, limit: int, *, declared: bool) -> Problem:
     what = f"Content-Length {size}" if declared else f"more than {limit} bytes received"
     return Problem("payload-too-large", f"request body too large ({what}; the cap is {limit} bytes)", limit_bytes=limit)
+
+
+class UnexpectedErrors:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
+            problem = Problem("internal-error", f"an unexpected {type(exc).__name__}; see the server log")
+            await send_problem(send, problem, scope.get("path"))
 
 
 class RequestMetrics:

@@ -34,6 +34,10 @@ CATALOG: dict[str, tuple[int, str, str]] = {
                         "read (reported per entry in the job's results)."),
     "refused-entry": (422, "Archive entry refused", "A job's archive entry was not extracted: absolute path, "
                       "'..' escape, link, device, too large, or past the job's limits (reported per entry)."),
+    "invalid-scene": (422, "Invalid scene", "A scene job's raster cannot be read or processed (not a raster, "
+                      "corrupt, bands out of range, not under CAPTIONER_SCENE_ROOTS as a file); `detail` names it."),
+    "scene-not-ready": (409, "Scene not ready", "The scene job has not succeeded (yet); its outputs are written "
+                        "when every tile is done."),
     "unauthorized": (401, "Unauthorized", "An API key is required: `Authorization: Bearer KEY` or `X-API-Key`."),
     "forbidden": (403, "Forbidden", "The key is not allowed here (admin routes need CAPTIONER_ADMIN_KEY)."),
     "not-found": (404, "Not found", "No such route, model or job."),

@@ -7,6 +7,11 @@
 
 Query parameters are read too; a body parameter wins over the query. The body-size cap is enforced by
 :class:`service.middleware.BodyLimit` while these functions read.
+
+A multipart body must end with its close delimiter (``--BOUNDARY--``): the parser silently drops a part
+that is cut off, so a truncated upload would otherwise read as "no image" or lose its last file. The
+stream is watched for the delimiter as it is parsed (nothing is buffered for that); without it the answer
+is 400 ``invalid-request``.
 """
 
 from __future__ import annotations
@@ -29,14 +34,49 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+class CloseDelimiterWatch:
+    """An ASGI ``receive`` that passes messages through and notes whether ``--BOUNDARY--`` went by."""
+
+    def __init__(self, receive, boundary: bytes):
+        self.receive = receive
+        self.delimiter = b"--" + boundary + b"--"
+        self.tail = b""  # the last len(delimiter) - 1 bytes: a delimiter split across two chunks is found
+        self.seen = False
+
+    async def __call__(self):
+        message = await self.receive()
+        if message["type"] == "http.request" and not self.seen:
+            window = self.tail + message.get("body", b"")
+            self.seen = self.delimiter in window
+            self.tail = window[-(len(self.delimiter) - 1):]
+        return message
+
+
+def multipart_boundary(request: Request) -> bytes | None:
+    for part in request.headers.get("content-type", "").split(";")[1:]:
+        key, _, value = part.strip().partition("=")
+        if key.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1")
+    return None
+
+
 async def read_form(request: Request, max_files: int):
+    boundary = multipart_boundary(request)
+    if boundary is None:
+        raise Problem("invalid-request", "the multipart body cannot be parsed: the Content-Type has no boundary")
+    watch = CloseDelimiterWatch(request.receive, boundary)
     try:
-        return await request.form(max_files=max_files, max_fields=100)
+        form = await Request(request.scope, watch).form(max_files=max_files, max_fields=100)
     except HTTPException as exc:  # starlette's MultiPartException, re-raised as a 400
         detail = str(exc.detail)
         if detail.startswith("Too many files"):
             raise Problem("too-many-images", f"more than {max_files} files in the form") from None
         raise Problem("invalid-request", f"the multipart body cannot be parsed: {detail}") from None
+    if not watch.seen:
+        await form.close()
+        raise Problem("invalid-request", f"the multipart body has no closing boundary (--{boundary.decode('latin-1')}--): "
+                      "it was cut off or is malformed, so its last part may be incomplete")
+    return form
 
 
 async def read_images(request: Request, max_images: int) -> tuple[list[RawImage], dict[str, Any]]:

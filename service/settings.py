@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     max_beam_size: int = Field(5, ge=1, description="largest beam_size a request may ask for")
     max_length_limit: int = Field(64, ge=1, description="largest max_length a request may ask for")
 
+    # --- scenes ---------------------------------------------------------------------------------------
+    scene_roots: str = Field(
+        "", description="comma-separated folders POST /v1/scenes may read a raster from by `path`; unset: uploads only"
+    )
+    max_scene_body_bytes: int = Field(
+        64 * 1024 * MB, gt=0, description="body cap of POST /v1/scenes uploads, streamed to disk (413)"
+    )
+
     # --- jobs -----------------------------------------------------------------------------------------
     job_inflight: int = Field(16, ge=1, description="images of the running job queued in the pool at once")
     job_max_entries: int = Field(100_000, ge=1, description="archive entries a job may have")
@@ -164,6 +172,10 @@ class Settings(BaseSettings):
     def model_names(self) -> list[str] | None:
         """Explicit model names, or None for ``auto``."""
         return None if self.models == "auto" else self.models.split(",")
+
+    @property
+    def scene_root_list(self) -> list[Path]:
+        return [Path(r.strip()).expanduser().resolve() for r in self.scene_roots.split(",") if r.strip()]
 
     @property
     def device_name(self) -> str:

@@ -128,10 +128,11 @@ SAMPLE_CAPTIONS = [
 ]
 
 
-def _publish(store, name: str, folder: Path, task: str, config: dict, parents=()):
+def _publish(store, name: str, folder: Path, task: str, config, parents=()):
+    """Publish ``folder``; ``config`` is a typed config (``captioning.config_schema``), stored as its dict."""
     return store.publish(
-        name, folder, task=task, profile=config.get("profile", "tiny"), metrics={"note": "random weights"},
-        config=config, command="service.testing (random weights)", data={"name": "none (random weights)"},
+        name, folder, task=task, profile=config.profile, metrics={"note": "random weights"},
+        config=config.to_dict(), command="service.testing (random weights)", data={"name": "none (random weights)"},
         parents=list(parents),
     )
 
@@ -158,15 +159,15 @@ def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | N
         folder.mkdir(parents=True)
         vocab = Vocabulary.build([tokenize(c) for c in SAMPLE_CAPTIONS])
         vocab.save(folder / VOCAB)
-        model = Captioner(len(vocab), config["text"], config["image"],
-                          attention_dim=int(config["captioner"].get("attention_dim", 0)))
-        save_weights(model, folder / WEIGHTS, config.get("weights_dtype", "float32"))
+        model = Captioner(len(vocab), config.text.to_dict(), config.image.to_dict(),
+                          attention_dim=config.captioner.attention_dim)
+        save_weights(model, folder / WEIGHTS, config.weights_dtype)
         out["ucm-captioner"] = _publish(store, "ucm-captioner", folder, "ucm-captioner", config).version
     if classifier:
         folder = Path(workdir) / f"ucm-classifier-{seed}"
         folder.mkdir(parents=True)
-        model = MultiLabelClassifier(config["image"], len(LABELS))
-        save_weights(model, folder / WEIGHTS, config.get("weights_dtype", "float32"))
+        model = MultiLabelClassifier(config.image.to_dict(), len(LABELS))
+        save_weights(model, folder / WEIGHTS, config.weights_dtype)
         (folder / "classifier.json").write_text(json.dumps({"labels": list(LABELS), "threshold": 0.5}))
         out["ucm-classifier"] = _publish(store, "ucm-classifier", folder, "ucm-classifier", config).version
     return out
@@ -177,6 +178,7 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
     import torch
 
     from captioning.config import load_config
+    from captioning.config_schema import ClipConfig
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
@@ -192,29 +194,29 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
     workdir = Path(workdir)
     clip_cfg = load_config("clip", "tiny")
     cfg = load_config("concepts", "tiny")
-    words, labels = concept_words(cfg)
+    words, labels = concept_words(cfg.to_dict())
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
-    model_cfg = clip_model_config(clip_cfg)
+    model_cfg = clip_model_config(clip_cfg.to_dict())
     model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
-    clip_cfg["model"] = model_cfg
-    clip = build_clip(clip_cfg)
+    clip_cfg = ClipConfig.model_validate({**clip_cfg.to_dict(), "model": model_cfg})
+    clip = build_clip(clip_cfg.to_dict())
     folder = workdir / f"clip-{seed}"
     folder.mkdir(parents=True)
     save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
     tokenizer.save(folder)
     clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
-    detector = ProposalDetector(cfg["detector"])
+    detector = ProposalDetector(cfg.detector.to_dict())
     folder = workdir / f"det-{seed}"
     folder.mkdir(parents=True)
     detector.save_weights(folder / WEIGHTS_FILE)
     det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner.from_config(512, cfg["align"], vocab.dim)
+    aligner = RegionAligner.from_config(512, cfg.align.to_dict(), vocab.dim)
     folder = workdir / f"concepts-{seed}"
     folder.mkdir(parents=True)
     save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
     vocab.save(folder)
-    cfg["extract"].update(proposal_conf=0.0, min_score=0.0)  # random weights: keep every proposal
+    cfg.extract.proposal_conf, cfg.extract.min_score = 0.0, 0.0  # random weights: keep every proposal
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
     return {"clip": clip_v.version, "concepts-detector": det_v.version,
             "concepts": _publish(store, "concepts", folder, "concepts", cfg, parents).version}
@@ -231,14 +233,14 @@ def publish_lightcap(store, workdir: Path, *, seed: int = 0, concepts: str = "co
     torch.manual_seed(seed)
     config = load_config("lightcap", "tiny")
     extractor = load_model(store, concepts)
-    tokenizer = make_tokenizer(config["tokenizer"], config["model"], SAMPLE_CAPTIONS)
-    model = build_captioner(config["model"], grid_channels=extractor.encoder.channels,
+    tokenizer = make_tokenizer(config.tokenizer.to_dict(), config.model.to_dict(), SAMPLE_CAPTIONS)
+    model = build_captioner(config.model.to_dict(), grid_channels=extractor.encoder.channels,
                             concept_dim=extractor.vocab.dim, tokenizer=tokenizer)
     folder = Path(workdir) / f"lightcap-{seed}"
-    save_captioner(folder, model, tokenizer, dtype=config.get("weights_dtype", "float32"), decoding=config["decoding"])
+    save_captioner(folder, model, tokenizer, dtype=config.weights_dtype, decoding=config.decoding.to_dict())
     parent = {"name": extractor.name, "version": extractor.version}
     version = store.publish(
-        "lightcap", folder, task="lightcap", profile="tiny", metrics={"note": "random weights"}, config=config,
+        "lightcap", folder, task="lightcap", profile="tiny", metrics={"note": "random weights"}, config=config.to_dict(),
         command="service.testing (random weights)", data={"name": "none (random weights)"}, parents=[parent],
         extra={"concepts": parent, "role": "student"},
     )

@@ -18,7 +18,7 @@ from captioning.models.lightcap.clip_encoder import (
 
 
 def _tiny_clip(texts=("there are three red cars", "a photo of a tree")):
-    cfg = load_config("clip", "tiny")
+    cfg = load_config("clip", "tiny").to_dict()
     tokenizer = ClipTokenizer.train_word_level(texts, cfg["tokenizer"]["context_length"])
     cfg["model"]["text_cfg"].update(tokenizer.text_cfg_overrides())
     return cfg, tokenizer, build_clip(cfg)
@@ -48,7 +48,7 @@ def test_tiny_grid_encoder_is_clip_trunk_without_pooler():
 def test_paper_grid_encoder_is_rn50_and_loads_a_checkpoint_file(tmp_path):
     from open_clip.modified_resnet import ModifiedResNet
 
-    cfg = load_config("clip", "paper")
+    cfg = load_config("clip", "paper").to_dict()
     assert clip_model_config(cfg)["vision_cfg"]["layers"] == [3, 4, 6, 3]
     # an OpenAI-style RN50 checkpoint: the visual tower with its attention pooler, metadata entries, fp16
     torch.manual_seed(1)
@@ -76,7 +76,7 @@ def test_checkpoint_that_does_not_fit_names_the_file(tmp_path):
     cfg, _, clip = _tiny_clip()
     path = tmp_path / "tiny.pt"
     torch.save(clip.state_dict(), path)
-    paper = load_config("clip", "paper")
+    paper = load_config("clip", "paper").to_dict()
     paper["checkpoint"] = str(path)
     with pytest.raises(ConfigError, match=r"tiny\.pt.*(wrong shape|missing)"):
         GridEncoder.from_config(paper)

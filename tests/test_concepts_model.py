@@ -40,9 +40,9 @@ def test_concept_list_file_parsing_and_errors(tmp_path):
 def test_vocabularies_of_both_profiles():
     from captioning.data import LABELS
 
-    words, labels = concept_words(load_config("concepts", "paper"))
+    words, labels = concept_words(load_config("concepts", "paper").to_dict())
     assert len(words) >= 150 and "airplane" in words and labels[words.index("tree")] == "trees"
-    words, labels = concept_words(load_config("concepts", "tiny"))
+    words, labels = concept_words(load_config("concepts", "tiny").to_dict())
     # the 17 label words and the finer synthetic object words, each once
     assert set(LABELS) <= set(words) and {"car", "truck", "boat", "house", "tank"} <= set(words)
     assert len(words) == len(set(words))
@@ -145,8 +145,8 @@ def test_detector_weights_roundtrip_through_safetensors(tmp_path):
 
 
 def _random_extractor(profile: str, clip_overrides=None, **extract):
-    clip_cfg = load_config("clip", profile)
-    cfg = load_config("concepts", profile)
+    clip_cfg = load_config("clip", profile).to_dict()
+    cfg = load_config("concepts", profile).to_dict()
     cfg["extract"].update(extract)
     encoder = GridEncoder.from_config(clip_cfg)
     detector = ProposalDetector(cfg["detector"])
@@ -163,7 +163,7 @@ def test_tiny_extractor_batched_top_k_dedup():
     images = torch.stack([extractor.preprocess(Image.new("RGB", (200, 300), c)) for c in ("red", "green", "blue")])
     images[1] = torch.rand(3, 256, 256)
     assert images.shape == (3, 3, 256, 256)
-    results = extractor.extract(images)
+    results = extractor.extract_words(images)
     assert len(results) == 3
     for concepts in results:
         assert 0 < len(concepts) <= 5
@@ -173,14 +173,21 @@ def test_tiny_extractor_batched_top_k_dedup():
         assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
         assert all(0 <= v <= 256 for c in concepts for v in c.box)
     # batching does not change an image's answer
-    alone = extractor.extract(images[1:2])[0]
+    alone = extractor.extract_words(images[1:2])[0]
     assert [c.concept for c in alone] == [c.concept for c in results[1]]
     assert [c.score for c in alone] == pytest.approx([c.score for c in results[1]], abs=1e-4)
     ids, scores, boxes = extractor.extract_tensors(images, top_k=20)
     assert ids.shape == (3, 20) and boxes.shape == (3, 20, 4)
     assert ((ids >= 0) == (scores > 0)).all()
+    # extract: every instance (min_score 0 keeps every proposal after NMS per word), best first, more than K
+    instances = extractor.extract(images)
+    assert [len(i) for i in instances] > [len(w) for w in results] or any(len(i) > 5 for i in instances)
+    for inst, words in zip(instances, results, strict=True):
+        assert [c.score for c in inst] == sorted((c.score for c in inst), reverse=True)
+        assert {c.concept for c in words} <= {c.concept for c in inst}
     # a high min_score keeps nothing of a random model
-    extractor.min_score = 1.01
+    extractor.min_score = extractor.instance_min_score = 1.01
+    assert extractor.extract_words(images) == [[], [], []]
     assert extractor.extract(images) == [[], [], []]
 
 
@@ -191,8 +198,10 @@ def test_paper_extractor_runs_on_random_weights():
     assert extractor.aligner.fc2.weight.shape == (1024, 1024)
     images = torch.rand(1, 3, 640, 640)
     assert extractor.grid(images).shape == (1, 2048, 7, 7)
-    [concepts] = extractor.extract(images)
+    [concepts] = extractor.extract_words(images)
     assert 0 < len(concepts) <= 20
+    [instances] = extractor.extract(images)
+    assert len(instances) >= len(concepts)
 
 
 def test_draw_concepts_and_scaling():

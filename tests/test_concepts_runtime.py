@@ -15,7 +15,7 @@ from captioning.inference import Concept, load_model
 from captioning.models.lightcap.concepts_data import augment_views
 from captioning.store import ModelStore
 from training.concepts_align import jitter_boxes
-from training.eval_concepts import choose_min_score
+from training.eval_concepts import choose_instance_settings, choose_min_score, instance_figures
 
 
 def _publish(store, name, folder, task, config, parents=()):
@@ -42,8 +42,8 @@ def random_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("store")
     store = ModelStore(root / "store")
     # clip: a random tiny open_clip CLIP + its word-level tokenizer
-    clip_cfg = load_config("clip", "tiny")
-    cfg_concepts = load_config("concepts", "tiny")
+    clip_cfg = load_config("clip", "tiny").to_dict()
+    cfg_concepts = load_config("concepts", "tiny").to_dict()
     words, labels = concept_words(cfg_concepts)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
     model_cfg = clip_model_config(clip_cfg)
@@ -86,12 +86,14 @@ def test_extractor_loads_through_the_store_and_extracts_a_batch(random_store):
     images = [Image.new("RGB", (256, 256), (40, 120, 40)), Image.new("RGB", (300, 200), (90, 90, 90))]
     batch = torch.stack([extractor.preprocess(im) for im in images])
     assert batch.shape == (2, 3, 256, 256)
-    results = extractor.extract(batch)
-    assert len(results) == 2
-    for concepts in results:
-        assert 0 < len(concepts) <= 20
+    results = extractor.extract(batch)  # instances: a word may repeat
+    words = extractor.extract_words(batch)  # the captioner's distinct top-K words
+    assert len(results) == len(words) == 2
+    for concepts, distinct in zip(results, words, strict=True):
+        assert 0 < len(distinct) <= 20 and len(concepts) >= len(distinct)
         assert all(isinstance(c, Concept) and c.concept in extractor.vocab.words for c in concepts)
-        assert len({c.concept for c in concepts}) == len(concepts)
+        assert len({c.concept for c in distinct}) == len(distinct)
+        assert extractor.concept_words(concepts) == distinct  # min_score 0: nothing the words need is filtered
     # no text is encoded at request time: the vocabulary is a stored tensor
     assert extractor.vocab_embeddings.shape == (len(extractor.vocab), 128)
 
@@ -142,6 +144,29 @@ def test_choose_min_score_separates_right_from_wrong_concepts():
     assert 0.3 < threshold <= 0.7 and f1 == pytest.approx(1.0)
 
 
+def test_instance_settings_are_chosen_for_the_count():
+    # one picture with two true houses; the proposals hold a duplicate of the first house (IoU 0.82) and a weak
+    # false house: the right count needs an NMS IoU below 0.82 and a score floor between 0.3 and 0.7
+    words = ["house", "tree"]
+    raw = [(
+        torch.tensor([0, 0, 0, 0]),
+        torch.tensor([0.9, 0.8, 0.7, 0.3]),
+        torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [40, 40, 50, 50], [80, 80, 90, 90.0]]),
+        torch.tensor([0.9, 0.9, 0.9, 0.9]),
+    )]
+    true_boxes = [torch.tensor([[0, 0, 10, 10], [40, 40, 50, 50.0]])]
+    true_words = [["house", "house"]]
+    grid = {"iou": (0.5, 0.9), "min_score": (0.0, 0.5), "min_objectness": (0.0,)}
+    best = choose_instance_settings(raw, true_boxes, true_words, words, grid)
+    assert (best[0]["iou"], best[0]["min_score"], best[0]["count_relative_error"]) == (0.5, 0.5, 0.0)
+    assert [r["count_relative_error"] for r in best] == sorted(r["count_relative_error"] for r in best)
+    worst = instance_figures(raw, true_boxes, true_words, words, iou=0.9, min_score=0.0, min_objectness=0.0)
+    assert worst["count_mae"] == 2.0 and worst["per_concept"]["house"]["instances"] == 4
+    assert worst["instance_recall@0.5"] == 1.0 and worst["instance_precision@0.5"] == 0.5
+    right = instance_figures(raw, true_boxes, true_words, words, iou=0.5, min_score=0.5, min_objectness=0.0)
+    assert right["count_exact"] == 1.0 and right["instance_map@0.5"] == 1.0
+
+
 def test_eval_cli_reports_figures_and_draws(random_store, synth_data, tmp_path, capsys):
     import json
 
@@ -168,5 +193,13 @@ def test_eval_cli_reports_figures_and_draws(random_store, synth_data, tmp_path, 
         assert 0.0 <= figures[key] <= 1.0, key
     assert figures["model"] == "concepts@1" and figures["top_k"] == 20
     assert 0 < figures["concepts_per_image"] <= 20  # min_score 0: every image gets concepts
+    # instances: per word AP and counting error against the same boxes
+    per_word = figures["per_concept"]
+    assert sum(row["true_boxes"] for row in per_word.values()) == figures["boxes"]
+    assert figures["true_instances_per_image"] == pytest.approx(figures["boxes"] / figures["images"], abs=0.01)
+    assert figures["instances_per_image"] >= figures["concepts_per_image"]  # every instance, not one per word
+    assert 0.0 <= figures["instance_map@0.5"] <= 1.0 and 0.0 <= figures["count_exact"] <= 1.0
+    assert figures["count_relative_error"] == pytest.approx(figures["count_mae"] / figures["count_mean_true"], abs=1e-3)
+    assert set(figures["instance_settings"]) == {"iou", "min_score", "min_objectness"}
     with Image.open(drawing) as sheet:
         assert sheet.width == 2 * 512 + 8 and sheet.height == 512

@@ -206,3 +206,28 @@ def test_a_default_captioner_that_failed_to_load_is_named_not_replaced(store, tm
         r = httpx.post(f"{url}/v1/caption", params={"model": "ucm"}, content=image_bytes(seed=1),
                        headers={"Content-Type": "image/png"})
         assert r.status_code == 200 and r.json()["results"][0]["model"] == "ucm-captioner"
+
+
+def test_concepts_answers_every_instance_with_counts_or_the_distinct_words(tmp_path):
+    import io
+
+    from captioning.data.synth.generator import render
+    from captioning.store import ModelStore
+
+    picture = render("denseresidential", 777, 3, 256).image
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    settings = settings_for(ModelStore(), tmp_path, models="concepts")  # the embedded, trained extractor
+    with LiveServer(create_app(settings)) as url:
+        wait_ready(url)
+        post = lambda **params: httpx.post(f"{url}/v1/concepts", params=params, content=buf.getvalue(),  # noqa: E731
+                                           headers={"Content-Type": "image/png"}, timeout=60).json()["results"][0]
+        every = post()
+        words = post(group="concept")
+        top = post(top_k=2)
+    assert every["counts"]["house"] > 3, every["counts"]  # a dense residential picture: many houses, not one
+    assert len(every["concepts"]) == sum(every["counts"].values())
+    assert sum(c["concept"] == "house" for c in every["concepts"]) == every["counts"]["house"]
+    assert sorted(c["concept"] for c in words["concepts"]) == sorted(every["counts"])  # one entry per word
+    assert words["counts"] == every["counts"]
+    assert top["concepts"] == every["concepts"][:2] and top["counts"] == every["counts"]  # top_k trims the list

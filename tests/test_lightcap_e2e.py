@@ -67,7 +67,7 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
                              data={"name": "none"}, parents=list(parents))
 
     torch.manual_seed(0)
-    clip_cfg, cfg = load_config("clip", "tiny"), load_config("concepts", "tiny")
+    clip_cfg, cfg = load_config("clip", "tiny").to_dict(), load_config("concepts", "tiny").to_dict()
     words, labels = concept_words(cfg)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
     model_cfg = clip_model_config(clip_cfg)

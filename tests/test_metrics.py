@@ -15,7 +15,9 @@ from captioning.metrics import (
     box_recall_ap,
     caption_metrics,
     choose_threshold,
+    count_errors,
     multilabel_prf,
+    per_concept_ap,
     repetition_stats,
 )
 
@@ -265,6 +267,63 @@ def test_box_matching_takes_best_unmatched_and_dict_inputs():
 
 
 # ----------------------------------------------------------------------------------------- repetition
+
+
+def test_per_concept_ap_by_hand():
+    # image 0: houses A, B and car C; image 1: car D. A car box on house B is a false positive for "car" (a box only
+    # matches its own concept), a house box on car D one for "house"; "tree" is only predicted.
+    truth = [
+        {"boxes": [[0, 0, 10, 10], [20, 0, 30, 10], [50, 50, 60, 60]], "labels": ["house", "house", "car"]},
+        {"boxes": [[0, 0, 10, 10]], "labels": ["car"]},
+    ]
+    preds = [
+        {"boxes": [[0, 0, 10, 10], [20, 0, 30, 10], [20, 0, 30, 10], [50, 50, 60, 60]],
+         "scores": [0.9, 0.8, 0.7, 0.6], "labels": ["house", "car", "house", "car"]},
+        {"boxes": [[0, 0, 10, 10], [80, 80, 90, 90]], "scores": [0.95, 0.5], "labels": ["house", "tree"]},
+    ]
+    out = per_concept_ap(preds, truth)
+    house, car, tree = (out["per_concept"][w] for w in ("house", "car", "tree"))
+    # house: FP 0.95, TP 0.9, TP 0.7 of 2 -> precision 2/3 at recall 0.5 and 1.0
+    assert house["AP"] == pytest.approx(2 / 3) and house["recall"] == 1.0 and house["true_positives"] == 2
+    # car: FP 0.8, TP 0.6 of 2 -> precision 1/2 at recall 0.5
+    assert car["AP"] == pytest.approx(0.25) and car["recall"] == 0.5 and car["n_predictions"] == 2
+    assert tree == {"AP": None, "recall": None, "precision": 0.0, "true_positives": 0, "n_ground_truth": 0,
+                    "n_predictions": 1}
+    assert out["mAP"] == pytest.approx((2 / 3 + 0.25) / 2)  # tree has no ground truth: not in the mean
+    # every box right: AP 1 per concept; ids work as labels too
+    perfect = [{"boxes": t["boxes"], "scores": [1.0] * len(t["labels"]), "labels": t["labels"]} for t in truth]
+    assert per_concept_ap(perfect, truth)["mAP"] == 1.0
+    ids = [{"boxes": [[0, 0, 10, 10]], "scores": [0.5], "labels": [7]}]
+    assert per_concept_ap(ids, [{"boxes": [[0, 0, 10, 10]], "labels": [7]}])["per_concept"][7]["AP"] == 1.0
+    with pytest.raises(MetricInputError, match="1 boxes, 2 labels"):
+        per_concept_ap([{"boxes": [[0, 0, 1, 1]], "scores": [1.0], "labels": ["a", "b"]}], truth[:1])
+    with pytest.raises(MetricInputError, match="must cover the same images"):
+        per_concept_ap(preds[:1], truth)
+    with pytest.raises(MetricInputError, match="no ground-truth boxes"):
+        per_concept_ap([preds[1]], [{"boxes": [], "labels": []}])
+
+
+def test_count_errors_by_hand():
+    predicted = [{"house": 3, "car": 1}, {"house": 1}, {}]
+    truth = [{"house": 2, "car": 1}, {"car": 1}, {}]
+    out = count_errors(predicted, truth)
+    house, car = out["per_concept"]["house"], out["per_concept"]["car"]
+    # house: (3 vs 2), (1 vs 0); the third picture has neither word and does not count
+    assert house == {"images": 2, "mae": 1.0, "mean_true": 1.0, "relative": 1.0, "exact": 0.0, "bias": 1.0}
+    assert car == {"images": 2, "mae": 0.5, "mean_true": 1.0, "relative": 0.5, "exact": 0.5, "bias": -0.5}
+    overall = out["overall"]
+    assert overall["images"] == 4 and overall["mae"] == 0.75 and overall["relative"] == 0.75
+    assert overall["exact"] == 0.25
+    # only predicted: no true instances, relative error undefined
+    assert count_errors([{"tree": 2}], [{}])["per_concept"]["tree"]["relative"] is None
+    with pytest.raises(MetricInputError, match="whole number"):
+        count_errors([{"house": 1.5}], [{"house": 1}])
+    with pytest.raises(MetricInputError, match="whole number"):
+        count_errors([{"house": -1}], [{"house": 1}])
+    with pytest.raises(MetricInputError, match="same images"):
+        count_errors(predicted[:2], truth)
+    with pytest.raises(MetricInputError, match="nothing to count"):
+        count_errors([{}], [{}])
 
 
 def test_repetition_stats_by_hand():

@@ -170,10 +170,53 @@ def png_bomb(width, height) -> bytes:
 def test_decompression_bomb_is_refused_without_decoding():
     data = png_bomb(100_000, 100_000)  # 10 gigapixels in a few kilobytes
     assert len(data) < 10_000
-    p = problem(data, name="bomb.png", max_pixels=10**12)  # even with our cap off, Pillow's guard answers
-    assert (p.slug, p.status) == ("image-too-large", 413)
     p = problem(data, name="bomb.png")
-    assert p.slug == "image-too-large" and "10000000000 pixels" in p.detail
+    assert (p.slug, p.status) == ("image-too-large", 413)
+    # the configured cap is named, never Pillow's own fixed limits (89478485 / 178956970 pixels)
+    assert "100000x100000 = 10000000000 pixels is more than the cap of 10000000 (CAPTIONER_MAX_IMAGE_PIXELS)" in p.detail
+    assert "89478485" not in p.detail and "178956970" not in p.detail and "DOS" not in p.detail
+    p = problem(png_bomb(10_000, 9_000), name="90mp.png", max_pixels=50_000_000)  # between Pillow's two limits
+    assert p.slug == "image-too-large" and "the cap of 50000000 (CAPTIONER_MAX_IMAGE_PIXELS)" in p.detail
+
+
+def test_the_configured_cap_decides_not_pillows_guard(monkeypatch):
+    """An image the setting allows is decoded even when it is over Pillow's process-wide guard (made tiny
+    here so the test stays cheap: 1200 pixels against a guard of 1000)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    out = decode(encode(gradient(40, 30), "PNG"), max_pixels=1200)
+    assert (out.width, out.height) == (40, 30)
+    p = problem(encode(gradient(40, 30), "PNG"), max_pixels=1199)
+    assert p.slug == "image-too-large" and "40x30 = 1200 pixels is more than the cap of 1199" in p.detail
+
+
+def test_a_gif_frame_larger_than_its_screen_is_checked_against_the_cap():
+    """Pillow grows a GIF's size to its first frame's extent (its own bomb guard is off here): the cap sees
+    the grown size, not the 10x10 logical screen."""
+    import struct
+
+    screen = b"GIF89a" + struct.pack("<HH", 10, 10) + bytes([0x80, 0, 0]) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"," + struct.pack("<HHHH", 0, 0, 60_000, 60_000) + b"\x00" + b"\x02\x02\x44\x01\x00"
+    p = problem(screen + frame + b";", name="wide.gif")
+    assert (p.slug, p.status) == ("image-too-large", 413)
+    assert "60000x60000 = 3600000000 pixels" in p.detail
+
+
+def test_a_png_that_is_only_a_header():
+    """The signature and an IHDR claiming 60000x60000, nothing else: Pillow cannot open it (no IDAT), which
+    used to read as 415 'not an image'. Over the cap: 413 from the declared size; under it: 400 naming the
+    truncation."""
+    header = png_bomb(60_000, 60_000)[:33]  # 8-byte signature + 25-byte IHDR chunk
+    p = problem(header, name="head.png")
+    assert (p.slug, p.status) == ("image-too-large", 413)
+    assert "60000x60000 = 3600000000 pixels" in p.detail and "CAPTIONER_MAX_IMAGE_PIXELS" in p.detail
+    p = problem(header, name="head.png", max_pixels=10**10)
+    assert (p.slug, p.status) == ("invalid-image", 400)
+    assert "a PNG whose header cannot be read: the file is truncated or corrupt after 33 bytes" in p.detail
+    assert "declares 60000x60000" in p.detail
+    p = problem(header[:8], name="sig.png")  # the signature alone
+    assert (p.slug, p.status) == ("invalid-image", 400) and "truncated" in p.detail
+    p = problem(encode(gradient(), "JPEG")[:3], name="three.jpg")  # JPEG magic only
+    assert (p.slug, p.status) == ("invalid-image", 400) and "a JPEG whose header cannot be read" in p.detail
 
 
 def test_base64_and_combined_errors():
@@ -200,3 +243,52 @@ def test_intake_bypasses_the_ultralytics_image_open_patch(monkeypatch):
     assert pillow_open().__module__ == "PIL.Image"
     p = problem(b"plain text, not a HEIF either\n" * 5, name="x.jpg")
     assert p.slug == "unsupported-image"
+
+
+# --- reading a multipart body ---------------------------------------------------------------------------
+def multipart_request(body: bytes, chunk: int, boundary: bytes = b"XyZbound"):
+    from starlette.requests import Request
+
+    chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
+
+    async def receive():
+        if chunks:
+            part = chunks.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-type", b"multipart/form-data; boundary=" + boundary)]
+    return Request({"type": "http", "method": "POST", "headers": headers, "path": "/", "query_string": b""}, receive)
+
+
+def multipart_body(image: bytes, boundary: bytes = b"XyZbound") -> bytes:
+    return (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--" + boundary
+            + b'\r\nContent-Disposition: form-data; name="beam_size"\r\n\r\n2\r\n--' + boundary + b"--\r\n")
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 10**6])  # 7: the close delimiter arrives split across chunks
+def test_a_whole_multipart_body_is_read(chunk):
+    import asyncio
+
+    from service.reading import read_images
+
+    image = encode(gradient(), "PNG")
+    raws, params = asyncio.run(read_images(multipart_request(multipart_body(image), chunk), 8))
+    assert [(r.filename, r.data) for r in raws] == [("a.png", image)] and params == {"beam_size": "2"}
+
+
+@pytest.mark.parametrize("cut", ["no close", "half", "nothing"])
+def test_multipart_without_its_closing_boundary_is_invalid_request(cut):
+    """python-multipart drops a part that is not closed, which used to read as 400 no-image."""
+    import asyncio
+
+    from service.problems import Problem
+    from service.reading import read_images
+
+    body = multipart_body(encode(gradient(), "PNG"))
+    body = {"no close": body[: -len(b"--\r\n")], "half": body[: len(body) // 2], "nothing": b""}[cut]
+    with pytest.raises(Problem) as info:
+        asyncio.run(read_images(multipart_request(body, 1000), 8))
+    assert (info.value.slug, info.value.status) == ("invalid-request", 400)
+    assert "no closing boundary (--XyZbound--)" in info.value.detail

@@ -164,8 +164,63 @@ def test_job_store_records_each_entry_once_and_rebuilds_results(tmp_path):
     assert store.rebuild_results("j1") == 2
     lines = [json.loads(x) for x in results.read_text().splitlines()]
     assert [x["index"] for x in lines] == [0, 2] and lines[0]["caption"] == "x"
-    assert lines[1]["error"]["type"] == "/problems/refused-entry"
+    assert lines[1]["error"] == {"type": "/problems/refused-entry", "status": 422,
+                                 "detail": "path escapes the archive ('..')"}
     store.close()
+
+
+def test_refused_entries_carry_type_status_and_detail(tmp_path):
+    """docs/service.md promises {type, status, detail} for every failed or refused entry."""
+    store = JobStore(tmp_path)
+    store.create("j1", "ucm-captioner", {}, [])
+    (tmp_path / "jobs" / "j1").mkdir()
+    store.set_state("j1", "preparing")
+    store.add_items("j1", [Entry("a", refused="absolute path"),
+                           Entry("b.txt", refused="not an image", slug="unsupported-image"),
+                           Entry("c.zip", refused="truncated", slug="invalid-archive")])
+    errors = [json.loads(text)["error"] for _, text in store.results("j1")]
+    assert [(e["type"], e["status"]) for e in errors] == [
+        ("/problems/refused-entry", 422), ("/problems/unsupported-image", 415), ("/problems/invalid-archive", 400)]
+    assert all(set(e) == {"type", "status", "detail"} and e["detail"] for e in errors)
+    store.close()
+
+
+def tar_of_images(mode: str, n: int = 3) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as t:
+        for i in range(n):
+            data = image_bytes(seed=i)
+            info = tarfile.TarInfo(f"{i}.png")
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.bz2", "gzip garbage"])
+def test_a_truncated_archive_is_invalid_archive_not_unsupported_image(tmp_path, kind):
+    if kind == "zip":
+        whole = zip_bytes([(f"{i}.png", image_bytes(seed=i)) for i in range(3)])
+    elif kind == "tar.bz2":
+        whole = tar_of_images("w:bz2")
+    else:
+        whole = b"\x1f\x8b" + b"not really gzip" * 10
+    (entry,) = extract(tmp_path, whole[: len(whole) // 2], "cut")
+    assert entry.slug == "invalid-archive", entry
+    assert "cannot be read as a zip/tar archive: truncated or corrupt" in entry.refused
+    assert ("zip archive" in entry.refused) == (kind == "zip")
+
+
+def test_a_truncated_tar_gz_keeps_the_entries_before_the_cut(tmp_path):
+    whole = tar_of_images("w:gz")
+    entries = extract(tmp_path, whole[: len(whole) // 2], "cut.tar.gz")
+    assert entries[0].refused is None  # read in full before the cut
+    assert entries[-1].name == "cut.tar.gz" and entries[-1].slug == "invalid-archive"
+    assert all(e.slug == "invalid-archive" for e in entries if e.refused)
+
+
+def test_a_file_that_is_neither_image_nor_archive_stays_unsupported_image(tmp_path):
+    (entry,) = extract(tmp_path, b"just some notes\n" * 20, "notes.txt")
+    assert entry.slug == "unsupported-image" and "looks like text" in entry.refused
 
 
 # --- through a live server --------------------------------------------------------------------------------
@@ -219,14 +274,21 @@ def test_job_routes_end_to_end(store, tmp_path):
         # several plain files (one not an image) and a raw tar.gz body
         files = [("files", ("x.png", image_bytes(seed=7), "image/png")),
                  ("files", ("notes.jpg", b"hello", "image/jpeg")),
-                 ("files", ("cut.png", image_bytes(200, 200)[:3000], "image/png"))]
+                 ("files", ("cut.png", image_bytes(200, 200)[:3000], "image/png")),
+                 ("files", ("cut.zip", evil_zip()[:2000], "application/zip"))]
         job2 = httpx.post(f"{url}/v1/jobs", files=files).json()
         job3 = httpx.post(f"{url}/v1/jobs?filename=set.tar.gz", content=tar_bytes(),
                           headers={"Content-Type": "application/gzip"}).json()
         job2, job3 = wait_job(url, job2["id"]), wait_job(url, job3["id"])
-        assert (job2["done"], job2["failed"], job2["refused"]) == (1, 1, 1)
+        assert (job2["done"], job2["failed"], job2["refused"]) == (1, 1, 2)
         errors = {x["name"]: x.get("error", {}).get("type") for x in results_of(url, job2["id"])}
-        assert errors == {"x.png": None, "notes.jpg": "/problems/unsupported-image", "cut.png": "/problems/invalid-image"}
+        assert errors == {"x.png": None, "notes.jpg": "/problems/unsupported-image", "cut.png": "/problems/invalid-image",
+                          "cut.zip": "/problems/invalid-archive"}
+        for job_id in (job["id"], job2["id"], job3["id"]):  # every error entry is {type, status, detail}
+            for error in [x["error"] for x in results_of(url, job_id) if "error" in x]:
+                assert set(error) == {"type", "status", "detail"}, error
+                assert error["status"] == {"/problems/refused-entry": 422, "/problems/unsupported-image": 415,
+                                           "/problems/invalid-image": 400, "/problems/invalid-archive": 400}[error["type"]]
         assert (job3["done"], job3["refused"]) == (2, 6)
 
         assert_problem(httpx.delete(f"{url}/v1/jobs/{job['id']}"), 409, "job-not-active")
@@ -239,7 +301,7 @@ def test_job_routes_end_to_end(store, tmp_path):
                                   headers={"Content-Type": "application/zip"}), 404, "unknown-model")
         assert len(os.listdir(tmp_path / "data" / "jobs")) == 2  # the refused uploads left nothing behind
         assert metric(url, "captioner_jobs_total", {"event": "succeeded"}) == 3
-        assert metric(url, "captioner_job_items_total", {"outcome": "refused"}) == 12
+        assert metric(url, "captioner_job_items_total", {"outcome": "refused"}) == 13
 
 
 def many_images_zip(n: int) -> bytes:

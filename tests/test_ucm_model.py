@@ -38,7 +38,7 @@ def _captions(batch=4, length=7, seed=0):
 
 
 def test_configs_match_code_sizes():
-    paper, tiny = load_config("ucm", "paper"), load_config("ucm", "tiny")
+    paper, tiny = load_config("ucm", "paper").to_dict(), load_config("ucm", "tiny").to_dict()
     assert code_dim(paper["text"]) == 2048 == ImageEncoder(paper["image"], 2048).feature_dim
     assert paper["text"]["embed_dim"] == 300 and paper["text"]["num_layers"] == 2
     assert code_dim(tiny["text"]) < code_dim(paper["text"])
@@ -92,7 +92,7 @@ def test_attention_decoder_starts_as_the_plain_one():
 
 @pytest.mark.parametrize("attention_dim", [0, 16])
 def test_tiny_captioner_decodes(attention_dim):
-    cfg = load_config("ucm", "tiny")
+    cfg = load_config("ucm", "tiny").to_dict()
     torch.manual_seed(0)
     model = Captioner(V, cfg["text"], cfg["image"], attention_dim=attention_dim).eval()
     images = torch.randn(2, 3, cfg["image"]["input_size"], cfg["image"]["input_size"])
@@ -109,7 +109,7 @@ def test_tiny_captioner_decodes(attention_dim):
 
 
 def test_classifier_tiny_shapes():
-    cfg = load_config("ucm", "tiny")
+    cfg = load_config("ucm", "tiny").to_dict()
     model = MultiLabelClassifier(cfg["image"], 17)
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 17)
@@ -117,7 +117,7 @@ def test_classifier_tiny_shapes():
 
 
 def test_paper_profile_loads_resnet50_trains_and_runs(tmp_path):
-    cfg = load_config("ucm", "paper")
+    cfg = load_config("ucm", "paper").to_dict()
     reference = torchvision.models.resnet50(weights=None)  # stands in for the ImageNet file
     path = tmp_path / "resnet50.pth"
     torch.save(reference.state_dict(), path)
@@ -150,7 +150,7 @@ def test_paper_profile_loads_resnet50_trains_and_runs(tmp_path):
 
 
 def test_pretrained_file_errors_name_the_file(tmp_path):
-    cfg = load_config("ucm", "paper")
+    cfg = load_config("ucm", "paper").to_dict()
     trunk = MultiLabelClassifier(cfg["image"], 17).trunk
     wrong = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)

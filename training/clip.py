@@ -32,8 +32,10 @@ from typing import Any
 import torch
 
 from captioning.config import load_config
+from captioning.config_schema import ClipConfig, ClipTrain
 from captioning.data import load_dataset
 from captioning.errors import ConfigError, DataError
+from captioning.weights import save_state
 from training.runner import TrainRun, add_common_args
 
 STAGE = "clip"
@@ -53,12 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
-    from captioning.models.lightcap.concepts_data import (
-        CaptionPairs,
-        caption_pairs,
-        load_images_uint8,
-        save_tensors,
-    )
+    from captioning.models.lightcap.concepts_data import CaptionPairs, caption_pairs, load_images_uint8
 
     config = load_config("clip", args.profile, path=args.config, overrides=args.set)
     corpus = load_dataset(args.data)
@@ -70,44 +67,50 @@ def run(args: argparse.Namespace) -> int:
         if not more.records:
             raise DataError("--extra-train: no training images with captions in split 'train'", path=other.root)
         train = CaptionPairs(train.records + more.records, train.captions + more.captions, train.concepts + more.concepts)
-    if not train.records and not config.get("checkpoint"):
+    if not train.records and not config.checkpoint:
         raise DataError("no training images with captions in split 'train'", path=corpus.root)
     run = TrainRun(STAGE, args, config)
-    train_cfg = config["train"]
 
     # tokenizer and the resolved open_clip model config -----------------------------------------------------
-    kind = config.get("tokenizer", {}).get("type", "openai-bpe")
-    if kind == "word-level":
-        if config.get("checkpoint"):
+    if config.tokenizer.type == "word-level":
+        if config.checkpoint:
             raise ConfigError("clip config: a word-level tokenizer cannot go with a pretrained checkpoint")
         texts = [c for caps in train.captions for c in caps] + concept_prompts(args.profile)
-        tokenizer = ClipTokenizer.train_word_level(
-            texts, config["tokenizer"]["context_length"], config["tokenizer"].get("min_freq", 1)
-        )
+        tokenizer = ClipTokenizer.train_word_level(texts, config.tokenizer.context_length, config.tokenizer.min_freq)
     else:
-        tokenizer = ClipTokenizer.from_config(config)
-    model_cfg = clip_model_config(config)
-    model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
-    resolved = {**config, "model": model_cfg}
-    clip = build_clip(resolved)
-    image_size = int(model_cfg["vision_cfg"]["image_size"])
+        tokenizer = ClipTokenizer.from_config(config.to_dict())
+    resolved = resolve_model(config, clip_model_config(config.to_dict()), tokenizer.text_cfg_overrides())
+    clip = build_clip(resolved.to_dict())
+    image_size = resolved.model.vision_cfg.image_size
     norm = _normaliser(config)
+    val_batch = config.train.val_batch_size
 
     val_images = load_images_uint8(val.records, image_size, args.workers) if val.records else None
-    if not config.get("checkpoint"):
+    if not config.checkpoint:
         train_images = load_images_uint8(train.records, image_size, args.workers)
-        _train(run, clip, tokenizer, train, train_images, val, val_images, norm, train_cfg)
+        _train(run, clip, tokenizer, train, train_images, val, val_images, norm, config.train)
 
     metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in clip.parameters())}
     if val_images is not None:
-        metrics.update({f"val_{k}": v for k, v in retrieval(clip, tokenizer, val_images, val.captions, norm, run.device).items()})
+        scores = retrieval(clip, tokenizer, val_images, val.captions, norm, run.device, batch_size=val_batch)
+        metrics.update({f"val_{k}": v for k, v in scores.items()})
     if run.is_main:
         staging = run.staging_dir()
-        save_tensors(clip.state_dict(), staging / WEIGHTS, config.get("weights_dtype", "float32"))
+        save_state(clip.state_dict(), staging / WEIGHTS, config.weights_dtype)
         tokenizer.save(staging)
         run.publish_stage(STAGE, staging, task="clip", metrics=metrics, data=_data_record(corpus, extra), config=resolved)
     run.close()
     return 0
+
+
+def resolve_model(config: ClipConfig, model_cfg: dict[str, Any], text_overrides: dict[str, Any]) -> ClipConfig:
+    """The config as published: ``model`` is the resolved open_clip model config (``model.name`` expanded),
+    its ``text_cfg`` agreeing with the tokenizer; checked against the same schema as the YAML files."""
+    model_cfg = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], **text_overrides}}
+    try:
+        return ClipConfig.model_validate({**config.to_dict(), "model": model_cfg})
+    except ValueError as exc:  # a pydantic ValidationError: the open_clip config has keys the schema lacks
+        raise ConfigError(f"clip config: the resolved open_clip model config does not fit the schema: {exc}") from None
 
 
 def _data_record(corpus: Any, extra: list[Any]) -> dict[str, Any]:
@@ -122,20 +125,17 @@ def concept_prompts(profile: str) -> list[str]:
     from captioning.models.lightcap.concepts import concept_words
 
     cfg = load_config("concepts", profile)
-    template = cfg.get("vocabulary", {}).get("template", "a photo of a {}")
-    return [template.format(w) for w in concept_words(cfg)[0]]
+    template = cfg.vocabulary.template
+    return [template.format(w) for w in concept_words(cfg.to_dict())[0]]
 
 
-def _normaliser(config: dict[str, Any]):
-    from captioning.models.lightcap.clip_encoder import OPENAI_MEAN, OPENAI_STD
-
-    image = config.get("image", {}) or {}
-    mean = torch.tensor(image.get("mean", OPENAI_MEAN)).view(1, 3, 1, 1)
-    std = torch.tensor(image.get("std", OPENAI_STD)).view(1, 3, 1, 1)
+def _normaliser(config: ClipConfig):
+    mean = torch.tensor(config.image.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.image.std).view(1, 3, 1, 1)
     return lambda uint8: (uint8.float() / 255.0 - mean.to(uint8.device)) / std.to(uint8.device)
 
 
-def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg) -> None:
+def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg: ClipTrain) -> None:
     import open_clip
 
     from captioning.models.lightcap.concepts_data import augment_views
@@ -145,12 +145,12 @@ def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg
     decay = [p for n, p in core.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in core.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": float(cfg["weight_decay"])}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(cfg["lr"]), betas=(0.9, 0.98), eps=1e-6,
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
     )
-    epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
+    epochs, batch_size = cfg.epochs, cfg.batch_size
     steps_per_epoch = math.ceil(len(train.records) / run.world_size / batch_size)
-    total, warmup = epochs * steps_per_epoch, int(cfg.get("warmup_steps", 0))
+    total, warmup = epochs * steps_per_epoch, cfg.warmup_steps
 
     def lr_lambda(step: int) -> float:  # linear warm-up, cosine decay (open_clip's schedule)
         if step < warmup:
@@ -161,8 +161,8 @@ def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg
     loss_fn = open_clip.loss.ClipLoss(rank=run.rank, world_size=run.world_size)
     run.load_checkpoint(model=model, optimizer=optimizer, scheduler=scheduler)
     indices = torch.utils.data.TensorDataset(torch.arange(len(train.records)))
-    prompt_prob = float(cfg.get("concept_prompt_prob", 0.0))
-    template = str(cfg.get("concept_template", "a photo of a {}"))
+    prompt_prob = cfg.concept_prompt_prob
+    template = cfg.concept_template
     for epoch in run.epochs(epochs):
         model.train()
         gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
@@ -170,7 +170,7 @@ def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg
         for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{epochs}", total=len(loader)):
             texts = [train.caption_for(int(r), run.seed, epoch, prompt_prob=prompt_prob, template=template) for r in rows]
             images = train_images[rows]
-            if cfg.get("augment"):
+            if cfg.augment:
                 images = augment_views(images, gen)
             images, tokens = norm(images.to(run.device)), tokenizer(texts).to(run.device)
             image_features, text_features, logit_scale = model(images, tokens)
@@ -184,7 +184,7 @@ def _train(run, clip, tokenizer, train, train_images, val, val_images, norm, cfg
             run.log_step(loss=loss.item())
         extra: dict[str, Any] = {"logit_scale": core.logit_scale.detach().exp().item()}
         if val_images is not None:
-            scores = retrieval(core, tokenizer, val_images, val.captions, norm, run.device)
+            scores = retrieval(core, tokenizer, val_images, val.captions, norm, run.device, batch_size=cfg.val_batch_size)
             extra.update(val_i2t_r1=scores["i2t_r1"], val_t2i_r1=scores["t2i_r1"])
         run.end_epoch(extra=extra, model=model, optimizer=optimizer, scheduler=scheduler)
 

@@ -21,7 +21,6 @@ Published as ``concepts`` (task ``concepts``, served by ``captioning.models.ligh
 from __future__ import annotations
 
 import argparse
-import copy
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from captioning.config import load_config
 from captioning.data import load_dataset
 from captioning.errors import DataError, PrerequisiteError
+from captioning.weights import load_state, save_state, torch_dtype
 from training.runner import TrainRun, add_common_args
 
 STAGE = "concepts-align"
@@ -64,17 +64,13 @@ def run(args: argparse.Namespace) -> int:
         pool_regions,
         region_concept_loss,
     )
-    from captioning.models.lightcap.concepts_data import (
-        box_split,
-        load_tensors,
-        save_tensors,
-    )
+    from captioning.models.lightcap.concepts_data import box_split
     from captioning.models.lightcap.runtime import CLIP_WEIGHTS, load_detector
     from captioning.store import ModelStore
     from training.eval_concepts import choose_min_score, evaluate_extractor
 
     config = load_config("concepts", args.profile, path=args.config, overrides=args.set)
-    align_cfg = config["align"]
+    align_cfg = config.align
     corpus = load_dataset(args.data)
     if corpus.boxes is None:
         raise DataError("the dataset has no boxes.json: the aligner trains on its boxes", path=corpus.root)
@@ -86,18 +82,18 @@ def run(args: argparse.Namespace) -> int:
     # 1. CLIP (frozen) and the concept vocabulary, embedded once ---------------------------------------------
     clip_cfg = dict(clip_version.manifest["config"], checkpoint=None)
     clip = build_clip(clip_cfg)
-    clip.load_state_dict(load_tensors(clip_version.file(CLIP_WEIGHTS)))
+    clip.load_state_dict(load_state(clip_version.file(CLIP_WEIGHTS)))
     clip.eval()
     tokenizer = ClipTokenizer.from_config(clip_cfg, clip_version.path)
-    words, labels = concept_words(config)
-    template = config.get("vocabulary", {}).get("template", "a photo of a {}")
+    words, labels = concept_words(config.to_dict())
+    template = config.vocabulary.template
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words, template), template)
     encoder = GridEncoder.from_clip(clip, clip_cfg).freeze().to(run.device)
     del clip
 
     # 2. ground-truth boxes and frozen grids ---------------------------------------------------------------
-    image_size = int(config["image_size"])
-    encoder_size = int(config.get("encoder_size") or encoder.image_size)
+    image_size = config.image_size or encoder.image_size
+    encoder_size = config.encoder_size or encoder.image_size
     train = box_split(corpus, "train", image_size, args.workers)
     missing = sorted({c for cs in train.concepts for c in cs} - set(vocab.words))
     if missing:
@@ -111,18 +107,16 @@ def run(args: argparse.Namespace) -> int:
     vocab_emb = vocab.embeddings.to(run.device)
 
     # 3. the two linear blocks ------------------------------------------------------------------------------
-    aligner = RegionAligner.from_config(encoder.channels, align_cfg, vocab.dim)
+    aligner = RegionAligner.from_config(encoder.channels, align_cfg.to_dict(), vocab.dim)
     model = run.wrap_model(aligner)
     core = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(align_cfg["lr"]), weight_decay=float(align_cfg["weight_decay"]))
-    epochs, batch_size = int(align_cfg["epochs"]), int(align_cfg["batch_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=align_cfg.lr, weight_decay=align_cfg.weight_decay)
+    epochs, batch_size = align_cfg.epochs, align_cfg.batch_size
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     run.load_checkpoint(model=model, optimizer=optimizer, scheduler=scheduler)
     with_boxes = torch.tensor([i for i in range(len(train)) if len(train_ids[i])])
     indices = torch.utils.data.TensorDataset(with_boxes)
-    jitter = float(align_cfg.get("box_jitter", 0.0))
-    roi_size = int(align_cfg["roi_size"])
-    context = bool(align_cfg.get("context", False))
+    jitter, roi_size, context = align_cfg.box_jitter, align_cfg.roi_size, align_cfg.context
     for epoch in run.epochs(epochs):
         model.train()
         gen = torch.Generator().manual_seed(run.seed * 7919 + epoch)
@@ -143,13 +137,13 @@ def run(args: argparse.Namespace) -> int:
 
     # 4. the whole extractor on val: choose min_score, then report val and test ---------------------------------
     detector = load_detector(detector_version)
-    published_cfg = copy.deepcopy(config)
-    extractor = ConceptExtractor(encoder.cpu(), detector, core.cpu().eval(), vocab, published_cfg)
+    published_cfg = config.model_copy(deep=True)
+    extractor = ConceptExtractor(encoder.cpu(), detector, core.cpu().eval(), vocab, published_cfg.to_dict())
     metrics: dict[str, Any] = {"vocabulary": len(vocab), "train_boxes": int(sum(len(t) for t in train_ids))}
     if corpus.split("val"):
         val = evaluate_extractor(extractor, corpus, "val", candidates=True)
         threshold, f1 = choose_min_score(val.pop("_candidates"), val.pop("_true_concepts"))
-        published_cfg["extract"]["min_score"] = threshold
+        published_cfg.extract.min_score = threshold
         extractor.min_score = threshold
         metrics["min_score"] = threshold
         metrics.update({f"val_{k}": v for k, v in evaluate_extractor(extractor, corpus, "val").items()})
@@ -158,8 +152,8 @@ def run(args: argparse.Namespace) -> int:
 
     if run.is_main:
         staging = run.staging_dir()
-        save_tensors(core.state_dict(), staging / ALIGNER_FILE, config.get("weights_dtype", "float32"))
-        vocab.save(staging, dtype=getattr(torch, config.get("weights_dtype", "float32")))
+        save_state(core.state_dict(), staging / ALIGNER_FILE, config.weights_dtype)
+        vocab.save(staging, dtype=torch_dtype(config.weights_dtype))
         parents = [
             {"name": clip_version.name, "version": clip_version.version},
             {"name": detector_version.name, "version": detector_version.version},

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from captioning.config import load_config
+from captioning.config_schema import DetectorCfg
 from captioning.data import load_dataset
 from captioning.errors import DataError
+from captioning.weights import torch_dtype
 from training.runner import TrainRun, add_common_args
 
 STAGE = "concepts-detector"
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
 
     config = load_config("concepts", args.profile, path=args.config, overrides=args.set)
-    det_cfg = config["detector"]
+    det_cfg = config.detector
     corpus = load_dataset(args.data)
     if corpus.boxes is None:
         raise DataError("the dataset has no boxes.json: the detector trains on its boxes", path=corpus.root)
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     resumed = run.load_checkpoint()  # loss history; the network and optimiser resume from ultralytics' last.pt
     tensors = train_yolo(run, det_cfg, data_yaml, yolo_root, resume=resumed)
 
-    detector = ProposalDetector(det_cfg)
+    detector = ProposalDetector(det_cfg.to_dict())
     detector.load_tensors(tensors, source="trained detector")
     metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in detector.parameters())}
     for split in ("val", "test"):
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     if run.is_main:
         staging = run.staging_dir()
-        detector.save_weights(staging / WEIGHTS_FILE, dtype=getattr(torch, config.get("weights_dtype", "float32")))
+        detector.save_weights(staging / WEIGHTS_FILE, dtype=torch_dtype(config.weights_dtype))
         run.publish_stage(STAGE, staging, task="concepts-detector", metrics=metrics, data=corpus.manifest_record())
     run.close()
     return 0
@@ -105,7 +107,7 @@ def write_yolo_dataset(corpus, root: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Path, *, resume: bool) -> dict[str, torch.Tensor]:
+def train_yolo(run: TrainRun, det_cfg: DetectorCfg, data_yaml: Path, root: Path, *, resume: bool) -> dict[str, torch.Tensor]:
     """Train (or resume) with ultralytics; returns the final EMA network's fp32 tensors."""
     from captioning.models.lightcap.detector import ProposalDetector
 
@@ -118,8 +120,9 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
 
     keep_pil_open()
 
-    train_cfg = dict(det_cfg.get("train", {}))
-    epochs = int(train_cfg.pop("epochs"))
+    train_cfg = det_cfg.train.to_dict()  # the ultralytics train() arguments the config gives
+    epochs = train_cfg.pop("epochs")
+    batch = train_cfg.pop("batch", det_cfg.train.batch)
     weights_dir = root / "yolo" / "weights"
     last = weights_dir / "last.pt"
 
@@ -143,12 +146,12 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
         model = with_callbacks(YOLO(str(last)))
         model.train(resume=True)
     else:
-        model = with_callbacks(YOLO(str(det_cfg.get("yaml", "yolov5n.yaml"))))
+        model = with_callbacks(YOLO(det_cfg.yaml))
         model.train(
             data=str(data_yaml),
             epochs=epochs,
-            imgsz=int(det_cfg["imgsz"]),
-            batch=int(train_cfg.pop("batch", 16)),
+            imgsz=det_cfg.imgsz,
+            batch=batch,
             device=_ultralytics_device(run.device),
             workers=int(getattr(run.args, "workers", 0) or 0),
             project=str(root),
@@ -160,7 +163,7 @@ def train_yolo(run: TrainRun, det_cfg: dict[str, Any], data_yaml: Path, root: Pa
             val=False,  # validated by evaluate_detector below, as the extractor runs it
             amp=False,
             cache="ram",
-            pretrained=str(det_cfg["pretrained"]) if det_cfg.get("pretrained") else False,  # local ultralytics .pt
+            pretrained=det_cfg.pretrained or False,  # a local ultralytics .pt
             verbose=False,
             **train_cfg,
         )
@@ -176,7 +179,7 @@ def _ultralytics_device(device: torch.device) -> str:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_detector(detector, corpus, split: str, det_cfg: dict[str, Any], batch_size: int = 32) -> dict[str, float]:
+def evaluate_detector(detector, corpus, split: str, det_cfg: DetectorCfg, batch_size: int = 32) -> dict[str, float]:
     """Class-agnostic box recall / AP at IoU 0.5 on a split, with the detector as the extractor runs it.
 
     One pass at confidence 0.001 (as detection AP is usually measured, so the precision-recall curve is complete)
@@ -186,7 +189,7 @@ def evaluate_detector(detector, corpus, split: str, det_cfg: dict[str, Any], bat
     from captioning.metrics import box_recall_ap
     from captioning.models.lightcap.concepts_data import box_split
 
-    size = int(det_cfg["imgsz"])
+    size = det_cfg.imgsz
     data = box_split(corpus, split, size)
     predictions = []
     for start in range(0, len(data), batch_size):

@@ -11,6 +11,20 @@ Figures (all at IoU 0.5, boxes compared in the extractor's ``image_size`` pixels
 * ``label_f1`` (+ precision / recall, micro): the same with concepts mapped onto the 17 remote-sensing labels,
   against the labels of the image's boxes; ``label_f1_vs_multilabels``: against its ``multilabels.txt`` row
   (which also has the surface labels (grass, pavement, water ...) that boxes never cover, so it is lower).
+
+Instances (every object, ``ConceptExtractor.extract``; per concept word, against ``boxes.json``):
+
+* ``instance_map@0.5``: mean over the words with true boxes of the per-word AP of the instances (NMS per word,
+  no score floor: the whole curve down to ``proposal_conf``); ``instance_recall@0.5`` / ``instance_precision@0.5``
+  of the instances as served (with ``instance_min_score`` / ``instance_conf``);
+* counting, with the served instances: ``count_mae`` (mean absolute error of a picture's count of a word, over
+  the (picture, word) pairs where the word is true or predicted), ``count_mean_true`` (mean true count over
+  the same pairs), ``count_relative_error`` = their ratio (sum |error| / sum true count), ``count_exact`` (share
+  of those pairs counted exactly); ``per_concept`` holds the same per word with its AP.
+
+``--tune-instances`` (use it on val) searches the instance settings (NMS IoU, instance min score, instance
+objectness floor) for the lowest relative counting error and prints the best; ``--instance-iou``,
+``--instance-min-score`` and ``--instance-conf`` evaluate other settings than the model's.
 """
 
 from __future__ import annotations
@@ -38,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draw", type=Path, default=None, help="write the first images, annotated, to this PNG")
     parser.add_argument("--draw-count", type=int, default=4, help="how many images --draw shows (default 4)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--instance-iou", type=float, default=None, help="per-concept NMS IoU (default: the model's)")
+    parser.add_argument("--instance-min-score", type=float, default=None,
+                        help="score floor of an instance (default: the model's)")
+    parser.add_argument("--instance-conf", type=float, default=None,
+                        help="objectness floor of an instance (default: the model's; below proposal_conf is moot)")
+    parser.add_argument("--tune-instances", action="store_true",
+                        help="search the instance settings for the lowest counting error on this split (use val)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +74,13 @@ def run(args: argparse.Namespace) -> int:
     extractor = load_model(store, args.model)
     if getattr(extractor, "vocab", None) is None:
         raise UsageError(f"{args.model}: not a concept extractor (task {extractor.manifest.get('task')!r})")
-    result = evaluate_extractor(extractor, corpus, args.split, top_k=args.top_k, batch_size=args.batch_size)
+    for attr, value in (("instance_iou", args.instance_iou), ("instance_min_score", args.instance_min_score),
+                        ("instance_conf", args.instance_conf)):
+        if value is not None:
+            setattr(extractor, attr, float(value))
+    result = evaluate_extractor(
+        extractor, corpus, args.split, top_k=args.top_k, batch_size=args.batch_size, tune=args.tune_instances
+    )
     figures = {"model": f"{extractor.name}@{extractor.version}", "data": str(corpus.root), "split": args.split, **result}
     if args.draw:
         draw_examples(extractor, corpus, args.split, args.draw, args.draw_count)
@@ -62,17 +89,40 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(figures, indent=1))
     else:
         for key, value in figures.items():
-            print(f"{key:32s} {value}")
+            if key == "per_concept":
+                print(f"{'word':14s} {'AP@0.5':>7s} {'true':>5s} {'found':>5s} {'MAE':>6s} {'mean':>6s} {'rel':>6s} "
+                      f"{'exact':>6s}")
+                for word, row in value.items():
+                    print(f"{word:14s} {_fmt(row['ap@0.5']):>7s} {row['true_boxes']:5d} {row['instances']:5d} "
+                          f"{_fmt(row['count_mae']):>6s} {_fmt(row['count_mean_true']):>6s} "
+                          f"{_fmt(row['count_relative_error']):>6s} {_fmt(row['count_exact']):>6s}")
+            elif key == "tuning":
+                for row in value:
+                    print(f"tuning {row}")
+            else:
+                print(f"{key:32s} {value}")
     return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate_extractor(
-    extractor, corpus, split: str, *, top_k: int | None = None, batch_size: int = 32, candidates: bool = False
+    extractor,
+    corpus,
+    split: str,
+    *,
+    top_k: int | None = None,
+    batch_size: int = 32,
+    candidates: bool = False,
+    tune: bool = False,
 ) -> dict[str, Any]:
     """The figures above for one split. ``candidates=True`` also returns, per image, every de-duplicated concept
-    with its score regardless of ``min_score`` (for choosing ``min_score`` on val)."""
+    with its score regardless of ``min_score`` (for choosing ``min_score`` on val); ``tune=True`` adds
+    ``tuning``: the best instance settings on this split (``choose_instance_settings``)."""
     from captioning.metrics import box_recall_ap, multilabel_prf
     from captioning.models.lightcap.concepts_data import box_split
 
@@ -86,6 +136,7 @@ def evaluate_extractor(
 
     low_conf, predicted, gt_hits, gt_total = [], [], 0, 0
     cand: list[list[tuple[int, float]]] = []
+    raw: list[tuple[torch.Tensor, ...]] = []  # per image its classified proposals (for the instance figures)
     min_score = extractor.min_score
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size].float() / 255.0
@@ -96,6 +147,7 @@ def evaluate_extractor(
         for row_ids, words in zip(ids, data.concepts[start : start + batch_size], strict=True):
             gt_hits += sum(int(vocab.words[int(i)] == w) for i, w in zip(row_ids, words, strict=True))
             gt_total += len(words)
+        raw.extend(extractor.classified_proposals(images, grid))
         if candidates:
             extractor.min_score = 0.0
         concept_ids, scores, boxes = extractor.extract_tensors(images, top_k, grid=grid)
@@ -161,6 +213,12 @@ def evaluate_extractor(
         figures["label_f1_vs_multilabels"] = round(multilabel_prf(corpus.labels[rows], pred_labels, 0.5)["f1_micro"], 4)
     figures["top_k"] = int(top_k or extractor.top_k)
     figures["min_score"] = float(extractor.min_score)
+    settings = {"iou": extractor.instance_iou, "min_score": extractor.instance_min_score,
+                "min_objectness": extractor.instance_conf}
+    figures.update(instance_figures(raw, data.boxes, data.concepts, vocab.words, **settings))
+    figures["instance_settings"] = {k: round(float(v), 4) for k, v in settings.items()}
+    if tune:
+        figures["tuning"] = choose_instance_settings(raw, data.boxes, data.concepts, vocab.words)
     if candidates:
         figures["_candidates"] = cand
         figures["_true_concepts"] = true_concepts
@@ -184,6 +242,104 @@ def choose_min_score(candidates: list[list[tuple[int, float]]], true_concepts: n
         if f1 > best[1] + 1e-9:
             best = (float(threshold), f1)
     return best
+
+
+# ---------------------------------------------------------------------------------------------- instances
+def _instances(raw, iou: float, min_score: float, min_objectness: float):
+    from captioning.models.lightcap.concepts import select_instances
+
+    return [select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness) for row in raw]
+
+
+def _count_words(ids: list[int] | list[str], words: list[str] | None = None) -> dict[str, int]:
+    tally: dict[str, int] = {}
+    for i in ids:
+        word = words[i] if words is not None else i
+        tally[word] = tally.get(word, 0) + 1
+    return tally
+
+
+def instance_figures(
+    raw, true_boxes, true_words, words: list[str], *, iou: float, min_score: float, min_objectness: float
+) -> dict[str, Any]:
+    """Instance AP per word and counting error of one setting, from the cached ``classified_proposals``."""
+    from captioning.metrics import count_errors, per_concept_ap
+
+    truth = [{"boxes": b, "labels": list(w)} for b, w in zip(true_boxes, true_words, strict=True)]
+    curve = _instances(raw, iou, -float("inf"), -float("inf"))
+    served = _instances(raw, iou, min_score, min_objectness)
+    ap = per_concept_ap(
+        [{"boxes": b, "scores": s, "labels": [words[i] for i in ids.tolist()]} for ids, s, b in curve], truth
+    )
+    operating = per_concept_ap(
+        [{"boxes": b, "scores": s, "labels": [words[i] for i in ids.tolist()]} for ids, s, b in served], truth
+    )
+    tp = sum(v["true_positives"] for v in operating["per_concept"].values())
+    n_true = sum(v["n_ground_truth"] for v in operating["per_concept"].values())
+    n_served = sum(len(ids) for ids, _, _ in served)
+    counted = count_errors(
+        [_count_words(ids.tolist(), words) for ids, _, _ in served], [_count_words(w) for w in true_words]
+    )
+    per_concept: dict[str, Any] = {}
+    for word in sorted(set(ap["per_concept"]) | set(counted["per_concept"])):
+        a = ap["per_concept"].get(word, {})
+        c = counted["per_concept"].get(word)
+        served_n = int(operating["per_concept"].get(word, {}).get("n_predictions", 0))
+        if not a.get("n_ground_truth") and not served_n:
+            continue  # only below the floors, never true: nothing to report
+        per_concept[word] = {
+            "ap@0.5": None if a.get("AP") is None else round(a["AP"], 4),
+            "true_boxes": int(a.get("n_ground_truth", 0)),
+            "instances": served_n,
+            "count_mae": None if c is None else round(c["mae"], 4),
+            "count_mean_true": None if c is None else round(c["mean_true"], 4),
+            "count_relative_error": None if c is None or c["relative"] is None else round(c["relative"], 4),
+            "count_exact": None if c is None else round(c["exact"], 4),
+            "count_pictures": 0 if c is None else c["images"],
+        }
+    overall = counted["overall"]
+    return {
+        "instance_map@0.5": round(ap["mAP"], 4),
+        "instance_recall@0.5": round(tp / max(1, n_true), 4),
+        "instance_precision@0.5": round(tp / max(1, n_served), 4),
+        "instances_per_image": round(n_served / max(1, len(served)), 2),
+        "true_instances_per_image": round(n_true / max(1, len(served)), 2),
+        "count_mae": round(overall["mae"], 4),
+        "count_mean_true": round(overall["mean_true"], 4),
+        "count_relative_error": round(overall["relative"], 4) if overall["relative"] is not None else None,
+        "count_exact": round(overall["exact"], 4),
+        "per_concept": per_concept,
+    }
+
+
+INSTANCE_GRID = {
+    "iou": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "min_score": tuple(round(0.1 + 0.02 * i, 2) for i in range(16)),  # 0.10 .. 0.40
+    "min_objectness": tuple(round(0.15 + 0.05 * i, 2) for i in range(8)),  # 0.15 .. 0.50
+}
+
+
+def choose_instance_settings(raw, true_boxes, true_words, words: list[str], grid: dict | None = None) -> list[dict]:
+    """Every setting of ``grid`` (default ``INSTANCE_GRID``) by its overall relative counting error, best first
+    (ties: the higher share counted exactly); the five best as ``{"iou", "min_score", "min_objectness",
+    "count_relative_error", "count_exact"}``."""
+    from captioning.metrics import count_errors
+
+    grid = grid or INSTANCE_GRID
+    true_counts = [_count_words(w) for w in true_words]
+    rows = []
+    for iou in grid["iou"]:
+        for min_score in grid["min_score"]:
+            for min_objectness in grid["min_objectness"]:
+                served = _instances(raw, iou, min_score, min_objectness)
+                overall = count_errors(
+                    [_count_words(ids.tolist(), words) for ids, _, _ in served], true_counts
+                )["overall"]
+                rows.append({"iou": iou, "min_score": min_score, "min_objectness": min_objectness,
+                             "count_relative_error": round(overall["relative"], 4),
+                             "count_exact": round(overall["exact"], 4)})
+    rows.sort(key=lambda r: (r["count_relative_error"], -r["count_exact"]))
+    return rows[:5]
 
 
 # ---------------------------------------------------------------------------------------------- drawing

@@ -107,7 +107,7 @@ def evaluate(
         texts.extend(o.text for o in outs)
     scores = caption_scores(corpus, rows, texts, meteor=meteor)
 
-    profile_cfg = load_config("lightcap", version.profile) if version.profile in ("tiny", "paper") else {}
+    profile_cfg = load_config("lightcap", version.profile).to_dict() if version.profile in ("tiny", "paper") else {}
     eval_cfg = profile_cfg.get("eval", {})
     n_latency = int(eval_cfg.get("latency_images", 20) if latency_images is None else latency_images)
     threads = int(eval_cfg.get("latency_threads", 1) if latency_threads is None else latency_threads)

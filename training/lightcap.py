@@ -332,8 +332,8 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     student = role == "student"
     stage = STAGE if student else TEACHER_STAGE
     config = load_config("lightcap", args.profile, path=args.config, overrides=args.set)
-    model_cfg = config["model"] if student else config["teacher"]
-    train_cfg, kd_cfg = config["train"], config["kd"]
+    model_cfg = config.model if student else config.teacher
+    train_cfg, kd_cfg = config.train, config.kd
     run = TrainRun(stage, args, config)
     if getattr(args, "command_line", None):  # set by the ablation experiment: the equivalent stage command
         run.command = args.command_line
@@ -345,20 +345,20 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     val_rows = corpus.split_indices("val")
     if not train_rows:
         raise UsageError(f"{args.data}: the dataset has no training images")
-    concepts_version = resolve_concepts(store, args.concepts or config.get("concepts"), run.profile)
+    concepts_version = resolve_concepts(store, args.concepts or config.concepts, run.profile)
     extractor = load_extractor(store, concepts_version)
     features = load_features(corpus, extractor, concepts_version, args.features_cache)
 
     # ---- teachers (student with any KD)
-    use_token = student and bool(kd_cfg["token"])
-    use_hidden = student and bool(kd_cfg["hidden"])
-    use_attn = student and bool(kd_cfg["attention"])
-    use_seq = student and bool(kd_cfg["sequence"])
+    use_token = student and kd_cfg.token
+    use_hidden = student and kd_cfg.hidden
+    use_attn = student and kd_cfg.attention
+    use_seq = student and kd_cfg.sequence
     teachers: list[Teacher] = []
     teacher_store = None
     if use_token or use_hidden or use_attn or use_seq:
         teacher_store = open_store(args.teacher_store) if args.teacher_store else store
-        versions = resolve_teachers(teacher_store, args.teachers, list(kd_cfg["teacher_seeds"]), run.profile)
+        versions = resolve_teachers(teacher_store, args.teachers, kd_cfg.teacher_seeds, run.profile)
         teachers = [load_teacher(v, extractor, features, device) for v in versions]
         for t in teachers:
             used = (t.version.manifest.get("extra") or {}).get("concepts")
@@ -373,9 +373,9 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         tokenizer = teachers[0].tokenizer
     else:
         captions = [s.text for r in train_rows for s in corpus.images[r].sentences]
-        tokenizer = make_tokenizer(config["tokenizer"], model_cfg, captions)
+        tokenizer = make_tokenizer(config.tokenizer.to_dict(), model_cfg.to_dict(), captions)
     model = build_captioner(
-        model_cfg, grid_channels=features.grid.shape[1], concept_dim=extractor.vocab.dim, tokenizer=tokenizer
+        model_cfg.to_dict(), grid_channels=features.grid.shape[1], concept_dim=extractor.vocab.dim, tokenizer=tokenizer
     )
     packer = ConceptPacker(
         extractor.vocab.words, extractor.vocab.embeddings, tokenizer,
@@ -400,7 +400,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     # ---- sequence-level KD: the teachers' captions of the training images join the pools
     seq_info: dict[str, Any] = {}
     if use_seq:
-        options = DecodeOptions.from_dict(config["decoding"], beam_size=int(kd_cfg["sequence_beam_size"]))
+        options = DecodeOptions.from_dict(config.decoding.to_dict(), beam_size=kd_cfg.sequence_beam_size)
         cache = run.run_dir / "teacher_captions.json"
         key = [t.version.spec + ":" + t.version.manifest.get("digest", "") for t in teachers]
         cached = json.loads(cache.read_text()) if cache.is_file() else None
@@ -412,7 +412,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
                 log.info("lightcap: sequence-level KD: %s captions the training images", t.version.spec)
                 generated.append(
                     generate_rows(t.model, tokenizer, features, t.concepts, train_rows, options,
-                                  batch_size=int(config["eval"]["batch_size"]), device=device)
+                                  batch_size=config.eval.batch_size, device=device)
                 )
             if run.is_main:
                 cache.write_text(json.dumps({"teachers": key, "options": options.to_dict(), "captions": generated}))
@@ -433,31 +433,27 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     if distiller is not None:
         distiller.to(device)
-    optimizer = torch.optim.AdamW(params, lr=float(train_cfg["lr"]), weight_decay=float(train_cfg["weight_decay"]))
-    items = CaptionItems(train_rows, pools, int(train_cfg["samples_per_image"]), run.seed)
-    batch_size = int(train_cfg["batch_size"])
-    epochs = int(train_cfg["epochs"])
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    items = CaptionItems(train_rows, pools, train_cfg.samples_per_image, run.seed)
+    batch_size = train_cfg.batch_size
+    epochs = train_cfg.epochs
     steps_per_epoch = math.ceil(len(items) / max(1, run.world_size) / batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(train_cfg["warmup_steps"]), epochs * steps_per_epoch)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg.warmup_steps, epochs * steps_per_epoch))
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     if distiller is not None:
         state["distiller"] = distiller
     run.load_checkpoint(**state)
 
-    temperature = float(kd_cfg["temperature"])
-    smoothing = float(train_cfg.get("label_smoothing", 0.0))
+    temperature = kd_cfg.temperature
+    smoothing = train_cfg.label_smoothing
     weights = {
-        "ce": float(kd_cfg["ce_weight"]) if student else 1.0,
-        "token": float(kd_cfg["token_weight"]) if use_token else 0.0,
-        "hidden": float(kd_cfg["hidden_weight"]) if use_hidden else 0.0,
-        "attention": float(kd_cfg["attention_weight"]) if use_attn else 0.0,
+        "ce": kd_cfg.ce_weight if student else 1.0,
+        "token": kd_cfg.token_weight if use_token else 0.0,
+        "hidden": kd_cfg.hidden_weight if use_hidden else 0.0,
+        "attention": kd_cfg.attention_weight if use_attn else 0.0,
     }
     grid_all = features.grid
-    amp = train_cfg.get("autocast")
-    if amp not in (None, "bfloat16"):
-        raise ConfigError(f"train.autocast {amp!r} must be null or bfloat16")
+    amp = train_cfg.autocast  # None or "bfloat16" (the schema allows nothing else)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bfloat16")
@@ -503,7 +499,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
             loss = sum(weights[k] * v for k, v in losses.items())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, float(train_cfg["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             run.log_step(loss=float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()})
@@ -513,7 +509,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         run.end_epoch(extra={"val_loss": val}, **state)
 
     # ---- evaluation, files, publish
-    options = DecodeOptions.from_dict(config["decoding"])
+    options = DecodeOptions.from_dict(config.decoding.to_dict())
     metrics: dict[str, Any] = {
         "parameters": core.num_parameters(),
         "vocab_size": tokenizer.vocab_size,
@@ -524,8 +520,8 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     for split in ("val", "test"):
         scores, texts = evaluate_split(
             core, tokenizer, corpus, features, concepts, split, options,
-            batch_size=int(config["eval"]["batch_size"]), device=device,
-            meteor=split == "test" and bool(config["eval"].get("meteor", True)),
+            batch_size=config.eval.batch_size, device=device,
+            meteor=split == "test" and config.eval.meteor,
         )
         metrics.update({f"{split}_{k}": v for k, v in scores.items()})
         rows = corpus.split_indices(split)
@@ -550,8 +546,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
             import shutil
 
             shutil.rmtree(staging)
-        save_captioner(staging, core, tokenizer, dtype=str(config.get("weights_dtype", "float32")),
-                       decoding=config["decoding"])
+        save_captioner(staging, core, tokenizer, dtype=config.weights_dtype, decoding=config.decoding.to_dict())
         run.plot_loss(staging / "loss_curve.png", keys=("loss", "val_loss"))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (staging / "examples.json").write_text(json.dumps(examples, indent=1))

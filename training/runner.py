@@ -14,10 +14,10 @@ One ``TrainRun`` per stage invocation gives:
 A stage module looks like::
 
     def run(args):
-        config = load_config("ucm", args.profile, path=args.config, overrides=args.set)
+        config = load_config("ucm", args.profile, path=args.config, overrides=args.set)  # typed (UCMConfig)
         run = TrainRun("ucm-text-ae", args, config)
         ...
-        for epoch in run.epochs(config_section["epochs"]):
+        for epoch in run.epochs(config.text_ae.epochs):
             for batch in run.progress(loader, desc=f"epoch {epoch}"):
                 ...
                 run.log_step(loss=loss.item())
@@ -44,6 +44,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from captioning.config import config_dict
+from captioning.config_schema import Section
 from captioning.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -102,11 +104,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class TrainRun:
-    def __init__(self, stage: str, args: argparse.Namespace, config: dict[str, Any]):
+    def __init__(self, stage: str, args: argparse.Namespace, config: Section | dict[str, Any]):
         self.stage = stage
         self.args = args
+        # the typed config of a family (captioning.config_schema; a plain dict for a stage without one, such as
+        # a test's toy stage); checkpoints and manifests store its plain dict (config_dict)
         self.config = config
-        self.profile = config.get("profile", getattr(args, "profile", "tiny"))
+        self.profile: str = (
+            config.profile if isinstance(config, Section) else config.get("profile", getattr(args, "profile", "tiny"))
+        )
         self.seed = int(getattr(args, "seed", 0))
         self.command = shlex.join(["captioner", *sys.argv[1:]]) if _invoked_as_cli() else shlex.join(sys.argv)
 
@@ -263,7 +269,7 @@ class TrainRun:
             "step": self.step,
             "history": self.history,
             "rng": _rng_state(),
-            "config": self.config,
+            "config": config_dict(self.config),
         }
         for key, obj in state.items():
             if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
@@ -344,7 +350,7 @@ class TrainRun:
         metrics: dict[str, Any],
         data: dict[str, Any],
         parents: list[dict[str, Any]] | None = None,
-        config: dict[str, Any] | None = None,
+        config: Section | dict[str, Any] | None = None,
     ) -> Any:
         """How every stage ends: the loss curve and ``metrics.json`` into ``staging``, publish it (unless
         --no-publish), print the stage, the published version and the metrics as JSON."""
@@ -366,12 +372,13 @@ class TrainRun:
         metrics: dict[str, Any],
         data: dict[str, Any],
         parents: list[dict[str, Any]] | None = None,
-        config: dict[str, Any] | None = None,
+        config: Section | dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> Any:
         """Publish ``source_dir`` (weights, vocab, loss curve ...) as a new version of ``name``.
 
         Only rank 0 publishes; returns the store's version record (None elsewhere or with --no-publish).
+        ``config`` (default: the run's) is stored as its plain dict (``to_dict()``).
         ``extra`` adds stage-specific records to the manifest's ``extra`` (seed, history, world size).
         """
         if not self.is_main or getattr(self.args, "no_publish", False):
@@ -385,7 +392,7 @@ class TrainRun:
             task=task,
             profile=self.profile,
             metrics=metrics,
-            config=config if config is not None else self.config,
+            config=config_dict(config if config is not None else self.config),
             command=self.command,
             data=data,
             parents=parents or [],

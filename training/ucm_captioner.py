@@ -32,11 +32,10 @@ from captioning.models.ucm.store_io import (
     VOCAB,
     WEIGHTS,
     check_architecture,
-    load_into,
     parent_record,
     prerequisite,
-    save_weights,
 )
+from captioning.weights import load_into, save_state
 from training.runner import TrainRun, add_common_args
 
 STAGE = "ucm-captioner"
@@ -55,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from captioning.store import ModelStore
 
     config = load_config("ucm", args.profile, path=args.config, overrides=args.set)
-    text_cfg, image_cfg, cfg = config["text"], config["image"], config["captioner"]
-    options = DecodeOptions.from_dict(config["decoding"])
+    text_cfg, image_cfg, cfg = config.text, config.image, config.captioner
+    options = DecodeOptions.from_dict(config.decoding.to_dict())
     store = ModelStore(args.store)
     distill = prerequisite(store, "ucm-distill", args.distill, args.profile, "ucm-distill")
     text_spec = args.text_ae or next(
@@ -71,43 +70,41 @@ def run(args: argparse.Namespace) -> int:
     vocab = Vocabulary.load(text_ae.file(VOCAB))
     if Vocabulary.load(distill.file(VOCAB)) != vocab:
         raise_mismatch(distill, text_ae)
-    size, max_words = int(image_cfg["input_size"]), int(text_cfg["max_words"])
+    size, max_words = image_cfg.input_size, text_cfg.max_words
     train = caption_split(corpus, vocab, "train", size, max_words, args.workers)
     val = caption_split(corpus, vocab, "val", size, max_words, args.workers)
 
-    captioner = Captioner(len(vocab), text_cfg, image_cfg, attention_dim=int(cfg.get("attention_dim", 0)))
+    captioner = Captioner(len(vocab), text_cfg.to_dict(), image_cfg.to_dict(), attention_dim=cfg.attention_dim)
     load_into(captioner.encoder, distill.file(WEIGHTS), prefix="image.")
     load_into(captioner.decoder, text_ae.file(WEIGHTS), prefix="decoder.", strict=captioner.decoder.attention is None)
     model = run.wrap_model(captioner)
     core = getattr(model, "module", model)
     optimizer = torch.optim.Adam(
         [
-            {"params": list(core.encoder.parameters()), "lr": float(cfg["encoder_lr"])},
-            {"params": list(core.decoder.parameters()), "lr": float(cfg["decoder_lr"])},
+            {"params": list(core.encoder.parameters()), "lr": cfg.encoder_lr},
+            {"params": list(core.decoder.parameters()), "lr": cfg.decoder_lr},
         ]
     )
     run.load_checkpoint(model=model, optimizer=optimizer)
-    teacher_forcing = float(cfg.get("teacher_forcing", 1.0))
-    smoothing = float(cfg.get("label_smoothing", 0.0))
 
     indices = torch.utils.data.TensorDataset(torch.arange(len(train)))
-    for epoch in run.epochs(int(cfg["epochs"])):
+    for epoch in run.epochs(cfg.epochs):
         model.train()
-        loader = run.loader(indices, batch_size=int(cfg["batch_size"]), shuffle=True)
-        for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{cfg['epochs']}", total=len(loader)):
-            images = normalize(augment(train.images[rows]) if image_cfg.get("augment") else train.images[rows])
+        loader = run.loader(indices, batch_size=cfg.batch_size, shuffle=True)
+        for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{cfg.epochs}", total=len(loader)):
+            images = normalize(augment(train.images[rows]) if image_cfg.augment else train.images[rows])
             captions = captions_of(train, rows).to(run.device)
-            logits = model(images.to(run.device), captions.inputs, captions.owner, teacher_forcing)
-            loss = caption_loss(logits, captions.targets, smoothing)
+            logits = model(images.to(run.device), captions.inputs, captions.owner, cfg.teacher_forcing)
+            loss = caption_loss(logits, captions.targets, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             run.log_step(loss=loss.item())
         run.end_epoch(extra={"val_loss": validation_loss(core, val, run.device)}, model=model, optimizer=optimizer)
 
     metrics = {"decoding": options.to_dict()}
-    meteor = bool(cfg.get("report_meteor", True))  # METEOR runs Java: seconds per call; test split only
+    meteor = cfg.report_meteor  # METEOR runs Java: seconds per call; test split only
     metrics.update(prefixed("val", evaluate_captions(core, vocab, val, options, run.device, meteor=False)))
     if corpus.split("test"):
         test = caption_split(corpus, vocab, "test", size, max_words, args.workers)
@@ -119,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 
     if run.is_main:
         staging = run.staging_dir()
-        save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
+        save_state(core.state_dict(), staging / WEIGHTS, config.weights_dtype)
         vocab.save(staging / VOCAB)
         run.publish_stage(STAGE, staging, task="ucm-captioner", metrics=metrics, data=corpus.manifest_record(),
             parents=[parent_record(distill), parent_record(text_ae)],

@@ -22,7 +22,8 @@ from captioning.errors import ConfigError
 from captioning.models.ucm.data import augment, label_split, normalize, open_dataset
 from captioning.models.ucm.evaluate import choose_threshold, label_scores
 from captioning.models.ucm.model import MultiLabelClassifier
-from captioning.models.ucm.store_io import WEIGHTS, save_weights
+from captioning.models.ucm.store_io import WEIGHTS
+from captioning.weights import save_state
 from training.runner import TrainRun, add_common_args
 
 STAGE = "ucm-classifier"
@@ -42,29 +43,25 @@ def run(args: argparse.Namespace) -> int:
     if args.pretrained is not None:
         overrides.append(f"image.pretrained={args.pretrained}")
     config = load_config("ucm", args.profile, path=args.config, overrides=overrides)
-    image_cfg, cfg = config["image"], config["classifier"]
+    image_cfg, cfg = config.image, config.classifier
     corpus = open_dataset(args.data, need_labels=True, splits=("train", "val"))
     run = TrainRun(STAGE, args, config)
 
-    size = int(image_cfg["input_size"])
+    size = image_cfg.input_size
     train_images, train_labels = label_split(corpus, "train", size, args.workers)
     val_images, val_labels = label_split(corpus, "val", size, args.workers)
 
-    model = MultiLabelClassifier(image_cfg, len(LABELS))
-    if image_cfg.get("pretrained"):
-        model.trunk.load_pretrained(image_cfg["pretrained"])
+    model = MultiLabelClassifier(image_cfg.to_dict(), len(LABELS))
+    if image_cfg.pretrained:
+        model.trunk.load_pretrained(image_cfg.pretrained)
     model = run.wrap_model(model, find_unused_parameters=True)
     core = getattr(model, "module", model)
-    fine_tune = torch.optim.Adam(
-        model.parameters(), lr=float(cfg["fine_tune_lr"]), weight_decay=float(cfg.get("weight_decay", 0.0))
-    )
-    head_only = torch.optim.Adam(core.head.parameters(), lr=float(cfg["head_lr"]))
-    steps = int(cfg["fine_tune_epochs"]), int(cfg["head_epochs"])
+    fine_tune = torch.optim.Adam(model.parameters(), lr=cfg.fine_tune_lr, weight_decay=cfg.weight_decay)
+    head_only = torch.optim.Adam(core.head.parameters(), lr=cfg.head_lr)
+    steps = cfg.fine_tune_epochs, cfg.head_epochs
     indices = torch.utils.data.TensorDataset(torch.arange(len(train_images)))
-    per_epoch = len(run.loader(indices, batch_size=int(cfg["batch_size"]), shuffle=False))
-    schedule = lr_schedule(
-        fine_tune, cfg.get("schedule", "constant"), steps[0] * per_epoch, int(cfg.get("warmup_epochs", 0)) * per_epoch
-    )
+    per_epoch = len(run.loader(indices, batch_size=cfg.batch_size, shuffle=False))
+    schedule = lr_schedule(fine_tune, cfg.schedule, steps[0] * per_epoch, cfg.warmup_epochs * per_epoch)
     run.load_checkpoint(model=model, fine_tune_optimizer=fine_tune, head_optimizer=head_only, schedule=schedule)
     for epoch in run.epochs(sum(steps)):
         head_phase = epoch >= steps[0]
@@ -72,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
         model.train()
         if head_phase:
             core.trunk.eval()  # frozen batch-norm statistics too
-        loader = run.loader(indices, batch_size=int(cfg["batch_size"]), shuffle=True)
+        loader = run.loader(indices, batch_size=cfg.batch_size, shuffle=True)
         phase = "head" if head_phase else "fine-tune"
         for (rows,) in run.progress(loader, desc=f"{STAGE} {phase} epoch {epoch + 1}/{sum(steps)}", total=len(loader)):
-            images = normalize(augment(train_images[rows]) if image_cfg.get("augment") else train_images[rows])
+            images = normalize(augment(train_images[rows]) if image_cfg.augment else train_images[rows])
             images, targets = images.to(run.device), train_labels[rows].to(run.device)
             if head_phase and not run.distributed:
                 with torch.no_grad():
@@ -108,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     if run.is_main:
         staging = run.staging_dir()
-        save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
+        save_state(core.state_dict(), staging / WEIGHTS, config.weights_dtype)
         (staging / CLASSIFIER_JSON).write_text(
             json.dumps({"labels": list(LABELS), "threshold": threshold, "input_size": size}, indent=1) + "\n"
         )

@@ -33,11 +33,10 @@ from captioning.models.ucm.store_io import (
     VOCAB,
     WEIGHTS,
     check_architecture,
-    load_into,
     parent_record,
     prerequisite,
-    save_weights,
 )
+from captioning.weights import load_into, save_state
 from training.runner import TrainRun, add_common_args
 
 STAGE = "ucm-distill"
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from captioning.store import ModelStore
 
     config = load_config("ucm", args.profile, path=args.config, overrides=args.set)
-    text_cfg, image_cfg, cfg = config["text"], config["image"], config["distill"]
+    text_cfg, image_cfg, cfg = config.text, config.image, config.distill
     store = ModelStore(args.store)
     text_ae = prerequisite(store, "ucm-text-ae", args.text_ae, args.profile, "ucm-text-ae")
     classifier = prerequisite(store, "ucm-classifier", args.classifier, args.profile, "ucm-classifier")
@@ -63,18 +62,18 @@ def run(args: argparse.Namespace) -> int:
     run = TrainRun(STAGE, args, config)
 
     vocab = Vocabulary.load(text_ae.file(VOCAB))
-    size, max_words = int(image_cfg["input_size"]), int(text_cfg["max_words"])
+    size, max_words = image_cfg.input_size, text_cfg.max_words
     train = caption_split(corpus, vocab, "train", size, max_words, args.workers)
     val = caption_split(corpus, vocab, "val", size, max_words, args.workers)
 
-    pair = DistillPair(len(vocab), text_cfg, image_cfg)
+    pair = DistillPair(len(vocab), text_cfg.to_dict(), image_cfg.to_dict())
     load_into(pair.image.trunk, classifier.file(WEIGHTS), prefix="trunk.")
     load_into(pair.text, text_ae.file(WEIGHTS), prefix="encoder.")
-    original_text = TextEncoder(len(vocab), *(int(text_cfg[k]) for k in ("embed_dim", "hidden_dim", "num_layers")))
+    original_text = TextEncoder(len(vocab), text_cfg.embed_dim, text_cfg.hidden_dim, text_cfg.num_layers)
     load_into(original_text, text_ae.file(WEIGHTS), prefix="encoder.")
 
-    image_lr = float(cfg["image_lr"])
-    text_lr = image_lr * float(cfg["text_lr_ratio"])
+    image_lr = cfg.image_lr
+    text_lr = image_lr * cfg.text_lr_ratio
     text_frozen = text_lr == 0.0
     groups = [{"params": list(pair.image.parameters()), "lr": image_lr}]
     if text_frozen:
@@ -85,21 +84,21 @@ def run(args: argparse.Namespace) -> int:
     core = getattr(model, "module", model)
     optimizer = torch.optim.Adam(groups)
     run.load_checkpoint(model=model, optimizer=optimizer)
-    kind = str(cfg["loss"])
+    kind = cfg.loss
 
     indices = torch.utils.data.TensorDataset(torch.arange(len(train)))
-    for epoch in run.epochs(int(cfg["epochs"])):
+    for epoch in run.epochs(cfg.epochs):
         model.train()
         if text_frozen:
             core.text.eval()
-        loader = run.loader(indices, batch_size=int(cfg["batch_size"]), shuffle=True)
-        for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{cfg['epochs']}", total=len(loader)):
-            images = normalize(augment(train.images[rows]) if image_cfg.get("augment") else train.images[rows])
+        loader = run.loader(indices, batch_size=cfg.batch_size, shuffle=True)
+        for (rows,) in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{cfg.epochs}", total=len(loader)):
+            images = normalize(augment(train.images[rows]) if image_cfg.augment else train.images[rows])
             captions = captions_of(train, rows).to(run.device)
             loss = pair_loss(model, images.to(run.device), captions, len(rows), kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             run.log_step(loss=loss.item())
         run.end_epoch(extra={"val_loss": evaluate_loss(core, val, run.device, kind)}, model=model, optimizer=optimizer)
@@ -119,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
     if run.is_main:
         staging = run.staging_dir()
-        save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
+        save_state(core.state_dict(), staging / WEIGHTS, config.weights_dtype)
         vocab.save(staging / VOCAB)
         run.publish_stage(STAGE, staging, task="ucm-distill", metrics=metrics, data=corpus.manifest_record(),
             parents=[parent_record(text_ae), parent_record(classifier)],

@@ -19,7 +19,8 @@ from captioning.data.vocab import Vocabulary
 from captioning.models.ucm.data import caption_batch, open_dataset
 from captioning.models.ucm.evaluate import reconstruction_metrics
 from captioning.models.ucm.model import TextAutoencoder, caption_loss
-from captioning.models.ucm.store_io import VOCAB, WEIGHTS, save_weights
+from captioning.models.ucm.store_io import VOCAB, WEIGHTS
+from captioning.weights import save_state
 from training.runner import TrainRun, add_common_args
 
 STAGE = "ucm-text-ae"
@@ -37,30 +38,29 @@ def batch_tensors(ids: torch.Tensor, lengths: torch.Tensor):
 def run(args: argparse.Namespace) -> int:
     config = load_config("ucm", args.profile, path=args.config, overrides=args.set)
     corpus = open_dataset(args.data, splits=("train", "val"))
-    text_cfg, cfg = config["text"], config["text_ae"]
+    text_cfg, cfg = config.text, config.text_ae
     run = TrainRun(STAGE, args, config)
 
-    vocab = Vocabulary.build(corpus.token_lists("train"), min_freq=int(text_cfg["min_freq"]))
-    max_words = int(text_cfg["max_words"])
+    vocab = Vocabulary.build(corpus.token_lists("train"), min_freq=text_cfg.min_freq)
+    max_words = text_cfg.max_words
     train = CaptionTextDataset(corpus, vocab, "train", max_words=max_words)
     val = CaptionTextDataset(corpus, vocab, "val", max_words=max_words)
 
-    model = run.wrap_model(TextAutoencoder(len(vocab), text_cfg))
+    model = run.wrap_model(TextAutoencoder(len(vocab), text_cfg.to_dict()))
     core = getattr(model, "module", model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["lr"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     run.load_checkpoint(model=model, optimizer=optimizer)
-    teacher_forcing = float(cfg.get("teacher_forcing", 1.0))
 
-    for epoch in run.epochs(int(cfg["epochs"])):
+    for epoch in run.epochs(cfg.epochs):
         model.train()
-        loader = run.loader(train, batch_size=int(cfg["batch_size"]), shuffle=True, collate_fn=collate_captions)
-        for ids, lengths in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{cfg['epochs']}", total=len(loader)):
+        loader = run.loader(train, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate_captions)
+        for ids, lengths in run.progress(loader, desc=f"{STAGE} epoch {epoch + 1}/{cfg.epochs}", total=len(loader)):
             b = batch_tensors(ids, lengths).to(run.device)
-            logits = model(b.enc_tokens, b.enc_lengths, b.inputs, teacher_forcing=teacher_forcing)
+            logits = model(b.enc_tokens, b.enc_lengths, b.inputs, teacher_forcing=cfg.teacher_forcing)
             loss = caption_loss(logits, b.targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             run.log_step(loss=loss.item())
         run.end_epoch(extra={"val_loss": validation_loss(core, val, run.device)}, model=model, optimizer=optimizer)
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
     if run.is_main:
         staging = run.staging_dir()
-        save_weights(core, staging / WEIGHTS, config.get("weights_dtype", "float32"))
+        save_state(core.state_dict(), staging / WEIGHTS, config.weights_dtype)
         vocab.save(staging / VOCAB)
         run.publish_stage(STAGE, staging, task="ucm-text-ae", metrics=metrics, data=corpus.manifest_record())
     run.close()

@@ -69,15 +69,18 @@ def image_body(params: type[BaseModel]) -> dict[str, Any]:
                         "type": "object",
                         "properties": {
                             "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                      "description": "one or more images (any file field name)"},
+                                      "minItems": 1, "description": "one or more images (any file field name)"},
                             **props,
                         },
                         "required": ["files"],
+                        # any other field name may carry a file too; an unknown text field is refused (422)
+                        "additionalProperties": {"type": "string", "format": "binary"},
                     }
                 },
                 "application/json": {
-                    "schema": {"type": "object", "properties": {"images": {"type": "array", "items": image_item}, **props},
-                               "required": ["images"]}
+                    "schema": {"type": "object",
+                               "properties": {"images": {"type": "array", "items": image_item, "minItems": 1}, **props},
+                               "required": ["images"], "additionalProperties": False}
                 },
                 "image/*": {"schema": {"type": "string", "format": "binary"}},
             },

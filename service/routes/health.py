@@ -54,7 +54,8 @@ async def problems() -> list[dict[str, Any]]:
     return [_entry(slug) for slug in CATALOG]
 
 
-@router.get("/problems/{slug}", summary="What one problem type means", tags=["problems"])
+@router.get("/problems/{slug}", summary="What one problem type means", tags=["problems"],
+            responses={404: {"description": "no such problem type"}})
 async def problem(slug: str) -> dict[str, Any]:
     if slug not in CATALOG:
         raise Problem("not-found", f"no problem type {slug!r} (GET /problems lists them)")

@@ -97,10 +97,11 @@ def _copy(src, target: Path) -> None:
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {"schema": {"type": "object", "properties": {
-                    "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                               "description": "zip / tar(.gz/.bz2/.xz) archives and/or images"},
-                    **JobParams.model_json_schema()["properties"]}}},
+                    **JobParams.model_json_schema()["properties"]},
+                    "additionalProperties": {"type": "string", "format": "binary"}}},
                 "application/zip": {"schema": {"type": "string", "format": "binary"}},
                 "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
             },

@@ -92,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
     main_store = open_store(args.store)
     work_store_root = work / "store"
     config = load_config("lightcap", args.profile, overrides=args.set)
-    concepts_version = resolve_concepts(main_store, args.concepts or config.get("concepts"), args.profile)
+    concepts_version = resolve_concepts(main_store, args.concepts or config.concepts, args.profile)
     seed_work_store(main_store, work_store_root, concepts_version)
     work_store = open_store(work_store_root)
     concepts_spec = concepts_version.spec
     features_cache = args.features_cache or DEFAULT_FEATURES
     corpus = load_dataset(args.data)
     only = set(args.only.split(",")) if args.only else None
-    known = {f"teacher-{s}" for s in config["kd"]["teacher_seeds"]} | {k for k, _, _ in STUDENTS}
+    known = {f"teacher-{s}" for s in config.kd.teacher_seeds} | {k for k, _, _ in STUDENTS}
     if only is not None and only - known:
         raise UsageError(f"--only: unknown row(s) {sorted(only - known)} (known: {', '.join(sorted(known))})")
 
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     need_teachers = any(requested(k) and uses_kd(o) for k, _, o in STUDENTS)
     rows: list[dict[str, Any]] = []
     teacher_specs = []
-    for seed in config["kd"]["teacher_seeds"]:
+    for seed in config.kd.teacher_seeds:
         key = f"teacher-{seed}"
         version = ensure_model(
             args, work_store, "lightcap-teacher", key, seed=int(seed), overrides=[], concepts_spec=concepts_spec,
@@ -166,7 +166,8 @@ def seed_work_store(main_store, root: Path, concepts_version) -> None:
 
 
 def stage_config(profile: str, overrides: list[str]) -> dict[str, Any]:
-    return load_config("lightcap", profile, overrides=overrides)
+    """The config a row's stage publishes in its manifest (a plain dict, as stored)."""
+    return load_config("lightcap", profile, overrides=overrides).to_dict()
 
 
 def ensure_model(

@@ -7,8 +7,11 @@
     RegionAligner: fc1 C->H, GELU, fc2 H->D, L2-normalise -> region embeddings [R, D]
     similarity with the concept vocabulary [V, D] (CLIP text embeddings of "a photo of a [object]", computed once
     at training time and stored) -> each region takes its most similar concept
-    score = objectness * softmax(logit_scale * cos)[best]; per image: de-duplicate concepts (best box each),
-    drop scores below ``min_score``, keep the top K (K = 20 in the paper).
+    score = objectness * softmax(logit_scale * cos)[best]
+    instances (``extract``): NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
+    ``score >= instance_min_score`` and ``objectness >= instance_conf``: every object, e.g. 29 houses
+    LightCap's words (``extract_tensors``, derived from the instances): per concept its best instance, drop scores
+    below ``min_score``, keep the top K (K = 20 in the paper) -- exactly what the captioner was trained on.
 
 Training (``training/concepts_align.py``) uses ground-truth boxes and ``region_concept_loss``: CLIP's symmetric
 contrastive loss between region embeddings and the embeddings of their concept words, with CLIP frozen.
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioning.errors import ConfigError
-from captioning.inference import Concept
+from captioning.inference import Concept, counts, group_concepts
 from captioning.models.lightcap.clip_encoder import GridEncoder, pil_to_tensor, resize_batch
 from captioning.models.lightcap.detector import ProposalDetector
 
@@ -35,6 +38,11 @@ VOCAB_EMBEDDINGS_FILE = "concept_embeddings.safetensors"
 VOCAB_WORDS_FILE = "concepts.json"
 ALIGNER_FILE = "aligner.safetensors"
 DEFAULT_TEMPLATE = "a photo of a {}"
+# instance settings when a config's extract section has none (the published ones predate instances): chosen on
+# seed 1's val split for the lowest counting error (docs/concepts.md "Instances and counts")
+DEFAULT_INSTANCE_IOU = 0.5
+DEFAULT_INSTANCE_MIN_SCORE = 0.22
+DEFAULT_INSTANCE_CONF = 0.35
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -277,9 +285,11 @@ def region_concept_loss(
 class ConceptExtractor(nn.Module):
     """Images -> the visual concepts in them (the runtime object of task ``concepts``).
 
-    ``preprocess(pil) -> [3, S, S]`` in [0, 1]; ``extract(images [B,3,S,S]) -> list[list[Concept]]`` with boxes
-    in the preprocessed image's pixels (``scale_concepts`` maps them onto another size); ``extract_tensors`` gives
-    padded tensors for the LightCap captioner (concept ids into ``vocab``, scores, boxes).
+    ``preprocess(pil) -> [3, S, S]`` in [0, 1]; ``extract(images [B,3,S,S]) -> list[list[Concept]]``: every object
+    instance, boxes in the preprocessed image's pixels (``scale_concepts`` maps them onto another size);
+    ``counts(instances)`` and ``group_concepts(instances)`` count and group them per word; ``extract_words`` (or
+    ``concept_words(instances)``) gives the distinct top-K words, and ``extract_tensors`` the same as padded
+    tensors for the LightCap captioner (concept ids into ``vocab``, scores, boxes).
     """
 
     def __init__(
@@ -306,6 +316,19 @@ class ConceptExtractor(nn.Module):
         self.min_score = float(extract.get("min_score", 0.0))
         self.proposal_conf = float(extract.get("proposal_conf", detector.conf))
         self.max_proposals = int(extract.get("max_proposals", detector.max_det))
+        # instances (every object, issue 15): per-concept NMS IoU, a per-instance score and objectness floor.
+        # The published configs predate them, so the defaults here are the values chosen on val (docs/concepts.md);
+        # a config with min_score 0 asks for every proposal (random-weight test models), and so do its instances
+        keep_all = self.min_score <= 0.0
+        self.instance_iou = float(extract.get("instance_iou", DEFAULT_INSTANCE_IOU))
+        self.instance_min_score = float(
+            extract.get("instance_min_score", self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE)
+        )
+        self.instance_conf = float(
+            extract.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF)
+        )
+        if not 0.0 < self.instance_iou <= 1.0:
+            raise ConfigError(f"concepts config: extract.instance_iou {self.instance_iou} must be in (0, 1]")
         if self.image_size % 32:
             raise ConfigError(f"concepts config: image_size {self.image_size} must be a multiple of 32")
         self.name = "concepts"
@@ -341,55 +364,143 @@ class ConceptExtractor(nn.Module):
         counts = [len(b) for b in boxes]
         return list(best_id.split(counts)), list(best_prob.split(counts))
 
-    # the task method ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def instance_tensors(
+        self,
+        images: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        *,
+        iou: float | None = None,
+        min_score: float | None = None,
+        min_objectness: float | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every kept proposal per image, as CPU tensors ``(concept_ids [N], scores [N], boxes [N, 4])``, best first.
+
+        Each proposal takes its most similar concept (``classify_boxes``) and the score objectness x probability;
+        proposals are ordered by score (``torch.argsort(score, descending=True)``, the order ``extract_tensors``
+        always used), then non-maximum suppression runs per concept (``torchvision.ops.batched_nms`` at IoU
+        ``iou``, default the extractor's ``instance_iou``) in exactly that order, and what survives is filtered by
+        ``score >= min_score`` (default ``instance_min_score``) and ``objectness >= min_objectness`` (default
+        ``instance_conf``). The best proposal of each concept is never suppressed (nothing of its concept comes
+        before it), which is why the distinct words derived from these instances are the trained top-K words.
+        """
+        iou = self.instance_iou if iou is None else float(iou)
+        min_score = self.instance_min_score if min_score is None else float(min_score)
+        min_objectness = self.instance_conf if min_objectness is None else float(min_objectness)
+        return [
+            select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness)
+            for row in self.classified_proposals(images, grid)
+        ]
+
+    @torch.no_grad()
+    def classified_proposals(
+        self, images: torch.Tensor, grid: torch.Tensor | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every proposal with its concept, per image as CPU tensors ``(concept_ids, scores, boxes, objectness)``
+        in ``torch.argsort(score, descending=True)`` order (score = objectness x concept probability)."""
+        proposals = self.propose(images)
+        boxes = [b for b, _ in proposals]
+        concept_ids, probs = self.classify_boxes(images, boxes, grid=grid)
+        out = []
+        for (img_boxes, objectness), ids, prob in zip(proposals, concept_ids, probs, strict=True):
+            score = (objectness * prob).cpu()
+            order = torch.argsort(score, descending=True)
+            out.append((ids.cpu()[order], score[order], img_boxes.cpu()[order], objectness.cpu()[order]))
+        return out
+
+    # the task methods ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def extract_tensors(
         self, images: torch.Tensor, top_k: int | None = None, grid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-K de-duplicated concepts per image as padded tensors.
+        """Top-K de-duplicated concepts per image as padded tensors: the LightCap captioner's input, as trained.
 
         Returns ``concept_ids [B, K]`` (-1 = padding), ``scores [B, K]`` (0 for padding), ``boxes [B, K, 4]``.
         ``vocab_embeddings[concept_ids.clamp(min=0)]`` gives their CLIP text embeddings.
         ``grid``: the images' CLIP grid when the caller already has it (the LightCap captioner reuses it).
+        Derived from the instances (``instance_tensors`` without the instance filters): per concept its best
+        instance, scores ``>= min_score``, best first, at most K -- bit for bit what one box per concept over the
+        raw proposals gave before instances existed (tests/test_concept_instances.py checks this).
         """
         k = self.top_k if top_k is None else int(top_k)
-        proposals = self.propose(images)
-        boxes = [b for b, _ in proposals]
-        concept_ids, probs = self.classify_boxes(images, boxes, grid=grid)
+        instances = self.instance_tensors(images, grid, min_score=-math.inf, min_objectness=-math.inf)
         batch = images.shape[0]
         out_ids = torch.full((batch, k), -1, dtype=torch.long)
         out_scores = torch.zeros((batch, k))
         out_boxes = torch.zeros((batch, k, 4))
-        for i, ((img_boxes, objectness), ids, prob) in enumerate(zip(proposals, concept_ids, probs, strict=True)):
-            score = (objectness * prob).cpu()
-            order = torch.argsort(score, descending=True)
-            seen: set[int] = set()
-            slot = 0
-            for j in order.tolist():
-                cid = int(ids[j])
-                if cid in seen or float(score[j]) < self.min_score:
-                    continue
-                seen.add(cid)
-                out_ids[i, slot], out_scores[i, slot], out_boxes[i, slot] = cid, score[j], img_boxes[j].cpu()
-                slot += 1
-                if slot == k:
-                    break
+        for i, (ids, scores, boxes) in enumerate(instances):
+            for slot, j in enumerate(top_concept_rows(ids, scores, k, self.min_score)):
+                out_ids[i, slot], out_scores[i, slot], out_boxes[i, slot] = ids[j], scores[j], boxes[j]
         return out_ids, out_scores, out_boxes
 
+    def _to_concepts(self, ids: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor) -> list[Concept]:
+        return [
+            Concept(self.vocab.words[c], round(float(s), 6), tuple(round(v, 2) for v in b), self.vocab.labels[c])
+            for c, s, b in zip(ids.tolist(), scores.tolist(), boxes.tolist(), strict=True)
+            if c >= 0
+        ]
+
     @torch.no_grad()
-    def extract(self, images: torch.Tensor, top_k: int | None = None) -> list[list[Concept]]:
-        """``images [B,3,S,S]`` -> per image its concepts, best first (at most ``top_k``, default 20)."""
+    def extract(self, images: torch.Tensor) -> list[list[Concept]]:
+        """``images [B,3,S,S]`` -> per image every object instance, best first.
+
+        One ``Concept(word, score, box, label)`` per kept proposal (``instance_tensors`` with the extractor's
+        ``instance_iou``, ``instance_min_score``, ``instance_conf``), boxes in the preprocessed image's pixels.
+        ``counts(instances)`` counts them per word; ``self.concept_words(instances)`` or ``extract_words`` give
+        the distinct words (best box each) that the captioner uses.
+        """
+        return [self._to_concepts(*row) for row in self.instance_tensors(images)]
+
+    @torch.no_grad()
+    def extract_words(self, images: torch.Tensor, top_k: int | None = None) -> list[list[Concept]]:
+        """Per image its distinct concept words, best box each, best first (``extract_tensors`` as Concepts)."""
         ids, scores, boxes = self.extract_tensors(images, top_k)
-        out: list[list[Concept]] = []
-        for row_ids, row_scores, row_boxes in zip(ids.tolist(), scores.tolist(), boxes.tolist(), strict=True):
-            out.append(
-                [
-                    Concept(self.vocab.words[c], round(float(s), 6), tuple(round(v, 2) for v in b), self.vocab.labels[c])
-                    for c, s, b in zip(row_ids, row_scores, row_boxes, strict=True)
-                    if c >= 0
-                ]
-            )
-        return out
+        return [self._to_concepts(*row) for row in zip(ids, scores, boxes, strict=True)]
+
+    def concept_words(self, instances: list[Concept], top_k: int | None = None) -> list[Concept]:
+        """The distinct words of one image's instances as the captioner sees them: best instance per word with
+        ``score >= min_score``, best first, at most ``top_k`` (default the model's K). On ``extract``'s answer it
+        equals ``extract_words`` whenever ``instance_min_score <= min_score`` and ``instance_conf <=
+        proposal_conf`` (the defaults), since then no instance the words need was filtered out."""
+        k = self.top_k if top_k is None else int(top_k)
+        return group_concepts([c for c in instances if c.score >= self.min_score])[:k]
+
+
+def select_instances(
+    ids: torch.Tensor,
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    objectness: torch.Tensor,
+    *,
+    iou: float,
+    min_score: float = -math.inf,
+    min_objectness: float = -math.inf,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's classified proposals (best first) -> its instances ``(ids, scores, boxes)``, best first:
+    NMS per concept at ``iou`` in the given order, then ``score >= min_score`` and ``objectness >=
+    min_objectness``. The NMS ranks by position (``torchvision.ops.batched_nms`` on strictly decreasing
+    surrogate scores), so ties and batched_nms's own sort cannot reorder what the caller's order decided."""
+    from torchvision.ops import batched_nms
+
+    rank = torch.arange(len(ids), 0, -1, dtype=torch.float32)
+    keep = batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
+    keep = keep[(scores[keep] >= min_score) & (objectness[keep] >= min_objectness)]
+    return ids[keep], scores[keep], boxes[keep]
+
+
+def top_concept_rows(ids: torch.Tensor, scores: torch.Tensor, k: int, min_score: float) -> list[int]:
+    """Rows of one image's instances (best first) that make its top-K distinct concepts: the first row of each
+    concept id with ``score >= min_score``, at most ``k``."""
+    seen: set[int] = set()
+    rows: list[int] = []
+    for j, (cid, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True)):
+        if cid in seen or score < min_score:
+            continue
+        seen.add(cid)
+        rows.append(j)
+        if len(rows) == k:
+            break
+    return rows
 
 
 def scale_concepts(concepts: list[Concept], from_size: tuple[int, int], to_size: tuple[int, int]) -> list[Concept]:
@@ -407,11 +518,20 @@ _PALETTE = [
 ]
 
 
-def draw_concepts(image: Any, concepts: list[Concept], input_size: int | tuple[int, int] | None = None, *, scale: int = 1) -> Any:
-    """A copy of ``image`` (PIL) with each concept's box and ``word score`` drawn on it.
+LABEL_ALL_UP_TO = 8  # draw_concepts writes "word score" on every box up to this many instances, else a legend only
 
-    ``input_size`` is the side (or ``(width, height)``) the boxes are in (the extractor's ``image_size``); they
-    are scaled onto ``image``. ``scale`` enlarges the drawing (small images read better at 2-3x).
+
+def draw_concepts(
+    image: Any, concepts: list[Concept], input_size: int | tuple[int, int] | None = None, *, scale: int = 1
+) -> Any:
+    """A copy of ``image`` (PIL) with every concept instance drawn on it, legible when there are many.
+
+    One colour per concept word (the best-scoring word first), a thin box per instance, and a legend in the
+    corner with the fewest boxes: a swatch, the word and its count (``house 29``). Up to ``LABEL_ALL_UP_TO``
+    instances each box also gets ``word score`` above it (below at the top edge) where that label does not cover
+    another one; with more, only the legend names them. ``input_size`` is the side (or ``(width, height)``) the
+    boxes are in (the extractor's ``image_size``); they are scaled onto ``image``. ``scale`` enlarges the drawing
+    (small images read better at 2-3x). The image keeps its size.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -423,16 +543,62 @@ def draw_concepts(image: Any, concepts: list[Concept], input_size: int | tuple[i
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     concepts = scale_concepts(concepts, input_size, canvas.size)
+    words = [c.concept for c in group_concepts(concepts)]  # best word first
+    colour = {w: _PALETTE[i % len(_PALETTE)] for i, w in enumerate(words)}
+    tally = counts(concepts)
     draw = ImageDraw.Draw(canvas)
+    line = max(1, canvas.width // 256)
+    for c in sorted(concepts, key=lambda c: c.score):  # the best drawn last, on top
+        x1, y1, x2, y2 = c.box  # a dark rim outside the colour keeps a red box visible on a red roof
+        draw.rectangle([x1 - line, y1 - line, x2 + line, y2 + line], outline=(0, 0, 0), width=1)
+        draw.rectangle([x1, y1, x2, y2], outline=colour[c.concept], width=line)
     font = ImageFont.load_default(size=max(10, canvas.width // 40))
-    for i, c in enumerate(concepts):
-        color = _PALETTE[i % len(_PALETTE)]
+    taken: list[tuple[float, float, float, float]] = []
+
+    def free(box: tuple[float, float, float, float]) -> bool:
+        x1, y1, x2, y2 = box
+        inside = x1 >= 0 and y1 >= 0 and x2 <= canvas.width and y2 <= canvas.height
+        return inside and all(x2 <= a1 or x1 >= a2 or y2 <= b1 or y1 >= b2 for a1, b1, a2, b2 in taken)
+
+    if not concepts:
+        return canvas
+    # legend: the corner whose area holds the fewest box centres
+    rows = [(w, f"{w} {tally[w]}") for w in words]
+    sizes = [draw.textbbox((0, 0), text, font=font) for _, text in rows]
+    row_h = max(b[3] - b[1] for b in sizes) + 4
+    swatch = row_h - 4
+    legend_w = max(b[2] - b[0] for b in sizes) + swatch + 12
+    legend_h = row_h * len(rows) + 4
+    corners = [(2, 2), (canvas.width - legend_w - 2, 2), (2, canvas.height - legend_h - 2),
+               (canvas.width - legend_w - 2, canvas.height - legend_h - 2)]
+
+    def crowd(x: float, y: float) -> int:
+        return sum(x <= (c.box[0] + c.box[2]) / 2 <= x + legend_w and y <= (c.box[1] + c.box[3]) / 2 <= y + legend_h
+                   for c in concepts)
+
+    lx, ly = min(corners, key=lambda xy: crowd(*xy))
+    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    ImageDraw.Draw(overlay).rectangle([lx, ly, lx + legend_w, ly + legend_h], fill=(255, 255, 255, 200))
+    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    taken.append((lx, ly, lx + legend_w, ly + legend_h))
+    for r, ((word, text), (_, top, _, _)) in enumerate(zip(rows, sizes, strict=True)):
+        y = ly + 2 + r * row_h
+        draw.rectangle([lx + 4, y + 2, lx + 4 + swatch, y + 2 + swatch], fill=colour[word], outline=(0, 0, 0))
+        draw.text((lx + swatch + 8, y + 2 - top), text, fill=(0, 0, 0), font=font)
+    if len(concepts) > LABEL_ALL_UP_TO:
+        return canvas
+    for c in sorted(concepts, key=lambda c: -c.score):  # the best get their labels first
         x1, y1, x2, y2 = c.box
-        draw.rectangle([x1, y1, x2, y2], outline=color, width=max(1, canvas.width // 200))
         text = f"{c.concept} {c.score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)  # offsets of the glyphs' box
-        height = bottom - top + 2
-        ty = y1 - height if y1 - height >= 0 else y2  # label above the box, or below it at the top edge
-        draw.rectangle([x1, ty, x1 + (right - left) + 4, ty + height], fill=color)
-        draw.text((x1 + 2, ty + 1 - top), text, fill=(0, 0, 0), font=font)
+        width, height = right - left + 4, bottom - top + 2
+        x = max(0.0, min(x1, canvas.width - width))
+        for ty in (y1 - height, y2, y1):  # above the box, below it, inside its top
+            spot = (x, ty, x + width, ty + height)
+            if free(spot):
+                taken.append(spot)
+                draw.rectangle(list(spot), fill=colour[c.concept])
+                draw.text((x + 2, ty + 1 - top), text, fill=(0, 0, 0), font=font)
+                break
     return canvas

@@ -6,13 +6,12 @@
   memory; decoding TIFFs every epoch would cost more than the training step).
 * ``box_split(corpus, split, size)``: images plus their ground-truth boxes (scaled to ``size``) and concept words.
 * ``augment_views``: random flips and 90-degree turns of overhead images, boxes moved with them.
-* ``save_tensors``: weights as safetensors in the dtype of the config.
+* ``save_tensors`` / ``load_tensors``: ``captioning.weights.save_state`` / ``load_state`` under their old names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ import torch
 from captioning.data import CaptionCorpus, ImageRecord
 from captioning.data.images import load_image
 from captioning.errors import DataError
+from captioning.weights import load_state, save_state
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -130,17 +130,7 @@ def augment_views(
 
 
 # ---------------------------------------------------------------------------------------------- publishing
-def save_tensors(state: dict[str, torch.Tensor], path: Path, dtype: str = "float32") -> Path:
-    """A state dict as safetensors, floating tensors cast to ``dtype`` (``float16`` for embedded defaults)."""
-    from safetensors.torch import save_file
-
-    target = getattr(torch, dtype)
-    save_file({k: (v.detach().to(target) if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in state.items()}, str(path))
-    return path
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors -> state dict with floating tensors back in float32 (for compute)."""
-    from safetensors.torch import load_file
-
-    return {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+# the weights I/O is captioning.weights; these names stay for the modules that import them from here
+# (captioning/models/lightcap/runtime.py: load_tensors; service/testing.py and tests: save_tensors)
+save_tensors = save_state
+load_tensors = load_state

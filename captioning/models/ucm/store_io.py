@@ -1,7 +1,7 @@
 """Weights files and prerequisites of the UCM stages.
 
-* ``save_weights`` / ``load_state``: safetensors files (fp16 for the tiny profile's published weights,
-  loaded back to fp32 for compute);
+* ``save_weights`` / ``load_into``: a module's weights as safetensors (``captioning.weights``: fp16 for the
+  tiny profile's published weights, loaded back to fp32 for compute);
 * ``prerequisite``: the store version a stage builds on (``--text-ae ucm-text-ae@3``, or by default the newest
   of that name in the same profile); a missing one raises ``PrerequisiteError`` naming the stage to run;
 * ``check_architecture``: a prerequisite built with other sizes than this run's config is a ``ConfigError``.
@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from captioning.errors import ConfigError, PrerequisiteError, StoreError
+from captioning.weights import load_into, save_state
 
 if TYPE_CHECKING:  # pragma: no cover
+    from captioning.config_schema import UCMConfig
     from captioning.store import ModelStore, ModelVersion
+
+__all__ = ["VOCAB", "WEIGHTS", "check_architecture", "load_into", "parent_record", "prerequisite", "save_weights"]
 
 WEIGHTS = "model.safetensors"
 VOCAB = "vocab.json"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # the config keys that fix a model's shapes, per section
 ARCHITECTURE_KEYS = {
@@ -32,46 +34,8 @@ ARCHITECTURE_KEYS = {
 
 
 def save_weights(module: torch.nn.Module, path: str | Path, dtype: str = "float32") -> Path:
-    """The module's state dict as safetensors, floating tensors cast to ``dtype``."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"weights_dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    target = DTYPES[dtype]
-    state = {
-        key: (value.detach().to(target) if value.is_floating_point() else value.detach()).contiguous().cpu()
-        for key, value in module.state_dict().items()
-    }
-    path = Path(path)
-    save_file(state, str(path))
-    return path
-
-
-def load_state(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """A safetensors file as fp32 tensors; with ``prefix``, only those keys, prefix removed."""
-    path = Path(path)
-    try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise StoreError(f"{path}: weights file missing") from None
-    except Exception as exc:  # noqa: BLE001 - a corrupt file is a store problem with its name
-        raise StoreError(f"{path}: not a readable safetensors file ({exc})") from None
-    out = {}
-    for key, value in state.items():
-        if prefix and not key.startswith(prefix):
-            continue
-        out[key[len(prefix) :]] = value.float() if value.is_floating_point() else value
-    if prefix and not out:
-        raise StoreError(f"{path}: no weights under {prefix!r}")
-    return out
-
-
-def load_into(module: torch.nn.Module, path: str | Path, prefix: str = "", strict: bool = True) -> None:
-    state = load_state(path, prefix)
-    try:
-        result = module.load_state_dict(state, strict=strict)
-    except RuntimeError as exc:
-        raise StoreError(f"{path}: weights{' under ' + repr(prefix) if prefix else ''} do not fit the model: {exc}") from None
-    if not strict and result.unexpected_keys:
-        raise StoreError(f"{path}: unexpected weights {result.unexpected_keys[:3]}")
+    """The module's state dict as safetensors, floating tensors cast to ``dtype`` (``captioning.weights``)."""
+    return save_state(module.state_dict(), path, dtype)
 
 
 def prerequisite(
@@ -105,15 +69,17 @@ def prerequisite(
     return store.load(f"{version.name}@{version.version}", verify=True)
 
 
-def check_architecture(version: ModelVersion, config: dict[str, Any], section: str) -> None:
+def check_architecture(version: ModelVersion, config: UCMConfig, section: str) -> None:
     """The prerequisite's ``section`` sizes must be this run's (the weights would not fit otherwise)."""
+    ours = getattr(config, section)
+    fields = type(ours).model_fields
     theirs = (version.manifest.get("config") or {}).get(section) or {}
-    ours = config.get(section) or {}
-    diffs = [
-        f"{section}.{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here"
-        for key in ARCHITECTURE_KEYS[section]
-        if theirs.get(key) != ours.get(key)
-    ]
+    diffs = []
+    for key in ARCHITECTURE_KEYS[section]:
+        there = theirs.get(key, fields[key].get_default(call_default_factory=True))
+        here = getattr(ours, key)
+        if there != here:
+            diffs.append(f"{section}.{key}: {there!r} there, {here!r} here")
     if diffs:
         raise ConfigError(
             f"{version.name}@{version.version} was built with other sizes than this run's config "
