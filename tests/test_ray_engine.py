@@ -5,9 +5,9 @@ the Parquet round trip, without Ray. The slow test runs a real two-node Ray clus
 (``ray.cluster_utils.Cluster``: two raylets, each with its own resources and object store), captions a few
 hundred synthetic images across both nodes, removes the worker node mid-run, checks every image is written
 exactly once, resumes after a lost part, runs the command line on a list file, and compares the records with
-the local engine's (``Engine.records``) on the same images. It is marked slow: 6.2-6.7 minutes on this
-shared 2-core machine under load (load average 10-19; three runs: 388 s, 405 s, 372 s), most of it Ray
-workers and actors starting; run it with ``pytest -m slow tests/test_ray_engine.py``.
+the local engine's (``Engine.records``) on the same images. It is marked slow: 3.7-6.7 minutes on this
+shared 2-core machine, depending on the other load (four runs: 223 s, 372 s, 388 s, 405 s at load averages
+~8-19), most of it Ray workers and actors starting; run it with ``pytest -m slow tests/test_ray_engine.py``.
 """
 
 from __future__ import annotations
