@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     batch.add_argument("--shard", default=None, metavar="I/N", help="take shard I of N (0-based), e.g. 2/8")
     batch.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
     _model_args(batch)
+    from service.ray_engine import add_ray_args
+
+    add_ray_args(batch)  # --engine local|ray and the Ray engine's flags (service/ray_engine.py, docs/batch.md)
     batch.set_defaults(func=run_batch_cmd)
 
     merge = subparsers.add_parser(
@@ -137,6 +140,11 @@ def run_caption(args: argparse.Namespace) -> int:
 
 def run_batch_cmd(args: argparse.Namespace) -> int:
     from service.offline import parse_shard, run_batch
+    from service.ray_engine import check_local_args, run_ray
+
+    if args.engine == "ray":
+        return run_ray(args)
+    check_local_args(args)
 
     shard = parse_shard(args.shard)
     engine = _engine(args)
