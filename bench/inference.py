@@ -232,6 +232,19 @@ def blip_rows(threads: int, batches: list[int], repeats: int, device: torch.devi
                     num_beams=1, do_sample=False,
                 )
 
+        try:
+            run()
+        except (RuntimeError, IndexError):  # newer transformers drop BLIP's last prompt token ([SEP]) first: give it [BOS, SEP]
+            sep = model.config.text_config.sep_token_id
+            input_ids = torch.cat([input_ids, torch.full_like(input_ids, sep)], dim=1)
+
+            def run(pixels=pixels, input_ids=input_ids):
+                with torch.no_grad():
+                    return model.generate(
+                        pixel_values=pixels, input_ids=input_ids, max_new_tokens=20, min_new_tokens=20,
+                        num_beams=1, do_sample=False,
+                    )
+
         seconds, cpu_seconds = time_call(run, repeats, device)
         flops = count_flops(run) if device.type == "cpu" else None
         rows.append({

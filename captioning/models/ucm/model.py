@@ -127,7 +127,7 @@ class TextDecoder(nn.Module):
         return state
 
     def reorder(self, state: dict[str, torch.Tensor], indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v.index_select(1 if k in ("h", "c") else 0, indices) for k, v in state.items()}
+        return {k: v.index_select(1 if k in ("h", "c") else 0, indices.to(v.device)) for k, v in state.items()}
 
     # -------------------------------------------------------------------------------- steps
     def step_logits(self, tokens: torch.Tensor, state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
