@@ -90,6 +90,7 @@ class Runtime(Protocol):
 @runtime_checkable
 class Captioner(Runtime, Protocol):
     decoding: DecodeOptions  # the published decoding
+    max_caption_length: int | None  # the longest max_length the model can decode (None: no limit)
 
     def caption(self, images: torch.Tensor, options: DecodeOptions) -> list[CaptionOut]: ...
 
@@ -158,14 +159,18 @@ def resolve_caption(runtime: Captioner, params: CaptionParams, limits: Limits) -
 
     published = runtime.decoding
     top = limits.max_length
+    if runtime.max_caption_length is not None:
+        top = runtime.max_caption_length if top is None else min(top, runtime.max_caption_length)
     if params.beam_size is not None and limits.max_beam_size is not None and params.beam_size > limits.max_beam_size:
         raise OptionError("beam_size", f"{params.beam_size} is more than this server allows "
                           f"(1..{limits.max_beam_size}, CAPTIONER_MAX_BEAM_SIZE)")
     if params.max_length is not None:
         low = published.min_length
         if top is not None and params.max_length > top:
+            why = ("CAPTIONER_MAX_LENGTH_LIMIT" if top == limits.max_length
+                   else f"{runtime.name}'s positions after its prefix")
             raise OptionError("max_length", f"{params.max_length} is more than this server allows "
-                              f"({low}..{top}, CAPTIONER_MAX_LENGTH_LIMIT)")
+                              f"({low}..{top}, {why})")
         if params.max_length < low:
             allowed = f"{low}..{top}" if top is not None else f"at least {low}"
             raise OptionError("max_length", f"{params.max_length} is below {runtime.name}'s min_length {low} "

@@ -45,6 +45,9 @@ def wait_job(url: str, job_id: str, timeout: float = 120.0) -> dict:
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
+TASK_NAMES = {"ucm": "ucm-captioner", "lightcap": "lightcap"}
+
+
 def test_a_max_length_below_the_models_min_length_is_a_422_before_any_work(store, tmp_path):
     with LiveServer(create_app(settings_for(store, tmp_path))) as url:
         wait_ready(url)
@@ -54,10 +57,19 @@ def test_a_max_length_below_the_models_min_length_is_a_422_before_any_work(store
                                 content=image_bytes(seed=1), headers={"Content-Type": "image/png"})
                 body = assert_problem(r, 422, "invalid-parameter")
                 assert body["errors"][0]["parameter"] == "max_length", body
-                assert "min_length 3" in body["detail"] and "3..64" in body["detail"], body["detail"]
+                top = min(64, inference.load_model(store, TASK_NAMES[model]).max_caption_length or 64)
+                assert "min_length 3" in body["detail"] and f"3..{top}" in body["detail"], body["detail"]
             r = client.post("/v1/caption", params={"model": "ucm", "max_length": 65},
                             content=image_bytes(seed=1), headers={"Content-Type": "image/png"})
             assert "CAPTIONER_MAX_LENGTH_LIMIT" in assert_problem(r, 422, "invalid-parameter")["detail"]
+            # LightCap's fusion has a fixed number of positions: past what its prefix leaves, a 422 (was a 500)
+            room = inference.load_model(store, "lightcap").max_caption_length
+            r = client.post("/v1/caption", params={"model": "lightcap", "max_length": room + 1},
+                            content=image_bytes(seed=1), headers={"Content-Type": "image/png"})
+            assert "positions" in assert_problem(r, 422, "invalid-parameter")["detail"]
+            r = client.post("/v1/caption", params={"model": "lightcap", "max_length": room, "beam_size": 1},
+                            content=image_bytes(seed=1), headers={"Content-Type": "image/png"})
+            assert r.status_code == 200, r.text
             # a job with that setting is refused when submitted, not failed entry by entry
             r = client.post("/v1/jobs", files=[("files", png(1))], data={"max_length": "2", "model": "ucm"})
             assert assert_problem(r, 422, "invalid-parameter")["errors"][0]["parameter"] == "max_length"

@@ -196,6 +196,14 @@ class LightCapPipeline:
     def concept_inputs(self, ids: torch.Tensor, scores: torch.Tensor) -> ConceptInputs:
         return self.packer(ids, scores)
 
+    @property
+    def max_caption_length(self) -> int:
+        """The longest caption the fusion's positions leave room for after the prefix (visual + concept tokens)."""
+        arch = self.model.arch
+        side = arch["visual_grid"] or self.extractor.encoder_size // self.extractor.encoder.stride
+        prefix = side * side + (arch["max_concept_tokens"] if arch["use_concepts"] else 0)
+        return int(self.model.fusion.bert.config.max_position_embeddings) - prefix - 1
+
     def decode_options(self, **overrides: Any):
         """The published decoding with non-None ``overrides`` (a new frozen ``DecodeOptions``)."""
         from captioning.decoding import DecodeOptions

@@ -114,6 +114,7 @@ class UCMCaptioner(_Runtime):
         super().__init__(version, model, input_size, **placement)
         self.vocab = vocab
         self.decoding = decoding
+        self.max_caption_length: int | None = None  # an LSTM has no position limit
 
     def decode_options(self, **overrides: Any) -> DecodeOptions:
         """The published decoding with non-None ``overrides``."""
