@@ -142,6 +142,11 @@ class SceneReader:
                 zoom = float(target_gsd) / gsd
                 if abs(zoom - 1.0) < ZOOM_TOLERANCE:
                     zoom = 1.0
+                elif zoom < 0.5:
+                    warnings.append(
+                        f"the scene's {gsd:.3g} m/pixel is much coarser than the models' {target_gsd} m/pixel: tiles "
+                        f"are enlarged {1 / zoom:.1f}x and hold far less detail than the models learnt from"
+                    )
             elif target_gsd is not None:
                 warnings.append(
                     f"ground sample distance unknown: tiles are read at the native resolution, not resampled "
