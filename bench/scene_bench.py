@@ -188,20 +188,27 @@ def write_md(records: list[dict]) -> None:
         "Each row is one run; peak RSS is the child process's VmHWM. `tiles/s` counts every planned tile",
         "(nodata tiles too) over the tile loop only (reading, inference, durable records); model loading,",
         "planning and `finish()` are separate columns. Rows with `subset` stopped early and extrapolate.", "",
-        "| when (UTC) | stage | scene | mode | tiles run / total | tiles/s | finish s | total s | peak RSS MiB | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| when (UTC) | stage | scene | mode | batch | tiles run / total | tiles/s | finish s | total s | objects | peak RSS MiB | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+    notes = []
     for r in records:
+        if r["stage"] == "observed":
+            notes.append(f"* {r['when']}: {r['note']}")
+            continue
         m = r["machine"]
         mach = f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, load {m['loadavg_at_start']}"
         size = f"{r['size']} x {r['size']}"
         if r["stage"] == "generate":
-            lines.append(f"| {r['when']} | generate | {size} | - | {r['regions']} regions | - | - | {r['seconds']} | "
-                         f"{r['vmhwm_mib']} | {mach} |")
+            lines.append(f"| {r['when']} | generate | {size} | - | - | {r['regions']} regions | - | - | {r['seconds']} | "
+                         f"{r['objects']} | {r['vmhwm_mib']} | {mach} |")
         else:
             total = r.get("full_scene_s", f"~{r.get('extrapolated_full_scene_s')} (extrapolated)")
-            lines.append(f"| {r['when']} | scene | {size} | {r['mode']} | {r['tiles_run']} / {r['tiles_total']} | "
-                         f"{r['tiles_per_s']} | {r.get('finish_s', '-')} | {total} | {r['vmhwm_mib']} | {mach} |")
+            lines.append(f"| {r['when']} | scene | {size} | {r['mode']} | {r['batch_size']} | {r['tiles_run']} / "
+                         f"{r['tiles_total']} | {r['tiles_per_s']} | {r.get('finish_s', '-')} | {total} | "
+                         f"{r.get('objects_total', '-')} | {r['vmhwm_mib']} | {mach} |")
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     (RESULTS / "scene.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 

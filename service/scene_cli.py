@@ -40,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
     p.add_argument("--store", type=Path, default=None, help="model store root (default: CAPTIONER_MODEL_STORE)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--device", default=None, help="torch device for the models, e.g. cuda (default: the loader's, cpu)")
     p.add_argument("--restart", action="store_true", help="discard the job recorded in --out and start again")
     p.set_defaults(func=run_scene_cmd)
 
@@ -67,7 +68,8 @@ def run_scene_cmd(args: argparse.Namespace) -> int:
 
     SceneReader(args.input, bands=bands).close()  # a bad file is named before the models load
     store = ModelStore(args.store) if args.store else ModelStore()
-    infer = ModelInfer.from_store(store, concepts=not args.no_concepts, caption=args.caption)
+    load_options = {"device": args.device} if args.device else {}
+    infer = ModelInfer.from_store(store, concepts=not args.no_concepts, caption=args.caption, **load_options)
     params = SceneParams(
         tile=args.tile, overlap=args.overlap, bands=bands, target_gsd=None if args.native else (args.gsd or UCM_GSD),
         min_valid=args.min_valid, models=infer.models, crs=args.crs,

@@ -225,6 +225,9 @@ def test_finer_scene_is_resampled_to_the_target_gsd(tmp_path, pixels):
     image = job.read(job.tiles()[0])
     assert image.size == (128, 128)
     job.close()
+    coarse = _write(tmp_path / "coarse.tif", data, crs=crs, transform=from_origin(500000, 5000000, 2.0, 2.0))
+    with SceneReader(coarse, target_gsd=0.3) as r:
+        assert r.zoom == pytest.approx(0.15) and any("much coarser" in w for w in r.warnings)
 
 
 # ------------------------------------------------------------------------------------ resume

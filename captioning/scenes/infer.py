@@ -77,14 +77,27 @@ class ModelInfer:
         self.models = tuple(f"{m.name}@{m.version}" for m in (labeller, extractor, captioner) if m is not None)
 
     @classmethod
-    def from_store(cls, store: Any, *, concepts: bool = True, caption: str | None = None) -> ModelInfer:
+    def from_store(
+        cls, store: Any, *, concepts: bool = True, caption: str | None = None, **load_options: Any
+    ) -> ModelInfer:
+        """``load_options`` (e.g. ``device="cuda"``, ``precision="bf16"``) go to ``load_model`` (the runtime
+        contract's keywords); a ``load_model`` without them refuses them with a ``UsageError``."""
+        from captioning.errors import UsageError
         from captioning.inference import load_model
 
-        labeller = load_model(store, "ucm-classifier")
-        extractor = load_model(store, "concepts") if concepts else None
+        accepted = inspect.signature(load_model).parameters
+        unknown = [k for k in load_options if k not in accepted]
+        if unknown:
+            raise UsageError(f"this model loader takes no {', '.join(unknown)} option")
+
+        def load(spec: str) -> Any:
+            return load_model(store, spec, **load_options)
+
+        labeller = load("ucm-classifier")
+        extractor = load("concepts") if concepts else None
         captioner = None
         if caption and caption != "none":
-            captioner = load_model(store, CAPTIONERS.get(caption, caption))
+            captioner = load(CAPTIONERS.get(caption, caption))
         return cls(labeller, extractor, captioner)
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ are drawn cropped and marked ``complete: false`` in the truth (their labels are 
 ``nodata_cells`` blanks that share of regions (an internal mask band says so; their pixels are 0).
 
 The GeoTIFF is written strip by strip (``STRIP`` rows, aligned with its 512 x 512 blocks), so a 20,000 x
-20,000 scene never sits in memory: peak memory is a few cell rows. JPEG (YCbCr, quality 90) by default, like
+20,000 scene never sits in memory: peak memory is a few cell rows, the truth, and GDAL's block cache (held
+to 128 MB; GDAL's default of 5 % of RAM filled to 1.2 GB while building a 20k scene's overviews). JPEG (YCbCr, quality 90) by default, like
 the training pictures' JPEG-in-TIFF; ``compress="deflate"`` for lossless. Internal overviews (average) are built
 at the end, halving until the scene fits in 256 px.
 
@@ -188,7 +189,7 @@ def write_mosaic(
         bar = tqdm(total=rows * cols, desc="synth-scene", unit="region")
     tmp = path.with_name(path.name + ".part.tif")
     cache: dict[int, np.ndarray] = {}
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True, GDAL_CACHEMAX=128):  # GDAL's default cache: 5 % of RAM
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
                                rasterio.enums.ColorInterp.blue]  # fmt: skip
