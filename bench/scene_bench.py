@@ -114,8 +114,7 @@ def child_scene(args) -> dict:
     import torch
 
     from captioning.scenes import SceneJob, SceneParams, run_scene
-    from captioning.scenes.infer import ModelInfer
-    from captioning.store import ModelStore
+    from service.scenes import EngineInfer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,7 +122,7 @@ def child_scene(args) -> dict:
     if args.mode == "truth":
         models = ("mosaic-truth",)
     else:
-        infer = ModelInfer.from_store(ModelStore(), concepts=args.mode == "labels+concepts")
+        infer = EngineInfer.from_store(concepts=args.mode == "labels+concepts")
         models = infer.models
     t_load = time.perf_counter() - t0
     params = SceneParams(tile=256, overlap=32, models=models)

@@ -24,7 +24,7 @@ from typing import Any
 
 from captioning.errors import CaptionerError, UsageError
 from captioning.inference import KINDS, TASKS, Limits, combine_records, load_model, parse_kinds
-from service.inference import Prepared, error_of, prepare_one
+from service.inference import Prepared, ReadyImage, error_of, prepare_one
 from service.intake import ImageProblem, RawImage
 from service.settings import Settings
 
@@ -62,6 +62,10 @@ class Preparer:
             return prepare_one(RawImage(index, key, data), self.formats, self.max_pixels, self.preprocessors)
         except ImageProblem as problem:
             return {"path": key, "error": error_of(problem)}
+
+    def image(self, key: str, image: Any, index: int = 0) -> Prepared:
+        """An image decoded elsewhere (a scene's tile, RGB PIL) -> prepared for every kind."""
+        return prepare_one(ReadyImage(index, key, image), self.formats, self.max_pixels, self.preprocessors)
 
 
 class Engine:
@@ -147,8 +151,17 @@ class Engine:
         if pending:
             yield from self.infer(pending)
 
+    def infer_images(self, images: Sequence[Any], keys: Sequence[str]) -> list[dict[str, Any]]:
+        """Decoded RGB images (scene tiles) -> one record each, in order."""
+        prepare = self.preparer()
+        return self.infer([prepare.image(k, im, i) for i, (k, im) in enumerate(zip(keys, images, strict=True))], keys)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return tuple(f"{r.name}@{r.version}" for r in self.runtimes)
+
     def describe(self) -> str:
-        return ", ".join(f"{r.name}@{r.version}" for r in self.runtimes)
+        return ", ".join(self.models)
 
 
 def _settings(**overrides: Any) -> Settings:

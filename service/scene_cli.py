@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
     p.add_argument("--store", type=Path, default=None, help="model store root (default: CAPTIONER_MODEL_STORE)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument("--device", default=None, help="torch device for the models, e.g. cuda (default: the loader's, cpu)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (default: CAPTIONER_DEVICE, auto)")
+    p.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: CAPTIONER_PRECISION, auto)")
     p.add_argument("--restart", action="store_true", help="discard the job recorded in --out and start again")
     p.set_defaults(func=run_scene_cmd)
 
@@ -49,8 +50,7 @@ def run_scene_cmd(args: argparse.Namespace) -> int:
     import torch
 
     from captioning.scenes import UCM_GSD, SceneJob, SceneParams, run_scene
-    from captioning.scenes.infer import ModelInfer
-    from captioning.store import ModelStore
+    from service.scenes import EngineInfer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,9 +67,9 @@ def run_scene_cmd(args: argparse.Namespace) -> int:
     from captioning.scenes import SceneReader
 
     SceneReader(args.input, bands=bands).close()  # a bad file is named before the models load
-    store = ModelStore(args.store) if args.store else ModelStore()
-    load_options = {"device": args.device} if args.device else {}
-    infer = ModelInfer.from_store(store, concepts=not args.no_concepts, caption=args.caption, **load_options)
+    # the same models, options and records as POST /v1/scenes (service.scenes), without the pools
+    infer = EngineInfer.from_store(args.store, concepts=not args.no_concepts, caption=args.caption,
+                                   device=args.device, precision=args.precision)
     params = SceneParams(
         tile=args.tile, overlap=args.overlap, bands=bands, target_gsd=None if args.native else (args.gsd or UCM_GSD),
         min_valid=args.min_valid, models=infer.models, crs=args.crs,
@@ -90,7 +90,7 @@ def run_scene_cmd(args: argparse.Namespace) -> int:
     s = outputs.summary
     print(s["description"])
     print(f"{s['tiles']['processed']} tiles processed, {s['tiles']['skipped_nodata']} without data; "
-          f"{s['objects_total']} objects; models {', '.join(infer.models)}", file=sys.stderr)
+          f"{s['objects_total']} objects; models {infer.engine.describe()}", file=sys.stderr)
     for path in (outputs.geojson, outputs.coverage, outputs.overlay, outputs.summary_path):
         print(path)
     return 0

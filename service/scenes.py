@@ -107,6 +107,28 @@ def tile_result(record: dict[str, Any]) -> Any:
     )
 
 
+class EngineInfer:
+    """``infer(images) -> list[TileResult]`` over an offline ``service.offline.Engine`` (labels, concepts and
+    optionally caption): the CLI's and the benchmark's tiles take the same path and records as the service's."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        order = {"labels": 0, "concepts": 1, "caption": 2}  # as scene_plans orders them
+        self.models = tuple(m for _, m in sorted(zip(engine.kinds, engine.models, strict=True), key=lambda km: order[km[0]]))
+
+    def __call__(self, images: list[Any]) -> list[Any]:
+        keys = [f"tile {i}" for i in range(len(images))]
+        return [tile_result(record) for record in self.engine.infer_images(images, keys)]
+
+    @classmethod
+    def from_store(cls, store_root: Any = None, *, concepts: bool = True, caption: str = "none",
+                   **load: Any) -> EngineInfer:
+        from service.offline import Engine
+
+        tasks = ["labels"] + (["concepts"] if concepts else []) + ([] if caption == "none" else ["caption"])
+        return cls(Engine.from_store(store_root, tasks=tasks, model=None if caption == "none" else caption, **load))
+
+
 async def run_scene_job(manager: Any, job: dict[str, Any]) -> None:
     """Run (or resume) one scene job to its end, a cancel, or shutdown."""
     from captioning.scenes import SceneJob

@@ -11,8 +11,8 @@ import pytest
 from captioning.cli import main
 from captioning.data.synth.mosaic import load_truth, write_mosaic
 from captioning.scenes import SceneJob, SceneParams, run_scene
-from captioning.scenes.infer import ModelInfer, call_caption
 from captioning.store import ModelStore
+from service.scenes import EngineInfer
 
 UNSEEN_SEED = 4243  # the embedded models were trained on sets of seeds 0 and 1
 
@@ -24,7 +24,7 @@ def store():
 
 @pytest.fixture(scope="module")
 def labeller(store):
-    return ModelInfer.from_store(store, concepts=False)
+    return EngineInfer.from_store(store.root, concepts=False)
 
 
 def test_tile_labels_micro_f1_on_an_unseen_seed(tmp_path, labeller):
@@ -76,13 +76,17 @@ def test_scene_command_writes_outputs_with_captions_and_resumes(tmp_path, capsys
     assert "holds a job for another params" in capsys.readouterr().err
 
 
-def test_call_caption_uses_the_published_decoding(store):
-    from captioning.inference import load_model
+def test_engine_infer_captions_tiles_with_the_published_decoding(store):
+    """A scene's tiles go through the same Engine records as `captioner caption`: same caption for a picture."""
+    from PIL import Image
 
-    model = load_model(store, "ucm-captioner")
-    batch = model.preprocess(__import__("PIL.Image", fromlist=["Image"]).new("RGB", (256, 256), (90, 120, 80)))
-    out = call_caption(model, batch[None])
-    assert len(out) == 1 and out[0].text
+    from service.offline import Engine
+
+    picture = Image.new("RGB", (256, 256), (90, 120, 80))
+    infer = EngineInfer.from_store(store.root, concepts=False, caption="ucm")
+    (tile,) = infer([picture])
+    (record,) = Engine.from_store(store.root, model="ucm").infer_images([picture], ["x"])
+    assert tile.caption and tile.caption == record["caption"]
 
 
 @pytest.mark.slow
@@ -93,7 +97,7 @@ def test_real_concept_boxes_lie_on_the_true_objects(tmp_path, store):
     path = tmp_path / "objects.tif"
     write_mosaic(path, 768, 768, UNSEEN_SEED, classes=["storagetanks"], block=1)
     truth = load_truth(path)
-    infer = ModelInfer.from_store(store, concepts=True)
+    infer = EngineInfer.from_store(store.root, concepts=True)
     job = SceneJob(path, tmp_path / "out", SceneParams(tile=256, overlap=32, models=infer.models))
     outputs = run_scene(job, infer, batch_size=8)
     feats = [f for f in json.loads(outputs.geojson.read_text())["features"] if f["properties"]["kind"] == "concept"]

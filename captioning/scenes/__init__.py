@@ -11,8 +11,8 @@ Public API:
 * ``TileResult(probabilities, threshold, instances, caption)`` / ``Instance(concept, score, box, label)``: what an
   ``infer(images) -> list[TileResult]`` callable returns (boxes in the tile image's pixels);
 * ``run_scene(job, infer, batch_size=16, progress=None, should_stop=None)`` - the loop the CLI uses;
-* ``ModelInfer`` (``captioning.scenes.infer``) - ``infer`` over the store's runtimes; ``results_from`` builds
-  ``TileResult``s from raw runtime answers (for the service's pools);
+  (the models are the service's: ``service.scenes`` turns its records into ``TileResult``s, through its pools
+  for ``POST /v1/scenes`` and through ``service.offline.Engine`` for ``captioner scene``);
 * ``merge_instances`` - fragment merge + per-concept NMS in scene pixels.
 """
 
