@@ -103,10 +103,6 @@ class PrefixLMFusion(nn.Module):
         return self.bert.config.num_hidden_layers
 
     @property
-    def num_heads(self) -> int:
-        return self.bert.config.num_attention_heads
-
-    @property
     def vocab_size(self) -> int:
         return self.bert.config.vocab_size
 

@@ -31,8 +31,6 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from captioning.errors import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def code_dim(text_cfg: dict[str, Any]) -> int:
