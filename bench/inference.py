@@ -233,8 +233,8 @@ def blip_rows(threads: int, batches: list[int], repeats: int, device: torch.devi
         try:
             run()
         except (RuntimeError, IndexError):  # newer transformers drop BLIP's last prompt token ([SEP]) first: give it [BOS, SEP]
-            sep = model.config.text_config.sep_token_id
-            input_ids = torch.cat([input_ids, torch.full_like(input_ids, sep)], dim=1)
+            text = model.config.text_config
+            input_ids = torch.tensor([[text.bos_token_id, text.sep_token_id]], device=device).repeat(batch, 1)
 
             def run(pixels=pixels, input_ids=input_ids):
                 with torch.no_grad():
