@@ -203,9 +203,14 @@ def write_md(records: list[dict]) -> None:
                          f"{r['objects']} | {r['vmhwm_mib']} | {mach} |")
         else:
             total = r.get("full_scene_s", f"~{r.get('extrapolated_full_scene_s')} (extrapolated)")
-            lines.append(f"| {r['when']} | scene | {size} | {r['mode']} | {r['batch_size']} | {r['tiles_run']} / "
+            mode = r["mode"] + (" (merged main)" if r.get("code") else "")
+            lines.append(f"| {r['when']} | scene | {size} | {mode} | {r['batch_size']} | {r['tiles_run']} / "
                          f"{r['tiles_total']} | {r['tiles_per_s']} | {r.get('finish_s', '-')} | {total} | "
                          f"{r.get('objects_total', '-')} | {r['vmhwm_mib']} | {mach} |")
+    if any(r.get("code") for r in records):
+        notes.append("* (merged main): run from an export of main 7d83d9c merged with this branch (the runtime contract "
+                     "with its faster runtimes, and the instance-returning concept extractor); the other rows ran "
+                     "this branch alone (the older runtimes; the extractor returning distinct words).")
     if notes:
         lines += ["", "Notes:", "", *notes]
     (RESULTS / "scene.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
