@@ -41,8 +41,11 @@ RUN mkdir -p /opt/python \
 # 2. The project's runtime dependencies (not the dev extras), constrained to the lock; torch already
 #    satisfies its pin. opencv-python is swapped for the headless build of the same version, which needs
 #    no X11/OpenGL system libraries in the runtime stage.
+#    EXTRAS=ray adds the Ray engine (`captioner batch --engine ray`; the image k8s/jobs/ray runs).
+ARG EXTRAS=""
 COPY pyproject.toml README.md ./
-RUN uv pip install --python /opt/venv/bin/python -r pyproject.toml --constraint requirements.lock \
+RUN uv pip install --python /opt/venv/bin/python -r pyproject.toml ${EXTRAS:+--extra "${EXTRAS}"} \
+    --constraint requirements.lock \
  && opencv="$(grep -E '^opencv-python==' requirements.lock | cut -d= -f3)" \
  && uv pip uninstall --python /opt/venv/bin/python opencv-python \
  && uv pip install --python /opt/venv/bin/python --no-deps "opencv-python-headless==${opencv}"
