@@ -101,9 +101,9 @@ def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path}: CLIP checkpoint file not found")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from captioning.weights import load_state
 
-            state: Any = load_file(str(path))
+            state: Any = load_state(path)
         else:
             try:
                 with warnings.catch_warnings():

@@ -138,11 +138,11 @@ class ConceptVocabulary:
         return int(self.embeddings.shape[1])
 
     def save(self, folder: str | Path, dtype: torch.dtype = torch.float16) -> list[Path]:
-        from safetensors.torch import save_file
+        from captioning.weights import DTYPES, save_state
 
         folder = Path(folder)
-        emb_path = folder / VOCAB_EMBEDDINGS_FILE
-        save_file({"embeddings": self.embeddings.to(dtype).contiguous()}, str(emb_path))
+        names = {d: n for n, d in DTYPES.items()}
+        emb_path = save_state({"embeddings": self.embeddings}, folder / VOCAB_EMBEDDINGS_FILE, names[dtype])
         words_path = folder / VOCAB_WORDS_FILE
         words_path.write_text(
             json.dumps({"template": self.template, "words": self.words, "labels": self.labels}, indent=1)
@@ -151,14 +151,15 @@ class ConceptVocabulary:
 
     @classmethod
     def load(cls, folder: str | Path) -> ConceptVocabulary:
-        from safetensors.torch import load_file
+        from captioning.errors import StoreError
+        from captioning.weights import load_state
 
         folder = Path(folder)
         words_path, emb_path = folder / VOCAB_WORDS_FILE, folder / VOCAB_EMBEDDINGS_FILE
         try:
             meta = json.loads(words_path.read_text())
-            embeddings = load_file(str(emb_path))["embeddings"].float()
-        except (OSError, ValueError, KeyError) as exc:
+            embeddings = load_state(emb_path)["embeddings"]  # fp32
+        except (OSError, ValueError, KeyError, StoreError) as exc:
             raise ConfigError(f"{folder}: cannot read the concept vocabulary ({exc})") from exc
         return cls(meta["words"], meta["labels"], F.normalize(embeddings, dim=-1), meta.get("template", DEFAULT_TEMPLATE))
 

@@ -72,12 +72,12 @@ class ProposalDetector(nn.Module):
 
     # weights ---------------------------------------------------------------------------------------------
     def load_weights(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
+        from captioning.weights import load_state
 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: detector weights not found")
-        self.load_tensors(load_file(str(path)), source=str(path))
+        self.load_tensors(load_state(path), source=str(path))
 
     def load_tensors(self, state: dict[str, torch.Tensor], *, source: str) -> None:
         expected = self.model.state_dict()
@@ -92,13 +92,10 @@ class ProposalDetector(nn.Module):
         self.model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
     def save_weights(self, path: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-        from safetensors.torch import save_file
+        from captioning.weights import DTYPES, save_state
 
-        state = {
-            k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in self.model.state_dict().items()
-        }
-        save_file(state, str(path))
-        return Path(path)
+        names = {d: n for n, d in DTYPES.items()}
+        return save_state(self.model.state_dict(), path, names[dtype])
 
     @staticmethod
     def tensors_from_ultralytics_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -85,20 +85,12 @@ def save_captioner(
     dtype: str = "float32",
     decoding: dict[str, Any] | None = None,
 ) -> list[Path]:
-    from safetensors.torch import save_file
+    from captioning.weights import save_state
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch_dtype = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ConfigError(f"weights_dtype {dtype!r} is not one of float16, float32, bfloat16")
-    state = {
-        k: v.detach().to("cpu", torch_dtype if v.is_floating_point() else v.dtype).contiguous()
-        for k, v in model.state_dict().items()
-        if not k.startswith(TIED_PREFIX)
-    }
-    weights = folder / WEIGHTS_FILE
-    save_file(state, str(weights))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(TIED_PREFIX)}
+    weights = save_state(state, folder / WEIGHTS_FILE, dtype)
     arch_path = folder / ARCH_FILE
     arch_path.write_text(json.dumps({"arch": model.arch, "decoding": decoding or {}, "dtype": dtype}, indent=1))
     tok_path = tokenizer.save(folder / TOKENIZER_FILE)
@@ -107,7 +99,7 @@ def save_captioner(
 
 def load_captioner_folder(folder: str | Path) -> tuple[LightCapCaptioner, CaptionTokenizer, dict[str, Any]]:
     """(model in fp32 eval mode, tokenizer, the model.json dict) of a published captioner folder."""
-    from safetensors.torch import load_file
+    from captioning.weights import load_state
 
     folder = Path(folder)
     try:
@@ -116,11 +108,7 @@ def load_captioner_folder(folder: str | Path) -> tuple[LightCapCaptioner, Captio
         raise StoreError(f"{folder / ARCH_FILE}: cannot read the captioner architecture ({exc})") from exc
     tokenizer = CaptionTokenizer.load(folder / TOKENIZER_FILE)
     model = LightCapCaptioner(meta["arch"])
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{folder / WEIGHTS_FILE}: cannot read the captioner weights ({exc})") from exc
-    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    result = model.load_state_dict(load_state(folder / WEIGHTS_FILE), strict=False)  # fp32
     missing = [k for k in result.missing_keys if not k.startswith(TIED_PREFIX)]
     if missing or result.unexpected_keys:
         raise StoreError(
