@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from captioning.errors import CaptionerError
 from captioning.inference import CaptionParams, ConceptParams, LabelParams
@@ -45,20 +45,15 @@ class SceneRequest(BaseModel):
     overlap: int = Field(32, ge=0, le=2048, description="overlap of neighbouring tiles in model pixels (< tile)")
     caption: Literal["none", "lightcap", "ucm"] = Field("none", description="caption every tile with this model")
     concepts: bool = Field(True, description="find object instances (merged across tile overlaps)")
-    crs: str = Field("scene", description="CRS of scene.geojson: `scene` (the raster's) or `EPSG:4326`")
-    bands: str | None = Field(None, description="bands read as R,G,B (or one grey band), 1-based, e.g. `4,3,2`")
-    gsd: float | None = Field(None, gt=0, description="the models' ground sample distance in m/pixel (default "
-                              "0.3, UC Merced's); tiles are resampled to it when the scene's is known")
+    crs: str = Field("scene", pattern=r"^(scene|EPSG:[0-9]{4,6})$",
+                     description="CRS of scene.geojson: `scene` (the raster's) or an EPSG code, e.g. `EPSG:4326`")
+    bands: str | None = Field(None, pattern=r"^[0-9]{1,3}(,[0-9]{1,3}){0,2}$",
+                              description="bands read as R,G,B (or one grey band), 1-based, e.g. `4,3,2`")
+    gsd: float | None = Field(None, ge=0.01, le=1000.0, description="the models' ground sample distance in m/pixel "
+                              "(default 0.3, UC Merced's); tiles are resampled to it when the scene's is known")
     native: bool = Field(False, description="do not resample: process at the scene's own resolution")
     threshold: float | None = Field(None, ge=0.0, le=1.0, description="labels' decision threshold (default: the "
                                     "model's)")
-
-    @field_validator("crs")
-    @classmethod
-    def _crs(cls, value: str) -> str:
-        if value != "scene" and not value.upper().startswith("EPSG:"):
-            raise ValueError("must be `scene` or an EPSG code such as `EPSG:4326`")
-        return value
 
     def band_tuple(self) -> tuple[int, ...] | None:
         if not self.bands:

@@ -65,11 +65,15 @@ def check_raster(path: Path, bands: tuple[int, ...] | None) -> list[str]:
         "requestBody": {
             "required": True,
             "content": {
-                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
                     "file": {"type": "string", "format": "binary", "description": "the raster (GeoTIFF, COG, ...)"},
-                    **SceneRequest.model_json_schema()["properties"]}}},
+                    **{k: v for k, v in SceneRequest.model_json_schema()["properties"].items() if k != "path"}}}},
                 "image/tiff": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": SceneRequest.model_json_schema()},
+                "application/json": {"schema": {
+                    **SceneRequest.model_json_schema(), "required": ["path"],
+                    "properties": {**SceneRequest.model_json_schema()["properties"],
+                                   "path": {"type": "string", "minLength": 1,
+                                            "description": "a raster under CAPTIONER_SCENE_ROOTS"}}}},
             },
         }
     },
