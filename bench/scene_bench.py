@@ -48,14 +48,9 @@ def peak_rss_mib() -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from captioning.accel import describe_cpu
+
+    cpu = describe_cpu()["cpu"]
     try:
         load = os.getloadavg()
     except OSError:

@@ -55,14 +55,9 @@ def scene_images(count: int, size: int = 256) -> list[bytes]:
 def machine() -> dict:
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from captioning.accel import describe_cpu
+
+    cpu = describe_cpu()["cpu"]
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

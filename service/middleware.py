@@ -33,6 +33,20 @@ async def send_problem(send, problem: Problem, instance: str | None = None) -> N
     await send({"type": "http.response.body", "body": body})
 
 
+class ResponseWatch:
+    """Wraps an ASGI ``send``: ``status`` is the response's status once it has started (None before), so a
+    middleware knows whether it may still answer with a problem and what was answered."""
+
+    def __init__(self, send):
+        self.send = send
+        self.status: int | None = None
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self.send(message)
+
+
 class BodyLimit:
     def __init__(self, app, limit_for: Callable[[dict], int]):
         self.app = app
@@ -52,7 +66,6 @@ class BodyLimit:
         if declared is not None and declared > limit:
             return await send_problem(send, too_large(declared, limit, declared=True), scope.get("path"))
         received = 0
-        started = False
 
         async def limited_receive():
             nonlocal received
@@ -63,16 +76,11 @@ class BodyLimit:
                     raise too_large(received, limit, declared=False)
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watch = ResponseWatch(send)
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, watch)
         except Problem as problem:  # raised while reading, outside the app's own handlers
-            if started:
+            if watch.status is not None:
                 raise
             await send_problem(send, problem, scope.get("path"))
 
@@ -89,18 +97,11 @@ class UnexpectedErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        watch = ResponseWatch(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, watch)
         except Exception as exc:
-            if started:
+            if watch.status is not None:
                 raise
             log.error("%s %s failed", scope.get("method"), scope.get("path"), exc_info=exc)
             problem = Problem("internal-error", f"an unexpected {type(exc).__name__}; see the server log")
@@ -116,19 +117,12 @@ class RequestMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = 500
-
-        async def tracking_send(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        watch = ResponseWatch(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, watch)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
-            labels = (template, scope.get("method", ""), str(status))
+            labels = (template, scope.get("method", ""), str(watch.status or 500))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - start)
