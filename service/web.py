@@ -20,12 +20,11 @@ from fastapi.staticfiles import StaticFiles
 
 import captioning
 from service.deps import get_ctx, require_api_key
-from service.inference import Ctx
-from service.intake import decode_image
+from service.inference import Ctx, header_pixels, overloaded, prepare_one
+from service.pool import Overloaded
 from service.reading import read_images
 
 STATIC = Path(__file__).resolve().parent / "static"
-PREVIEW_SIDE = 1024  # the preview's longest side; boxes are drawn in the upload's pixels, so only the ratio counts
 NO_CACHE = {"Cache-Control": "no-cache"}  # revalidate (ETag) so a new release's page is never mixed with old modules
 
 
@@ -51,18 +50,25 @@ def mount_web(app: FastAPI) -> None:
 
     @app.post("/ui/preview", include_in_schema=False, dependencies=[Depends(require_api_key)])
     async def preview(request: Request, ctx: Annotated[Ctx, Depends(get_ctx)]) -> Response:
+        """The service's own intake (same checks, the decoded-pixel budget) and its kept copy of the image
+        (at most ``service.inference.KEPT_SIDE`` a side), as PNG."""
         raws, _ = await read_images(request, 1)
         settings = ctx.settings
 
         def render() -> bytes:
-            decoded = decode_image(raws[0], formats=settings.format_list, max_pixels=settings.max_image_pixels)
-            image = decoded.image
-            image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+            kept = prepare_one(raws[0], settings.format_list, settings.max_image_pixels, [], keep_image=True)
             buf = io.BytesIO()
-            image.save(buf, format="PNG")
+            kept.decoded.image.save(buf, format="PNG")
             return buf.getvalue()
 
-        png = await asyncio.get_running_loop().run_in_executor(ctx.decode_executor, render)
+        try:
+            pixels = await ctx.pixels.take(header_pixels(raws[0]), 2.0)
+        except Overloaded as exc:
+            raise overloaded(exc) from None
+        try:
+            png = await asyncio.get_running_loop().run_in_executor(ctx.decode_executor, render)
+        finally:
+            await ctx.pixels.give(pixels)
         return Response(png, media_type="image/png")
 
 
