@@ -202,6 +202,19 @@ def run_concepts(runtime: ConceptExtractor, options: Any, images: torch.Tensor) 
     return runtime.extract(images)
 
 
+def run_kind_batch(kind: str, runtime: Any, options: Any, payloads: Sequence[torch.Tensor]) -> list[Any]:
+    """One batch of a kind, as every caller runs it (the service's pool replicas, the offline Engine): the
+    preprocessed CPU float32 tensors stacked ``[B, 3, H, W]``, pinned for a GPU runtime (its host-to-device
+    copy is then asynchronous), the kind's batch function under ``torch.inference_mode``."""
+    import torch
+
+    images = torch.stack(list(payloads))
+    if runtime.device.type == "cuda":
+        images = images.pin_memory()
+    with torch.inference_mode():
+        return KINDS[kind].run(runtime, options, images)
+
+
 # ---------------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class Frame:

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from captioning.errors import CaptionerError, UsageError
-from captioning.inference import KINDS, TASKS, Limits, combine_records, load_model, parse_kinds
+from captioning.inference import (
+    KINDS,
+    TASKS,
+    Limits,
+    combine_records,
+    load_model,
+    parse_kinds,
+    run_kind_batch,
+)
 from service.inference import Prepared, ReadyImage, error_of, prepare_one
 from service.intake import ImageProblem, RawImage
 from service.settings import Settings
@@ -112,15 +120,12 @@ class Engine:
               ) -> list[dict[str, Any]]:
         """One record per item, in order; error records pass through. ``keys`` name the items (default: the
         prepared images' filenames)."""
-        import torch
 
         ok = [i for i, p in enumerate(prepared) if isinstance(p, Prepared)]
         results: dict[int, dict[str, dict[str, Any]]] = {i: {} for i in ok}
         if ok:
             for k, (kind, runtime, options) in enumerate(zip(self.kinds, self.runtimes, self.options, strict=True)):
-                images = torch.stack([prepared[i].tensors[k] for i in ok])
-                with torch.inference_mode():
-                    outs = KINDS[kind].run(runtime, options, images)
+                outs = run_kind_batch(kind, runtime, options, [prepared[i].tensors[k] for i in ok])
                 for i, out in zip(ok, outs, strict=True):
                     results[i][kind] = KINDS[kind].record(out, runtime, options, prepared[i].frame(k))
         records = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captioning.errors import CaptionerError
-from captioning.inference import KINDS, TASKS, TaskSpec, load_model, task_spec
+from captioning.inference import TASKS, TaskSpec, load_model, run_kind_batch, task_spec
 from service.pool import BatchPool
 from service.problems import Problem
 from service.settings import Settings
@@ -27,17 +27,10 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def run_batch(runtime: Any, key: Any, payloads: list[Any]) -> Any:
-    """What a pool's replica thread runs: the kind's batch function over the stacked payloads.
-
-    ``key`` is the items' ``service.inference.BatchKey`` (kind + resolved options): ``BatchPool`` groups by it."""
-    import torch
-
-    images = torch.stack(payloads)  # [B, 3, H, W], CPU float32
-    if runtime.device.type == "cuda":
-        images = images.pin_memory()  # the runtime's host-to-device copy is then asynchronous
-    with torch.inference_mode():
-        return KINDS[key.kind].run(runtime, key.options, images)
+def run_pool_batch(runtime: Any, key: Any, payloads: list[Any]) -> Any:
+    """What a pool's replica thread runs. ``key`` is the items' ``service.inference.BatchKey`` (kind + resolved
+    options): ``BatchPool`` groups by it."""
+    return run_kind_batch(key.kind, runtime, key.options, payloads)
 
 
 @dataclass
@@ -110,7 +103,7 @@ class ModelRegistry:
         s = self.settings
         pool = BatchPool(
             name,
-            run_batch,
+            run_pool_batch,
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             capacity=s.queue_size,
