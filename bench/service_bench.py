@@ -23,6 +23,9 @@ import io
 import json
 import os
 import platform
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -111,30 +114,44 @@ def server_env(store: Path, work: Path, name: str, served: list[str], batch: int
     return {k: v for k, v in env.items() if v}
 
 
+ADMISSION_MODES = {"wait in line": "1000", "refuse at once": "0"}  # CAPTIONER_ADMISSION_WAIT_MS
+
+
 def overload_and_memory(store: Path, work: Path, served: list[str], images: list[bytes], args) -> dict:
-    """Goodput at 4x overload against the throughput at 8 clients (a server whose queue holds 8 images, so 32
-    clients overload it; refusals are immediate 429s and clients retry at once), then the peak memory of one
-    request carrying 32 PNGs of 49 megapixels each on a fresh server."""
-    out: dict = {}
-    env = server_env(store, work, "overload", served, 8, args, CAPTIONER_QUEUE_SIZE="8")
-    server = ServerProcess(env, log_path=work / "server-overload.log").start()
-    try:
-        cells = {}
-        for name, clients, honor in (("clients_8", 8, False), ("clients_32", 32, False),
-                                     ("clients_32_retry_after", 32, True)):
-            cells[name] = asyncio.run(run_cell(server.url, "/v1/caption", {}, images, clients, args.duration,
-                                               args.warmup, honor_retry_after=honor))
-            print(f"overload {name}: {cells[name]['throughput_rps']:.2f} answered/s, statuses "
-                  f"{cells[name]['statuses']}", flush=True)
-        base = cells["clients_8"]["throughput_rps"]
-        out["overload"] = {
-            "queue_size": 8, **cells,
-            "goodput_ratio": round(cells["clients_32"]["throughput_rps"] / base, 3) if base else None,
-            "goodput_ratio_retry_after": round(cells["clients_32_retry_after"]["throughput_rps"] / base, 3)
-            if base else None,
-        }
-    finally:
-        server.terminate(60)
+    """Goodput at 4x overload against the throughput at 8 clients, on a server whose queue holds 8 images (so
+    32 clients overload it), for both admission modes in the same run: requests wait in line up to
+    CAPTIONER_ADMISSION_WAIT_MS (the default, 1 s) or are refused at once (0). Clients either retry a 429 at
+    once or wait its Retry-After as told. The Python clients (httpx) cost the 2 cores almost as much CPU as
+    the server; ``wrk`` (a C load generator, when installed: ``apt-get install wrk``) retries at once at the
+    server's own pace, the harshest client. Then the peak memory of one request carrying 32 PNGs of 49
+    megapixels each on a fresh server."""
+    out: dict = {"overload": {"queue_size": 8, "modes": {}}}
+    for mode, wait_ms in ADMISSION_MODES.items():
+        env = server_env(store, work, "overload", served, 8, args, CAPTIONER_QUEUE_SIZE="8",
+                         CAPTIONER_ADMISSION_WAIT_MS=wait_ms)
+        server = ServerProcess(env, log_path=work / f"server-overload-{wait_ms}.log").start()
+        try:
+            cells: dict = {}
+            for name, clients, honor in (("clients_8", 8, False), ("clients_32", 32, False),
+                                         ("clients_32_retry_after", 32, True)):
+                cells[name] = asyncio.run(run_cell(server.url, "/v1/caption", {}, images, clients, args.duration,
+                                                   args.warmup, honor_retry_after=honor))
+            if shutil.which("wrk"):
+                for clients in (8, 32):
+                    cells[f"wrk_{clients}"] = run_wrk(server.url, "/v1/caption", images[0], clients, args.duration,
+                                                      args.warmup, work)
+            for name, cell in cells.items():
+                print(f"overload [{mode}] {name}: {cell['throughput_rps']:.2f} answered/s, statuses "
+                      f"{cell['statuses']}", flush=True)
+            base, wrk_base = cells["clients_8"]["throughput_rps"], cells.get("wrk_8", {}).get("throughput_rps")
+            cells["goodput_ratio"] = round(cells["clients_32"]["throughput_rps"] / base, 3) if base else None
+            cells["goodput_ratio_retry_after"] = (round(cells["clients_32_retry_after"]["throughput_rps"] / base, 3)
+                                                  if base else None)
+            if wrk_base:
+                cells["goodput_ratio_wrk"] = round(cells["wrk_32"]["throughput_rps"] / wrk_base, 3)
+            out["overload"]["modes"][mode] = {"admission_wait_ms": int(wait_ms), **cells}
+        finally:
+            server.terminate(60)
     env = server_env(store, work, "bigpng", served, 8, args)
     server = ServerProcess(env, log_path=work / "server-bigpng.log").start()
     try:
@@ -197,6 +214,27 @@ async def run_cell(url: str, path: str, params: dict, images: list[bytes], concu
         "mean_ms": round(float(lat.mean()), 1) if len(lat) else None,
         "statuses": statuses,
     }
+
+
+def run_wrk(url: str, path: str, image: bytes, concurrency: int, duration: float, warmup: float, work: Path) -> dict:
+    """``wrk`` closed loop (each connection sends its next request as soon as the last is answered, 429 or
+    not), one thread: -> answered (2xx) per second and the status split."""
+    body = work / "wrk-body.png"
+    body.write_bytes(image)
+    script = work / "wrk-post.lua"
+    script.write_text(f'wrk.method = "POST"\nlocal f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n'
+                      'wrk.headers["Content-Type"] = "image/png"\n')
+    command = ["wrk", "-t1", f"-c{concurrency}", "-s", str(script), f"{url}{path}"]
+    subprocess.run([*command[:-1], f"-d{max(1, round(warmup))}s", command[-1]], capture_output=True, check=True)
+    text = subprocess.run([*command[:-1], f"-d{max(1, round(duration))}s", command[-1]], capture_output=True,
+                          text=True, check=True).stdout
+    total = int(re.search(r"(\d+) requests in", text).group(1))
+    seconds = float(re.search(r"requests in ([\d.]+)s", text).group(1))
+    other = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    refused = int(other.group(1)) if other else 0
+    return {"tool": "wrk", "requests": total - refused, "seconds": seconds,
+            "throughput_rps": round((total - refused) / seconds, 3), "statuses": {"2xx": total - refused,
+                                                                               "other": refused}}
 
 
 def batch_stats(url: str, model: str) -> tuple[float, float]:
@@ -327,14 +365,25 @@ def markdown(result: dict) -> str:
     idle = result.get("idle_rss_mib", {})
     lines += ["", "Server memory: idle (VmRSS after start) " + ", ".join(f"{k}: {v} MiB" for k, v in idle.items())
               + "; peak under this load (VmHWM) " + ", ".join(f"{k}: {v} MiB" for k, v in peak.items()), ""]
-    if "overload" in result:
+    if "overload" in result and "modes" in result["overload"]:
         o = result["overload"]
-        lines.append(
-            f"Overload (caption route, queue of {o['queue_size']} images, batching on): {o['clients_8']['throughput_rps']:.2f} "
-            f"answered/s at 8 clients; at 32 (4x) {o['clients_32']['throughput_rps']:.2f} when refused clients retry at "
-            f"once (statuses {o['clients_32']['statuses']}; goodput ratio {o['goodput_ratio']}), "
-            f"{o['clients_32_retry_after']['throughput_rps']:.2f} when they wait Retry-After as told (statuses "
-            f"{o['clients_32_retry_after']['statuses']}; goodput ratio {o['goodput_ratio_retry_after']}); target >= 0.9.")
+        lines += [f"Overload (caption route, queue of {o['queue_size']} images, batching on; goodput = answered/s at "
+                  "32 clients / at 8 clients, target >= 0.9):", "",
+                  "| admission | client | 8 clients answered/s | 32 clients answered/s | 32: statuses | goodput ratio |",
+                  "|---|---|---|---|---|---|"]
+        for mode, c in o["modes"].items():
+            label = f"{mode} ({c['admission_wait_ms']} ms)"
+            lines.append(f"| {label} | httpx, retries at once | {c['clients_8']['throughput_rps']:.2f} | "
+                         f"{c['clients_32']['throughput_rps']:.2f} | {c['clients_32']['statuses']} | "
+                         f"{c['goodput_ratio']} |")
+            lines.append(f"| {label} | httpx, waits Retry-After | {c['clients_8']['throughput_rps']:.2f} | "
+                         f"{c['clients_32_retry_after']['throughput_rps']:.2f} | "
+                         f"{c['clients_32_retry_after']['statuses']} | {c['goodput_ratio_retry_after']} |")
+            if "wrk_32" in c:
+                lines.append(f"| {label} | wrk, retries at once | {c['wrk_8']['throughput_rps']:.2f} | "
+                             f"{c['wrk_32']['throughput_rps']:.2f} | {c['wrk_32']['statuses']} | "
+                             f"{c['goodput_ratio_wrk']} |")
+        lines.append("")
     if "big_request" in result:
         b = result["big_request"]
         lines.append(

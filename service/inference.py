@@ -239,18 +239,50 @@ def overloaded(exc: Overloaded) -> Problem:
     return Problem("overloaded", str(exc), headers={"Retry-After": str(exc.retry_after)}, retry_after_s=exc.retry_after)
 
 
-async def infer(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], *, deadline: float,
-                request: Request | None = None, keep_image: bool = False) -> list[Outcome]:
-    """Run every image of an interactive request through every plan (all or nothing); -> one outcome per
-    image, in order.
+async def admit_early(ctx: Ctx, plans: Sequence[Plan], *, deadline: float) -> list[Reservation]:
+    """Room for one image in every plan's queue, taken before the request's body is read (a raw image body
+    holds exactly one image and its parameters are all in the query): a request that waits for room waits
+    with its body unread, and one that is refused costs no reading, parsing or decoding. -> the reservations,
+    for ``infer(held=...)``; the caller releases them (``Reservation.release``) if it does not get that far.
 
-    Raises Problem: the images' problems combined (400/413/415), 429 (no room: refused before decoding),
-    504 (deadline), 499 (client gone), 503 (shutting down)."""
+    Raises Problem: 429 (no room within CAPTIONER_ADMISSION_WAIT_MS), 503 (shutting down)."""
+    if ctx.draining:
+        raise Problem("shutting-down", "the server is shutting down and takes no new work")
+    held: list[Reservation] = []
+    try:
+        for p in plans:
+            held.append(await p.served.pool.admit(1, INTERACTIVE, _admission_wait(ctx, deadline)))
+    except BaseException as exc:
+        for r in held:
+            r.release()
+        if isinstance(exc, Overloaded):
+            raise overloaded(exc) from None
+        if isinstance(exc, PoolClosed):
+            raise Problem("shutting-down", str(exc)) from None
+        raise
+    return held
+
+
+def _admission_wait(ctx: Ctx, deadline: float) -> float:
+    """Seconds a request may wait for queue room: CAPTIONER_ADMISSION_WAIT_MS, within its deadline."""
+    return max(0.0, min(ctx.settings.admission_wait_ms / 1000.0, deadline - time.monotonic()))
+
+
+async def infer(ctx: Ctx, raws: Sequence[RawImage], plans: Sequence[Plan], *, deadline: float,
+                request: Request | None = None, keep_image: bool = False,
+                held: Sequence[Reservation] = ()) -> list[Outcome]:
+    """Run every image of an interactive request through every plan (all or nothing); -> one outcome per
+    image, in order. ``held``: room already taken by ``admit_early`` (used here, or given back).
+
+    Raises Problem: the images' problems combined (400/413/415), 429 (no room within
+    CAPTIONER_ADMISSION_WAIT_MS: refused before decoding), 504 (deadline), 499 (client gone), 503 (shutting
+    down)."""
     if ctx.draining:
         raise Problem("shutting-down", "the server is shutting down and takes no new work")
     try:
         return await _infer(ctx, raws, plans, deadline=deadline, priority=INTERACTIVE, keep_image=keep_image,
-                            disconnected=(lambda: client_gone(request)) if request is not None else None)
+                            disconnected=(lambda: client_gone(request)) if request is not None else None,
+                            held=held)
     except Overloaded as exc:
         raise overloaded(exc) from None
     except PoolClosed as exc:
@@ -278,12 +310,25 @@ async def infer_background(ctx: Ctx, raws: Sequence[RawImage | ReadyImage], plan
 
 
 async def _infer(ctx: Ctx, raws: Sequence[RawImage | ReadyImage], plans: Sequence[Plan], *, deadline: float, priority: int,
-                 keep_image: bool = False, disconnected=None, inflight: set | None = None) -> list[Outcome]:
+                 keep_image: bool = False, disconnected=None, inflight: set | None = None,
+                 held: Sequence[Reservation] = ()) -> list[Outcome]:
     combined = inflight is None
     reservations: list[Reservation] = []
+    unused = list(held)
     try:
-        for p in plans:  # room in every queue first: overload is refused before an image is decoded
-            reservations.append(p.served.pool.reserve(len(raws), priority))
+        # room in every queue first: overload is refused (or waits, interactive) before an image is decoded
+        for p in plans:
+            pool = p.served.pool
+            taken = next((r for r in unused if r.pool is pool and r.priority == priority), None)
+            if taken is not None:
+                unused.remove(taken)
+                if not taken.grow(len(raws) - taken.count):
+                    taken.release()
+                    taken = None
+            if taken is None:
+                taken = (await pool.admit(len(raws), priority, _admission_wait(ctx, deadline))
+                         if priority == INTERACTIVE else pool.reserve(len(raws), priority))
+            reservations.append(taken)
         prepared = await _prepare(ctx, raws, plans, deadline, keep_image, combined)
         submitted: list[list[WorkItem]] = []
         try:
@@ -296,7 +341,7 @@ async def _infer(ctx: Ctx, raws: Sequence[RawImage | ReadyImage], plans: Sequenc
             cancel_items([i for items in submitted for i in items])
             raise
     finally:
-        for r in reservations:
+        for r in [*reservations, *unused]:
             r.release()
     every = [i for items in submitted for i in items]
     if inflight is not None:

@@ -7,8 +7,9 @@ torch call that releases the GIL, so it runs on a ``ThreadPoolExecutor`` with on
 thread pinned to ``torch_threads`` intra-op threads (torch's thread count is per calling thread). Replicas
 share the model's read-only weights, so a second replica costs threads, not memory.
 
-Life of an item: ``reserve`` (admission, before the caller decodes anything: at most ``capacity`` queued or
-reserved items per priority, else :class:`Overloaded` with a Retry-After estimate) -> ``submit`` with that
+Life of an item: ``reserve`` / ``admit`` (admission, before the caller decodes anything: at most ``capacity``
+queued or reserved items per priority; ``admit`` lets a request wait up to ``wait_s`` in a bounded FIFO waiting
+room for that room to free, else :class:`Overloaded` with a Retry-After estimate) -> ``submit`` with that
 reservation -> queued -> the batcher, once a replica is free, takes the
 oldest highest-priority item and adds compatible items (same model object, same decode parameters) until
 ``max_batch_size`` or ``max_wait_ms`` has passed -> items whose deadline has passed or whose caller went away
@@ -95,10 +96,34 @@ class Reservation:
     priority: int
     count: int
 
-    def release(self) -> None:
+    def release(self, *, grant: bool = True) -> None:
+        """Give the room back (``grant=False``: to the caller that turns it into queued items at once, so no
+        waiting request takes it in between)."""
         if self.count:
             self.pool._reserved[self.priority] -= self.count
             self.count = 0
+            if grant:
+                self.pool._grant_waiters()
+
+    def grow(self, extra: int) -> bool:
+        """Hold room for ``extra`` more items if the queue has it now (never waits); -> whether it did."""
+        pool = self.pool
+        if extra <= 0:
+            return True
+        if pool._closing or pool._queued[self.priority] + pool._reserved[self.priority] + extra > pool.capacity:
+            return False
+        pool._reserved[self.priority] += extra
+        self.count += extra
+        return True
+
+
+@dataclass(eq=False)
+class _RoomWaiter:
+    """A request waiting in ``BatchPool.admit`` for room for ``count`` items; ``future`` gets its Reservation."""
+
+    count: int
+    priority: int
+    future: asyncio.Future
 
 
 class BatchPool:
@@ -112,6 +137,7 @@ class BatchPool:
         max_batch_size: int = 8,
         max_wait_ms: float = 5.0,
         capacity: int = 64,
+        max_waiting: int = 0,
         replicas: int = 1,
         torch_threads: int = 1,
         metrics: Any = None,
@@ -121,6 +147,7 @@ class BatchPool:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.capacity = capacity
+        self.max_waiting = max_waiting  # items that may wait in ``admit`` for room (0: refuse at once)
         self.replicas = replicas
         self.torch_threads = torch_threads
         self.metrics = metrics
@@ -128,6 +155,8 @@ class BatchPool:
         self._queues: dict[int, deque[WorkItem]] = {INTERACTIVE: deque(), BACKGROUND: deque()}
         self._queued = {INTERACTIVE: 0, BACKGROUND: 0}
         self._reserved = {INTERACTIVE: 0, BACKGROUND: 0}
+        self._waiters: deque[_RoomWaiter] = deque()  # FIFO: the first to wait is the first let in
+        self._waiting = 0  # items in _waiters
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -160,6 +189,11 @@ class BatchPool:
             return
         self._closing = True
         self._wakeup.set()
+        for waiter in self._waiters:  # nobody waits for room in a pool that is closing
+            if not waiter.future.done():
+                waiter.future.set_exception(PoolClosed(f"model {self.name!r} is not accepting work (shutting down)"))
+        self._waiters.clear()
+        self._waiting = 0
         try:
             await asyncio.wait_for(asyncio.shield(self._batcher), timeout)
             if self._running_batches:
@@ -194,6 +228,56 @@ class BatchPool:
         self._reserved[priority] += count
         return Reservation(self, priority, count)
 
+    async def admit(self, count: int, priority: int = INTERACTIVE, wait_s: float = 0.0) -> Reservation:
+        """``reserve``, but when the queue is full wait up to ``wait_s`` for room (first come, first served)
+        in a waiting room of at most ``max_waiting`` items, so that a burst or clients that retry at once are
+        paced by the queue instead of answered with a 429 they turn straight into another request. Nothing is
+        decoded while waiting. Raises :class:`Overloaded` when the wait ends without room, when the waiting
+        room is full, or when ``count`` could never fit; :class:`PoolClosed` if the pool closes meanwhile."""
+        if not self._waiters:  # nobody is ahead: take the room now if there is some
+            try:
+                return self.reserve(count, priority)
+            except Overloaded:
+                if wait_s <= 0 or count > self.capacity or self._waiting + count > self.max_waiting:
+                    raise
+        elif wait_s <= 0 or count > self.capacity or self._waiting + count > self.max_waiting:
+            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+        waiter = _RoomWaiter(count, priority, self._loop.create_future())
+        self._waiters.append(waiter)
+        self._waiting += count
+        try:
+            done, _ = await asyncio.wait({waiter.future}, timeout=wait_s)
+        finally:
+            if not waiter.future.done():  # timed out or cancelled (the client went away): leave the room
+                waiter.future.cancel()
+                self._remove_waiter(waiter)
+        if not done:
+            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+        return waiter.future.result()
+
+    def _remove_waiter(self, waiter: _RoomWaiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            return
+        self._waiting -= waiter.count
+        self._grant_waiters()  # the one behind may fit where this one did not
+
+    def _grant_waiters(self) -> None:
+        """Let waiting requests in, in order, while the head of the line fits."""
+        while self._waiters and not self._closing:
+            head = self._waiters[0]
+            if head.future.done():
+                self._waiters.popleft()
+                self._waiting -= head.count
+                continue
+            if self._queued[head.priority] + self._reserved[head.priority] + head.count > self.capacity:
+                return
+            self._waiters.popleft()
+            self._waiting -= head.count
+            self._reserved[head.priority] += head.count
+            head.future.set_result(Reservation(self, head.priority, head.count))
+
     def submit(
         self,
         payloads: Sequence[Any],
@@ -207,10 +291,11 @@ class BatchPool:
         """Queue ``payloads`` together (all or none), into the room ``reservation`` holds when given (it is
         used up either way). Must be called on the pool's event loop."""
         if reservation is not None:
-            reservation.release()
+            reservation.release(grant=False)
         if self._closing or self._batcher is None:
             raise PoolClosed(f"model {self.name!r} is not accepting work (shutting down)")
         if self._queued[priority] + self._reserved[priority] + len(payloads) > self.capacity:
+            self._grant_waiters()  # the reservation's room, if any, goes to whoever waits for it
             raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
         now = time.monotonic()
         items = []
@@ -248,6 +333,7 @@ class BatchPool:
     def _drop(self, item: WorkItem, exc: BaseException, reason: str) -> None:
         if item.state == "queued":
             self._queued[item.priority] -= 1
+            self._grant_waiters()
         item.state = "dropped"
         self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
         if self.metrics is not None:
@@ -297,12 +383,15 @@ class BatchPool:
             # the first item leaves the queue now: count it out so admission sees the room
             self._queued[first.priority] -= 1
             first.state = "forming"
+            self._grant_waiters()
             until = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch_size:
                 more = self._take_compatible(first, self.max_batch_size - len(batch))
                 for item in more:
                     self._queued[item.priority] -= 1
                     item.state = "forming"
+                if more:
+                    self._grant_waiters()
                 batch.extend(more)
                 remaining = until - time.monotonic()
                 if len(batch) >= self.max_batch_size or remaining <= 0 or self._closing:

@@ -79,6 +79,12 @@ async def read_form(request: Request, max_files: int):
     return form
 
 
+def is_raw_image(request: Request) -> bool:
+    """The body is one image (``image/*`` or ``application/octet-stream``), its parameters in the query."""
+    kind = media_type(request)
+    return kind.startswith("image/") or kind == "application/octet-stream"
+
+
 async def read_images(request: Request, max_images: int) -> tuple[list[RawImage], dict[str, Any]]:
     """-> (images in request order, parameters). Raises Problem for an unreadable body."""
     params: dict[str, Any] = dict(request.query_params)
@@ -102,7 +108,7 @@ async def read_images(request: Request, max_images: int) -> tuple[list[RawImage]
             raise Problem("invalid-request", f"the JSON body must be an object, got {type(doc).__name__}")
         raws = json_images(doc, max_images)
         params.update({k: v for k, v in doc.items() if k not in JSON_IMAGE_KEYS})
-    elif kind.startswith("image/") or kind == "application/octet-stream":
+    elif is_raw_image(request):
         raws = [RawImage(0, request.query_params.get("filename"), await request.body())]
         params.pop("filename", None)
     else:

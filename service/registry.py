@@ -107,6 +107,7 @@ class ModelRegistry:
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             capacity=s.queue_size,
+            max_waiting=s.max_waiting,
             replicas=s.replicas,
             torch_threads=s.threads_per_replica,
             metrics=self.metrics,

@@ -88,6 +88,11 @@ class Settings(BaseSettings):
         5.0, ge=0, description="how long a batch waits for more compatible requests once it has one"
     )
     queue_size: int = Field(64, ge=1, description="per-model bound on queued images of each priority (429 when full)")
+    admission_wait_ms: float = Field(
+        1000.0, ge=0, description="how long a request may wait for room in a full queue before its 429 "
+        "(0: refuse at once); it waits in line, its body unread when it is one raw image, nothing decoded"
+    )
+    max_waiting: int = Field(256, ge=0, description="per-model bound on images waiting for queue room (429 at once beyond)")
     replicas: int = Field(1, ge=1, description="worker threads per model, each running one batch at a time")
     torch_threads: int = Field(0, ge=0, description="torch threads per replica (0: cores / replicas)")
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 when passed)")

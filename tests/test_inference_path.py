@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import threading
 import time
 
 import httpx
@@ -121,7 +122,8 @@ def test_overload_is_refused_before_the_image_is_decoded(store, tmp_path, monkey
 
     monkeypatch.setattr(path, "prepare_one", counting)
     monkeypatch.setitem(inference.KINDS, "caption", dataclasses.replace(real, run=slow))
-    with LiveServer(create_app(settings_for(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=1))) as url:
+    with LiveServer(create_app(settings_for(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=1,
+                                                  admission_wait_ms=0))) as url:
         wait_ready(url)
 
         async def burst():
@@ -137,6 +139,86 @@ def test_overload_is_refused_before_the_image_is_decoded(store, tmp_path, monkey
     statuses = [r.status_code for r in responses]
     assert statuses.count(429) >= 4 and set(statuses) <= {200, 429}, statuses
     assert len(decoded) == statuses.count(200), (decoded, statuses)  # a refused image was never decoded
+
+
+def test_a_full_queue_lets_requests_wait_in_line_then_refuses_them_undecoded(store, tmp_path, monkeypatch):
+    """CAPTIONER_ADMISSION_WAIT_MS: a request that finds the queue full waits for room (nothing decoded
+    meanwhile) and is answered; when the wait ends without room it gets its 429, still undecoded; a raw image
+    refused before its body was read leaves the keep-alive connection usable."""
+    from service import inference as path
+
+    decoded = []
+    real_prepare = path.prepare_one
+
+    def counting(raw, *args, **kwargs):
+        decoded.append(raw.index)
+        return real_prepare(raw, *args, **kwargs)
+
+    real = inference.KINDS["caption"]
+
+    def slow(runtime, options, images):
+        time.sleep(0.3)
+        return real.run(runtime, options, images)
+
+    monkeypatch.setattr(path, "prepare_one", counting)
+    monkeypatch.setitem(inference.KINDS, "caption", dataclasses.replace(real, run=slow))
+
+    async def burst(url, n):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async def one(seed):
+                return await client.post("/v1/caption", params={"model": "ucm", "beam_size": 1},
+                                         content=image_bytes(seed=seed), headers={"Content-Type": "image/png"})
+            first = asyncio.create_task(one(0))
+            await asyncio.sleep(0.15)  # running; one more fits the queue, the rest wait in line
+            return [await first, *await asyncio.gather(*(one(s) for s in range(1, n)))]
+
+    patient = settings_for(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=1,
+                           admission_wait_ms=20_000, max_waiting=8)
+    with LiveServer(create_app(patient)) as url:
+        wait_ready(url)
+        waited = asyncio.run(burst(url, 5))
+    assert [r.status_code for r in waited] == [200] * 5  # 1 running + 1 queued + 3 waiting: none refused
+    assert len(decoded) == 5
+
+    decoded.clear()
+    brief = settings_for(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=1,
+                         admission_wait_ms=100, max_waiting=8)
+    with LiveServer(create_app(brief)) as url:
+        wait_ready(url)
+        responses = asyncio.run(burst(url, 6))
+        statuses = [r.status_code for r in responses]
+        with httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=1)) as client:
+            def post():
+                return client.post("/v1/caption", params={"model": "ucm", "beam_size": 1},
+                                   content=image_bytes(seed=9), headers={"Content-Type": "image/png"})
+
+            def port(r):
+                return r.extensions["network_stream"].get_extra_info("client_addr")[1]
+
+            def hold_one(seed):
+                httpx.post(f"{url}/v1/caption", params={"model": "ucm"}, content=image_bytes(seed=seed),
+                           headers={"Content-Type": "image/png"}, timeout=30)
+
+            hold = [threading.Thread(target=hold_one, args=(s,)) for s in (20, 21)]
+            for t in hold:  # one running, one queued: the next raw image is refused after its 0.1 s wait
+                t.start()
+                time.sleep(0.1)
+            refused = post()
+            ports = [port(refused)]
+            health = client.get("/healthz")
+            ports.append(port(health))
+            for t in hold:
+                t.join()
+            again = post()
+            ports.append(port(again))
+    assert statuses.count(429) >= 3 and set(statuses) <= {200, 429}, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert_problem(r, 429, "overloaded")
+            assert int(r.headers["Retry-After"]) >= 1
+    assert refused.status_code == 429 and health.status_code == 200 and again.status_code == 200
+    assert len(set(ports)) == 1, ports  # one connection: it survived the early refusal
+    assert len(decoded) == statuses.count(200) + 2 + 1, (decoded, statuses)  # refused images never decoded
 
 
 def test_decoded_pixels_in_flight_stay_within_the_budget(store, tmp_path):

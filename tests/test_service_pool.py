@@ -238,3 +238,104 @@ def test_close_drains_queued_work_then_refuses_new_work():
 
     run(main())
     assert sum(len(b[2]) for b in runner.batches) == 9
+
+
+def test_admit_waits_in_line_for_room_and_refuses_when_the_wait_or_the_waiting_room_runs_out():
+    gate = threading.Event()
+    runner = Recorder(gate)
+    model = make_model()
+
+    async def main():
+        pool = BatchPool("m", runner, max_batch_size=1, max_wait_ms=0, capacity=2, max_waiting=3)
+        await pool.start()
+        running = pool.submit([torch.randn(4)], handle=model)
+        await asyncio.sleep(0.05)  # running: it no longer counts against the queue
+        queued = pool.submit([torch.randn(4) for _ in range(2)], handle=model)  # the queue is full
+        order: list[str] = []
+
+        async def waiter(name, count, wait_s):
+            reservation = await pool.admit(count, INTERACTIVE, wait_s)
+            order.append(name)
+            return pool.submit([torch.randn(4) for _ in range(count)], handle=model, reservation=reservation)
+
+        first = asyncio.create_task(waiter("first", 1, 10))
+        second = asyncio.create_task(waiter("second", 2, 10))
+        await asyncio.sleep(0.05)
+        assert pool._waiting == 3
+        with pytest.raises(Overloaded):  # the waiting room holds 3 items: a fourth is refused at once
+            await pool.admit(1, INTERACTIVE, 10)
+        started = time.monotonic()
+        with pytest.raises(Overloaded):  # nor can a request fit that is larger than the queue itself
+            await pool.admit(3, INTERACTIVE, 10)
+        assert time.monotonic() - started < 0.5
+        gate.set()  # batches run, room frees, the waiters get in in the order they came
+        items = [*running, *queued, *await first, *await second]
+        results = await wait_items(items, timeout=10)
+        assert pool._waiting == 0 and not pool._waiters
+
+        gate.clear()  # a wait that ends without room is a refusal, and leaves the line
+        blocker = pool.submit([torch.randn(4)], handle=model)
+        await asyncio.sleep(0.05)
+        full = pool.submit([torch.randn(4) for _ in range(2)], handle=model)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as info:
+            await pool.admit(1, INTERACTIVE, 0.2)
+        waited = time.monotonic() - started
+        assert pool._waiting == 0 and not pool._waiters
+        gate.set()
+        await wait_items([*blocker, *full], timeout=10)
+        await pool.close()
+        return order, results, waited, info.value
+
+    order, results, waited, refused = run(main())
+    assert order == ["first", "second"]
+    assert len(results) == 6
+    assert 0.15 < waited < 2.0 and refused.retry_after >= 1
+
+
+def test_admit_hands_room_to_the_waiter_and_not_to_a_later_arrival():
+    gate = threading.Event()
+    model = make_model()
+
+    async def main():
+        pool = BatchPool("m", Recorder(gate), max_batch_size=1, max_wait_ms=0, capacity=1, max_waiting=4)
+        await pool.start()
+        running = pool.submit([torch.randn(4)], handle=model)
+        await asyncio.sleep(0.05)
+        reservation = pool.reserve(1)  # the queue's only room, held while "decoding"
+        waiting = asyncio.create_task(pool.admit(1, INTERACTIVE, 10))
+        await asyncio.sleep(0.05)
+        reservation.release()  # given back (the request failed): the waiter gets it, no later arrival can
+        granted = await asyncio.wait_for(waiting, 1)
+        with pytest.raises(Overloaded):
+            pool.reserve(1)
+        count = granted.count
+        gate.set()
+        items = [*running, *pool.submit([torch.randn(4)], handle=model, reservation=granted)]
+        await wait_items(items, timeout=10)
+        await pool.close()
+        return count
+
+    assert run(main()) == 1
+
+
+def test_closing_the_pool_refuses_whoever_waits_for_room():
+    gate = threading.Event()
+    model = make_model()
+
+    async def main():
+        pool = BatchPool("m", Recorder(gate), max_batch_size=1, max_wait_ms=0, capacity=1, max_waiting=4)
+        await pool.start()
+        items = pool.submit([torch.randn(4)], handle=model)
+        await asyncio.sleep(0.05)
+        items += pool.submit([torch.randn(4)], handle=model)
+        waiting = asyncio.create_task(pool.admit(1, INTERACTIVE, 10))
+        await asyncio.sleep(0.05)
+        closing = asyncio.create_task(pool.close())
+        with pytest.raises(PoolClosed):
+            await asyncio.wait_for(waiting, 1)
+        gate.set()
+        await closing
+        return [i.state for i in items]
+
+    assert run(main()) == ["done", "done"]

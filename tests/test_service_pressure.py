@@ -73,7 +73,7 @@ def slow_batches(monkeypatch):
 
 
 def test_full_queue_answers_429_and_every_accepted_request_is_answered(store, tmp_path):
-    with serve(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=2) as url:
+    with serve(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=2, admission_wait_ms=0) as url:
         wait_ready(url)
         responses = asyncio.run(burst(url, 20, params=SLOW))
     statuses = [r.status_code for r in responses]

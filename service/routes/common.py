@@ -11,8 +11,10 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel
 
-from service.inference import Ctx, Outcome, Plan, infer
-from service.reading import parse_params, read_images
+from service.inference import Ctx, Outcome, Plan, admit_early, infer
+from service.pool import Reservation
+from service.problems import Problem
+from service.reading import is_raw_image, parse_params, read_images
 
 AfterHook = Callable[[list[Outcome], list[dict[str, Any]]], Awaitable[None]]
 
@@ -26,11 +28,17 @@ async def serve_images(request: Request, ctx: Ctx, route: str, request_model: ty
     ``service.inference.KEPT_SIDE`` pixels a side) for it to draw on."""
     started = time.monotonic()
     deadline = started + ctx.settings.request_timeout_s
-    raws, params = await read_images(request, ctx.settings.max_images_per_request)
-    p = parse_params(request_model, params)
-    plans = plans_for(p)
-    hook = after(p)
-    outcomes = await infer(ctx, raws, plans, deadline=deadline, request=request, keep_image=hook is not None)
+    held = await _admit_raw_image(request, ctx, request_model, plans_for, deadline)
+    try:
+        raws, params = await read_images(request, ctx.settings.max_images_per_request)
+        p = parse_params(request_model, params)
+        plans = plans_for(p)
+        hook = after(p)
+        outcomes = await infer(ctx, raws, plans, deadline=deadline, request=request, keep_image=hook is not None,
+                               held=held)
+    finally:
+        for r in held:  # what infer did not use (or the request failed before it)
+            r.release()
     results = [
         {
             "index": o.prepared.decoded.index,
@@ -45,6 +53,21 @@ async def serve_images(request: Request, ctx: Ctx, route: str, request_model: ty
         await hook(outcomes, results)
     ctx.metrics.images.labels(route).inc(len(results))
     return {"results": results, "total_ms": round((time.monotonic() - started) * 1000.0, 3)}
+
+
+async def _admit_raw_image(request: Request, ctx: Ctx, request_model: type[BaseModel],
+                           plans_for: Callable[[Any], list[Plan]], deadline: float) -> list[Reservation]:
+    """A raw image body is one image whose parameters are all in the query, so its queue room can be taken
+    (or waited for, or refused) before the body is read. Other bodies, and queries that do not plan (their
+    error is reported after reading, as for every body), are admitted in ``infer``."""
+    if not is_raw_image(request):
+        return []
+    query = {k: v for k, v in request.query_params.items() if k != "filename"}
+    try:
+        plans = plans_for(parse_params(request_model, query))
+    except Problem:
+        return []
+    return await admit_early(ctx, plans, deadline=deadline)
 
 
 def image_body(params: type[BaseModel]) -> dict[str, Any]:
