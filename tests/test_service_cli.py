@@ -4,6 +4,7 @@ UCM captioner in a temporary store (the CLI in-process, as the entry point runs 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,18 @@ def test_batch_resumes_after_a_kill(store, folder, tmp_path, capsys):
     assert len(read_results(out, repair=False)) == 15
     status, _, err = run(capsys, "batch", folder, "--out", out, *common, "--strict")
     assert status == 0 and "0 captioned, 0 failed, 15 already there" in err
+
+
+def test_serve_caps_malloc_arenas_for_itself_and_its_workers(monkeypatch):
+    import uvicorn
+
+    from service import cli
+
+    started = {}
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.update(kw, app=app))
+    args = cli.argparse.Namespace(**{flag: None for flag in cli.SERVE_OPTIONS})
+    assert cli.run_serve(args) == 0 and started["app"] == "service.app:create_app"
+    assert os.environ["MALLOC_ARENA_MAX"] == str(cli.MALLOC_ARENAS)  # inherited by uvicorn's worker processes
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the operator's setting wins
+    assert cli.limit_malloc_arenas() == 4
