@@ -104,7 +104,7 @@ step() {  # step NAME SECONDS command...
 
 step "cuda tests" 120 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -ra \
     tests/test_fast_inference.py tests/test_accel.py --junitxml="$OUT/tests.xml"
-step "bench cuda fp32+bf16" 120 "$PY" bench/inference.py --device cuda --threads 2 --repeats 5 --images 64 \
+step "bench cuda fp32+bf16" 120 "$PY" bench/inference.py --device cuda --paths reference,fast --threads 2 --repeats 5 --images 64 \
     --out "$OUT/inference-cuda"
 if [ "${GPU_CHECK_CPU:-1}" != "0" ]; then  # GPU_CHECK_CPU=0 skips the CPU comparison (a shorter device run)
     step "bench cpu 2 threads" 240 "$PY" bench/inference.py --device cpu --threads 2 --repeats 3 --images 32 \

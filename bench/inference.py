@@ -134,8 +134,13 @@ def matmul_peak(
 
 
 # ---------------------------------------------------------------------------------------------- models
+PATHS = ("reference", "fast", "openvino")
+
+
 def load_runtimes(store_path: Path, device: str, precisions: list[str], paths: list[str]) -> dict[tuple, Any]:
-    """(model, path, precision) -> runtime; ``reference``: the networks as trained (``fast=False``)."""
+    """(model, path, precision) -> runtime; ``reference``: the networks as trained (``fast=False``); ``fast``:
+    the fast path with its convolutional networks on torch; ``openvino``: the same on OpenVINO (what the
+    service runs on a CPU with ``CAPTIONER_VISION_RUNTIME=auto``)."""
     from captioning.models.lightcap.pipeline import load_lightcap
     from captioning.models.ucm.runtime import load_captioner, load_classifier
     from captioning.store import ModelStore
@@ -144,15 +149,13 @@ def load_runtimes(store_path: Path, device: str, precisions: list[str], paths: l
     out = {}
     for precision in precisions:
         for path in paths:
-            fast = path == "fast"
-            lc = store.load("lightcap@production")
-            out[("lightcap", path, precision)] = load_lightcap(lc, store, device=device, precision=precision, fast=fast)
-            out[("ucm-captioner", path, precision)] = load_captioner(
-                store.load("ucm-captioner@production"), store, device=device, precision=precision, fast=fast
-            )
-            out[("ucm-classifier", path, precision)] = load_classifier(
-                store.load("ucm-classifier@production"), store, device=device, precision=precision, fast=fast
-            )
+            if path not in PATHS:
+                raise SystemExit(f"--paths: unknown path {path!r} (choose from {', '.join(PATHS)})")
+            fast, vision = path != "reference", ("openvino" if path == "openvino" else "torch")
+            kw = {"device": device, "precision": precision, "fast": fast, "vision_runtime": vision}
+            out[("lightcap", path, precision)] = load_lightcap(store.load("lightcap@production"), store, **kw)
+            out[("ucm-captioner", path, precision)] = load_captioner(store.load("ucm-captioner@production"), store, **kw)
+            out[("ucm-classifier", path, precision)] = load_classifier(store.load("ucm-classifier@production"), store, **kw)
     return out
 
 
@@ -201,6 +204,111 @@ def compiled_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict) ->
         seconds[f"{name} {rt.dtype} batch {images.shape[0]} threads {torch.get_num_threads()}"] = round(
             time.perf_counter() - t0, 1
         )
+    return plans
+
+
+class _Trunk(torch.nn.Module):
+    """The CLIP ResNet trunk as GridEncoder.forward runs it, on an already normalised float batch."""
+
+    def __init__(self, trunk: torch.nn.Module):
+        super().__init__()
+        self.t = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.t
+        return t.layer4(t.layer3(t.layer2(t.layer1(t.stem(x)))))
+
+
+class _YoloNet(torch.nn.Module):
+    """The YOLO network with its Detect head in export mode (one tensor out, anchors made per call)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        from ultralytics.nn.modules import Detect
+
+        for m in model.modules():
+            if isinstance(m, Detect):
+                m.export, m.format, m.dynamic = True, "openvino", True
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.m(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, runtimes: list[str]) -> list[tuple]:
+    """The CLIP trunk and the YOLO network of a fast LightCap runtime run by OpenVINO and / or ONNX Runtime
+    (converted from the same folded torch modules, fp32 weights; OpenVINO gets the runtime's precision as its
+    inference precision hint, ONNX Runtime runs fp32 only), against torch eager on the same inputs. Conversion
+    time goes into ``seconds``; the largest output difference from eager into ``seconds`` too (as ``diff``)."""
+    import copy
+
+    import numpy as np
+
+    from captioning.accel import to_device
+    from captioning.models.lightcap.clip_encoder import resize_batch
+
+    ex = rt.extractor
+    threads = torch.get_num_threads()
+    x = to_device(images, rt.device)
+    grid_in = resize_batch(x, ex.encoder_size)
+    enc = ex.encoder
+    grid_norm = ((grid_in.float() - enc.pixel_mean) / enc.pixel_std).contiguous()
+    size = ex.detector.imgsz
+    yolo_in = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+    nets = {
+        "grid": (lambda: _Trunk(copy.deepcopy(enc.trunk).float().to(memory_format=torch.contiguous_format)), grid_norm),
+        "yolo-net": (lambda: _YoloNet(copy.deepcopy(ex.detector.model).float().to(memory_format=torch.contiguous_format)),
+                     yolo_in),
+    }
+    plans: list[tuple] = []
+    bf16 = rt.dtype == torch.bfloat16
+    for net, (make, example) in nets.items():
+        eager = make().eval()
+        with torch.no_grad():
+            expected = eager(example).float().numpy()
+        feed = example.numpy()
+        for name in runtimes:
+            if name == "onnxruntime" and bf16:
+                continue
+            key = (id(rt), net, name, threads)
+            if key not in cache:
+                t0 = time.perf_counter()
+                if name == "openvino":
+                    import openvino as ov
+
+                    model = ov.convert_model(eager, example_input=example[:1], input=[(-1, *example.shape[1:])])
+                    compiled = ov.Core().compile_model(model, "CPU", {
+                        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": threads,
+                        "PERFORMANCE_HINT": "LATENCY"})
+                    cache[key] = lambda a, c=compiled: c(a)[0]
+                elif name == "onnxruntime":
+                    import io
+
+                    import onnxruntime as ort
+
+                    buf = io.BytesIO()
+                    torch.onnx.export(eager, (example[:1],), buf, input_names=["x"], output_names=["y"],
+                                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False)
+                    options = ort.SessionOptions()
+                    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+                    session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
+                    cache[key] = lambda a, s=session: s.run(None, {"x": a})[0]
+                else:
+                    raise SystemExit(f"--runtimes: unknown runtime {name!r} (openvino, onnxruntime)")
+                label = f"{net}[{name}] {rt.dtype} threads {threads}"
+                seconds[label] = round(time.perf_counter() - t0, 1)
+            run = cache[key]
+            got = np.asarray(run(feed), dtype=np.float32)
+            seconds[f"{net}[{name}] {rt.dtype} batch {feed.shape[0]} max abs diff vs eager (of max {float(np.abs(expected).max()):.3g})"] = float(
+                np.abs(got - expected).max())
+            plans.append((f"{net}[{name}]", "greedy", lambda run=run, feed=feed: run(feed)))
+    grid_eager = ex.encoder
+    yolo_eager = ex.detector.model
+    y = yolo_in.to(rt.dtype)
+    if ex.detector.channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    plans += [("grid[eager]", "greedy", lambda: grid_eager(grid_in)), ("yolo-net[eager]", "greedy", lambda: yolo_eager(y))]
     return plans
 
 
@@ -278,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store", type=Path, default=ROOT / "model_store")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
-    parser.add_argument("--paths", default="reference,fast", help="comma list of reference, fast")
+    parser.add_argument("--paths", default="reference,fast,openvino",
+                        help="comma list of reference, fast (torch networks), openvino (fast, OpenVINO networks)")
     parser.add_argument("--threads", default="1,2", help="comma list of CPU thread counts")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--models", default="lightcap,ucm-captioner,ucm-classifier")
@@ -288,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-blip", action="store_true")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--quick", action="store_true", help="2 threads, 3 repeats, 16 pictures per set")
+    parser.add_argument(
+        "--runtimes", default="",
+        help="also time the CLIP trunk and YOLO network (fast path) under these inference runtimes against "
+        "eager: openvino, onnxruntime (comma-separated; the packages must be installed)",
+    )
     parser.add_argument(
         "--compile", action="store_true",
         help="also time torch.compile'd CLIP grid and YOLO (fast path) against eager, compile time included",
@@ -403,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                     plans = [("total", "-", (lambda x=x, rt=rt: rt.predict(x)))]
                 if args.compile and model == "lightcap" and path == "fast":
                     plans += compiled_plans(rt, images, compiled, compile_seconds)
+                if args.runtimes and model == "lightcap" and path == "fast":
+                    plans += runtime_plans(rt, images, compiled, compile_seconds, args.runtimes.split(","))
                 for stage, decode_name, fn in plans:
                     with torch.no_grad():
                         seconds, cpu_seconds = time_call(fn, args.repeats, device)
@@ -484,54 +600,61 @@ def _find(rows, **match) -> dict[str, Any] | None:
 def summarise(rows, blip, peaks, quality) -> dict[str, Any]:
     """The issue's targets, each from this run's rows, per thread count (None where not measured)."""
     out: dict[str, Any] = {}
+    served_paths = [p for p in ("fast", "openvino") if any(r["path"] == p for r in rows)]
     for threads in sorted(int(t) for t in peaks):
-        def row(threads=threads, **match):
-            return _find(rows, model=match.pop("model", "lightcap"), stage="total", threads=threads, **match)
+        for path in served_paths:
+            def row(threads=threads, path=path, **match):
+                return _find(rows, model=match.pop("model", "lightcap"), stage="total", threads=threads, path=path,
+                             **match)
 
-        lc8 = row(path="fast", precision="fp32", batch=8, decode="beam")
-        lc1 = row(path="fast", precision="fp32", batch=1, decode="beam")
-        lcb8 = row(path="fast", precision="bf16", batch=8, decode="beam")
-        ref8 = row(path="reference", precision="fp32", batch=8, decode="beam")
-        ucm8 = row(model="ucm-captioner", path="fast", precision="fp32", batch=8, decode="beam")
-        ucmb8 = row(model="ucm-captioner", path="fast", precision="bf16", batch=8, decode="beam")
-        # wall clock, and process CPU time (robust on a shared machine: preemption is not counted; with N threads
-        # it sums them, and its floor is the matmul's FLOPs per CPU-second at the same thread count)
-        for clock, ms, floor_key in (
-            ("wall", "ms_per_image", "floor_ms_per_image"), ("cpu", "cpu_ms_per_image", "cpu_floor_ms_per_image")
-        ):
-            p = f"t{threads} {clock}:"
-            if lc8:
-                floor = lc8[floor_key]
-                out[f"{p} lightcap fp32 b8 beam ms/img"] = lc8[ms]
-                out[f"{p} lightcap fp32 floor ms/img"] = floor
-                out[f"{p} lightcap fp32 b8 / floor"] = round(lc8[ms] / floor, 2)
-                out[f"{p} TARGET lightcap fp32 b8 <= 2x floor"] = lc8[ms] <= 2 * floor
-            if lc1:
-                out[f"{p} lightcap fp32 b1 beam ms/img"] = lc1[ms]
-                out[f"{p} TARGET lightcap fp32 b1 <= 25 ms"] = lc1[ms] <= 25.0
-            if lcb8 and lc8:
-                out[f"{p} lightcap bf16 b8 beam ms/img"] = lcb8[ms]
-                out[f"{p} TARGET lightcap bf16 b8 < fp32 floor"] = lcb8[ms] < lc8[floor_key]
-            if ref8 and lc8:
-                out[f"{p} lightcap fp32 b8 speed-up fast vs reference"] = round(ref8[ms] / lc8[ms], 2)
-            if ucm8:
-                out[f"{p} ucm-captioner fp32 b8 beam ms/img"] = ucm8[ms]
-                out[f"{p} TARGET ucm-captioner fp32 b8 <= 5 ms"] = ucm8[ms] <= 5.0
-            if ucmb8:
-                out[f"{p} ucm-captioner bf16 b8 beam ms/img"] = ucmb8[ms]
-            for batch in (1, 8):
-                b = _find([x for x in blip if "error" not in x], batch=batch, threads=threads)
-                lc = lc8 if batch == 8 else lc1
-                if b and lc:
-                    out[f"{p} lightcap fast fp32 vs blip-base b{batch} throughput ratio"] = round(b[ms] / lc[ms], 1)
-    for model in ("lightcap", "ucm-captioner"):
-        for decode in ("beam", "greedy"):
-            base = quality.get((model, "fast", "fp32", decode))
-            bf = quality.get((model, "fast", "bf16", decode))
-            if base and bf:
-                delta = {k: round(abs(bf[k] - base[k]), 4) for k in base}
-                out[f"{model} {decode}: bf16 vs fp32 CIDEr-D |delta|"] = delta
-                out[f"{model} {decode}: TARGET bf16 within 0.02"] = all(v <= 0.02 for v in delta.values())
+            lc8 = row(precision="fp32", batch=8, decode="beam")
+            lc1 = row(precision="fp32", batch=1, decode="beam")
+            lcb8 = row(precision="bf16", batch=8, decode="beam")
+            lcb1 = row(precision="bf16", batch=1, decode="beam")
+            ref8 = row(path="reference", precision="fp32", batch=8, decode="beam")
+            ucm8 = row(model="ucm-captioner", precision="fp32", batch=8, decode="beam")
+            ucmb8 = row(model="ucm-captioner", precision="bf16", batch=8, decode="beam")
+            # wall clock, and process CPU time (robust on a shared machine: preemption is not counted; with N
+            # threads it sums them, and its floor is the matmul's FLOPs per CPU-second at the same thread count)
+            for clock, ms, floor_key in (
+                ("wall", "ms_per_image", "floor_ms_per_image"), ("cpu", "cpu_ms_per_image", "cpu_floor_ms_per_image")
+            ):
+                p = f"t{threads} {clock} {path}:"
+                if lc8:
+                    floor = lc8[floor_key]
+                    out[f"{p} lightcap fp32 b8 beam ms/img"] = lc8[ms]
+                    out[f"{p} lightcap fp32 floor ms/img"] = floor
+                    out[f"{p} lightcap fp32 b8 / floor"] = round(lc8[ms] / floor, 2)
+                    out[f"{p} TARGET lightcap fp32 b8 <= 2x floor"] = lc8[ms] <= 2 * floor
+                if lc1:
+                    out[f"{p} lightcap fp32 b1 beam ms/img"] = lc1[ms]
+                    out[f"{p} TARGET lightcap fp32 b1 <= 25 ms"] = lc1[ms] <= 25.0
+                if lcb1:
+                    out[f"{p} lightcap bf16 b1 beam ms/img"] = lcb1[ms]
+                if lcb8 and lc8:
+                    out[f"{p} lightcap bf16 b8 beam ms/img"] = lcb8[ms]
+                    out[f"{p} TARGET lightcap bf16 b8 < fp32 floor"] = lcb8[ms] < lc8[floor_key]
+                if ref8 and lc8:
+                    out[f"{p} lightcap fp32 b8 speed-up vs reference"] = round(ref8[ms] / lc8[ms], 2)
+                if ucm8:
+                    out[f"{p} ucm-captioner fp32 b8 beam ms/img"] = ucm8[ms]
+                    out[f"{p} TARGET ucm-captioner fp32 b8 <= 5 ms"] = ucm8[ms] <= 5.0
+                if ucmb8:
+                    out[f"{p} ucm-captioner bf16 b8 beam ms/img"] = ucmb8[ms]
+                for batch in (1, 8):
+                    b = _find([x for x in blip if "error" not in x], batch=batch, threads=threads)
+                    for precision, lc in (("fp32", lc8 if batch == 8 else lc1), ("bf16", lcb8 if batch == 8 else lcb1)):
+                        if b and lc:
+                            out[f"{p} lightcap {precision} vs blip-base b{batch} throughput ratio"] = round(b[ms] / lc[ms], 1)
+    for path in served_paths:
+        for model in ("lightcap", "ucm-captioner"):
+            for decode in ("beam", "greedy"):
+                base = quality.get((model, path, "fp32", decode))
+                bf = quality.get((model, path, "bf16", decode))
+                if base and bf:
+                    delta = {k: round(abs(bf[k] - base[k]), 4) for k in base}
+                    out[f"{path}: {model} {decode}: bf16 vs fp32 CIDEr-D |delta|"] = delta
+                    out[f"{path}: {model} {decode}: TARGET bf16 within 0.02"] = all(v <= 0.02 for v in delta.values())
     return out
 
 

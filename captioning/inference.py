@@ -301,7 +301,7 @@ class TaskSpec:
 
     task: str
     kind: str
-    loader: str  # "module:function(version, store, *, device, precision) -> runtime"
+    loader: str  # "module:function(version, store, *, device, precision, vision_runtime) -> runtime"
     request_names: tuple[str, ...] = ()  # besides the store name, e.g. "ucm" for ucm-captioner
     rank: int = 0  # the default model of a kind is the served one with the lowest rank
 
@@ -364,8 +364,10 @@ def combine_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_model(store: ModelStore, spec: str, *, verify: bool = True, device: str = "cpu",
-               precision: str = "fp32") -> Any:
-    """Resolve ``spec`` (``name``, ``name@3``, ``name@alias``), verify its hashes, build its runtime."""
+               precision: str = "fp32", vision_runtime: str | None = None) -> Any:
+    """Resolve ``spec`` (``name``, ``name@3``, ``name@alias``), verify its hashes, build its runtime on ``device``
+    in ``precision``, its convolutional networks on ``vision_runtime`` (captioning/ov_runtime.py; None:
+    ``CAPTIONER_VISION_RUNTIME``, default auto)."""
     version: ModelVersion = store.load(spec, verify=verify)
     try:
         target = task_spec(version.manifest)
@@ -373,4 +375,4 @@ def load_model(store: ModelStore, spec: str, *, verify: bool = True, device: str
         raise StoreError(f"{version.name}@{version.version}: {exc}") from None
     module_name, func_name = target.loader.split(":")
     loader = getattr(importlib.import_module(module_name), func_name)
-    return loader(version, store, device=device, precision=precision)
+    return loader(version, store, device=device, precision=precision, vision_runtime=vision_runtime)

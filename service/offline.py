@@ -104,7 +104,7 @@ class Engine:
             spec = KINDS[kind]
             name = store_name(store, kind, model if kind == "caption" else None, alias)
             runtime = load_model(store, f"{name}@{alias}", device=settings.device_name,
-                                 precision=settings.precision_name)
+                                 precision=settings.precision_name, vision_runtime=settings.vision_runtime_name)
             if TASKS[runtime.manifest["task"]].kind != kind:
                 raise UsageError(f"{name}@{alias} is a {runtime.manifest['task']!r} model, not a {kind} model")
             params = spec.params.model_validate({k: v for k, v in options.items() if k in spec.params.model_fields})

@@ -78,7 +78,9 @@ class ModelRegistry:
         return [name for name in sorted(TASKS) if name in available and self.settings.alias in self.store.aliases(name)]
 
     def load(self, spec: str) -> Any:
-        return self.loader(self.store, spec, device=self.settings.device_name, precision=self.settings.precision_name)
+        s = self.settings
+        return self.loader(self.store, spec, device=s.device_name, precision=s.precision_name,
+                           vision_runtime=s.vision_runtime_name)
 
     async def start(self) -> None:
         """Load every wanted model (one at a time, in a thread) and start its pool. A model that fails is
@@ -230,6 +232,7 @@ class ModelRegistry:
                 "alias": self.settings.alias,
                 "device": str(runtime.device),
                 "precision": self.settings.precision_name,
+                "vision_runtime": self.settings.vision_runtime_name,
             }
         )
 
@@ -260,6 +263,7 @@ class ModelRegistry:
             "serving_alias": self.settings.alias,
             "device": str(served.runtime.device),
             "precision": self.settings.precision_name,
+            "vision_runtime": self.settings.vision_runtime_name,
             "alias_version": aliases.get(self.settings.alias),
             "aliases": aliases,
             "profile": manifest.get("profile"),

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         "auto", description="compute precision: `auto` (bf16 on a GPU or a CPU with native bf16, else fp32), "
         "`fp32`, `bf16`"
     )
+    vision_runtime: str = Field(
+        "auto", description="what runs the convolutional networks (CLIP, YOLO, UCM ResNet): `auto` (OpenVINO "
+        "on the CPU, torch on a GPU), `openvino`, `torch`"
+    )
 
     # --- data -----------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("captioner-data"), description="jobs database and job files live here")
@@ -134,6 +138,16 @@ class Settings(BaseSettings):
         resolve_precision(value)
         return value.strip().lower()
 
+    @field_validator("vision_runtime")
+    @classmethod
+    def _check_vision_runtime(cls, value: str) -> str:
+        from captioning.ov_runtime import VISION_RUNTIMES
+
+        choice = value.strip().lower()
+        if choice not in VISION_RUNTIMES:
+            raise ValueError(f"vision runtime {value!r} is not one of {', '.join(VISION_RUNTIMES)}")
+        return choice
+
     @field_validator("formats")
     @classmethod
     def _check_formats(cls, value: str) -> str:
@@ -195,6 +209,13 @@ class Settings(BaseSettings):
         from captioning.accel import resolve_precision
 
         return resolve_precision(self.precision, self.device_name)
+
+    @property
+    def vision_runtime_name(self) -> str:
+        """The resolved runtime of the convolutional networks on the resolved device: ``openvino`` or ``torch``."""
+        from captioning.ov_runtime import resolve_vision_runtime
+
+        return resolve_vision_runtime(self.vision_runtime, self.device_name)
 
     @property
     def threads_per_replica(self) -> int:

@@ -5,6 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CAPTIONER_NO_PROGRESS", "1")
+# torch runs the convolutional networks unless a test asks for OpenVINO (tests/test_ov_runtime.py,
+# test_fast_inference.py): converting them at every model load would cost the suite minutes
+os.environ.setdefault("CAPTIONER_VISION_RUNTIME", "torch")
 
 import torch  # noqa: E402
 

@@ -222,11 +222,18 @@ def pictures():
     return [render(scene, 0, i, 256).image for i, scene in enumerate(["airplane", "harbor", "parkinglot", "forest"])]
 
 
-def test_lightcap_fast_runtime_gives_the_reference_captions(store, pictures):
+VISION_RUNTIMES = ["torch", pytest.param("openvino", marks=pytest.mark.skipif(
+    not __import__("captioning.ov_runtime", fromlist=["x"]).openvino_available(), reason="openvino is not installed"))]
+
+
+@pytest.mark.parametrize("vision_runtime", VISION_RUNTIMES)
+def test_lightcap_fast_runtime_gives_the_reference_captions(store, pictures, vision_runtime):
     from captioning.models.lightcap.pipeline import load_lightcap
 
     version = store.load("lightcap@production")
-    fast = load_lightcap(version, store)
+    fast = load_lightcap(version, store, vision_runtime=vision_runtime)
+    assert (fast.extractor.encoder.accelerated is not None) == (vision_runtime == "openvino")
+    assert (fast.extractor.detector.accelerated is not None) == (vision_runtime == "openvino")
     ref = load_lightcap(version, store, fast=False)
     images = torch.stack([fast.preprocess(p) for p in pictures])
     for options in (fast.decoding, fast.decode_options(beam_size=1)):
@@ -237,18 +244,20 @@ def test_lightcap_fast_runtime_gives_the_reference_captions(store, pictures):
             assert x.score == pytest.approx(y.score, abs=1e-4)
 
 
-def test_ucm_fast_runtimes_give_the_reference_outputs(store, pictures):
-    """fp32 fast (folded, channels-last, float32 trunk) vs the reference network in float32: the published
-    configs run the trunk under bf16 autocast, which is switched off in the reference here to compare like with
-    like (fp32 vs the published autocast is the bench's precision comparison)."""
+@pytest.mark.parametrize("vision_runtime", VISION_RUNTIMES)
+def test_ucm_fast_runtimes_give_the_reference_outputs(store, pictures, vision_runtime):
+    """fp32 fast (folded, channels-last, float32 trunk; on torch or OpenVINO) vs the reference network in
+    float32: the published configs run the trunk under bf16 autocast, which is switched off in the reference
+    here to compare like with like (fp32 vs the published autocast is the bench's precision comparison)."""
     from captioning.models.ucm.runtime import load_captioner, load_classifier
 
-    cls_fast = load_classifier(store.load("ucm-classifier@production"))
+    cls_fast = load_classifier(store.load("ucm-classifier@production"), vision_runtime=vision_runtime)
+    assert (cls_fast.model.trunk.accelerated is not None) == (vision_runtime == "openvino")
     cls_ref = load_classifier(store.load("ucm-classifier@production"), fast=False)
     cls_ref.model.trunk.autocast_dtype = None
     images = torch.stack([cls_fast.preprocess(p) for p in pictures])
     torch.testing.assert_close(cls_fast.predict(images), cls_ref.predict(images), atol=1e-4, rtol=0)
-    cap_fast = load_captioner(store.load("ucm-captioner@production"))
+    cap_fast = load_captioner(store.load("ucm-captioner@production"), vision_runtime=vision_runtime)
     cap_ref = load_captioner(store.load("ucm-captioner@production"), fast=False)
     cap_ref.model.encoder.trunk.autocast_dtype = None
     assert [o.text for o in cap_fast.caption(images, cap_fast.decoding)] == [

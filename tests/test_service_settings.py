@@ -24,6 +24,9 @@ def test_bad_values_are_refused():
         Settings(_env_file=None, formats="PNG,HEIC")
     with pytest.raises(ValidationError, match="max_batch_size"):
         Settings(_env_file=None, max_batch_size=0)
+    with pytest.raises(ValidationError, match="(?s)vision_runtime.*'onnx' is not one of auto, torch, openvino"):
+        Settings(_env_file=None, vision_runtime="onnx")
+    assert Settings(_env_file=None, vision_runtime=" Torch ").vision_runtime_name == "torch"
 
 
 def test_threads_per_replica_split_the_cores(monkeypatch):

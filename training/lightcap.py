@@ -102,7 +102,7 @@ def resolve_concepts(store, spec: str | None, profile: str):
 def load_extractor(store, version):
     from captioning.inference import load_model
 
-    extractor = load_model(store, version.spec)
+    extractor = load_model(store, version.spec, vision_runtime="torch")  # features as the defaults were trained on
     extractor.eval()
     return extractor
 

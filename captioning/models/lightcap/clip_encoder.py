@@ -357,24 +357,51 @@ class GridEncoder(nn.Module):
             self.trunk.to(memory_format=torch.channels_last)
         return folded
 
+    accelerated = None  # an OpenVinoNet running the trunk (``use_openvino``), else the torch trunk runs
+
+    def use_openvino(self, precision: str, size: int) -> None:
+        """Run the (folded) trunk on OpenVINO in ``precision`` for CPU batches of ``size`` x ``size`` pixels
+        (what ``ConceptExtractor.grid`` feeds); other inputs keep the torch trunk."""
+        from captioning.ov_runtime import OpenVinoNet
+
+        self.accelerated = OpenVinoNet(TrunkToGrid(self.trunk), torch.zeros(1, 3, size, size), precision=precision,
+                                       name="CLIP trunk")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on any device (moved to the encoder's); returns float32 whatever the compute dtype."""
         weight = self.trunk.conv1.weight
         images = images.to(weight.device, non_blocking=True)
-        x = ((images.float() - self.pixel_mean) / self.pixel_std).to(weight.dtype)  # [B,3,H,W]
+        x = (images.float() - self.pixel_mean) / self.pixel_std  # [B,3,H,W]
+        if self.accelerated is not None and self.accelerated.accepts(x):
+            return self.accelerated(x)
+        x = x.to(weight.dtype)
         if getattr(self, "channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
-        t = self.trunk
-        x = t.stem(x)  # [B, width, H/4, W/4]
-        x = t.layer1(x)  # [B, 4w, H/4, W/4]
-        x = t.layer2(x)  # [B, 8w, H/8, W/8]
-        x = t.layer3(x)  # [B, 16w, H/16, W/16]
-        x = t.layer4(x)  # [B, 32w, H/32, W/32]
-        return x.float().contiguous()
+        return trunk_to_grid(self.trunk, x).float().contiguous()
 
     def preprocess(self, image: Any) -> torch.Tensor:
         """PIL image -> ``[3, S, S]`` float in [0, 1], S = ``image_size`` (aspect not kept, as in UCM tiles)."""
         return pil_to_tensor(image, self.image_size)
+
+
+def trunk_to_grid(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ModifiedResNet up to its last stage (no attention pool): normalised [B,3,H,W] -> grid."""
+    x = trunk.stem(x)  # [B, width, H/4, W/4]
+    x = trunk.layer1(x)  # [B, 4w, H/4, W/4]
+    x = trunk.layer2(x)  # [B, 8w, H/8, W/8]
+    x = trunk.layer3(x)  # [B, 16w, H/16, W/16]
+    return trunk.layer4(x)  # [B, 32w, H/32, W/32]
+
+
+class TrunkToGrid(nn.Module):
+    """``trunk_to_grid`` as a module (what OpenVINO converts)."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return trunk_to_grid(self.trunk, x)
 
 
 class PilToTensor:

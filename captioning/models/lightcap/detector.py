@@ -127,6 +127,25 @@ class ProposalDetector(nn.Module):
             self.model.to(memory_format=torch.channels_last)
         return before - count_batch_norms(self.model)
 
+    accelerated = None  # an OpenVinoNet running the network (``use_openvino``), else the torch network runs
+
+    def use_openvino(self, precision: str) -> None:
+        """Run the (fused) network on OpenVINO in ``precision`` for CPU batches at ``imgsz``: a copy with its
+        Detect head in ultralytics' export mode (one output tensor, anchors made for the input's size), the
+        same decoded boxes and scores the eval-mode network returns first."""
+        import copy
+
+        from ultralytics.nn.modules import Detect
+
+        from captioning.ov_runtime import OpenVinoNet
+
+        network = copy.deepcopy(self.model)
+        for module in network.modules():
+            if isinstance(module, Detect):
+                module.export, module.format, module.dynamic = True, "openvino", True
+        self.accelerated = OpenVinoNet(_FirstOutput(network), torch.zeros(1, 3, self.imgsz, self.imgsz),
+                                       precision=precision, name="YOLO")
+
     def train(self, mode: bool = True) -> ProposalDetector:  # inference-only module: the network stays in eval
         super().train(False)
         return self
@@ -142,12 +161,15 @@ class ProposalDetector(nn.Module):
         x = images.to(weight.device, non_blocking=True).float()
         if (height, width) != (self.imgsz, self.imgsz):
             x = nn.functional.interpolate(x, size=(self.imgsz, self.imgsz), mode="bilinear", align_corners=False)
-        x = x.to(weight.dtype)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        prediction = self.model(x)  # eval: ([B, 4 + 1, anchors] xywh + score, raw head outputs)
-        if isinstance(prediction, (tuple, list)):
-            prediction = prediction[0]
+        if self.accelerated is not None and self.accelerated.accepts(x):
+            prediction = self.accelerated(x)  # [B, 4 + 1, anchors]
+        else:
+            x = x.to(weight.dtype)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            prediction = self.model(x)  # eval: ([B, 4 + 1, anchors] xywh + score, raw head outputs)
+            if isinstance(prediction, (tuple, list)):
+                prediction = prediction[0]
         detections = non_max_suppression(
             prediction.float(),
             conf_thres=self.conf if conf is None else float(conf),
@@ -163,3 +185,15 @@ class ProposalDetector(nn.Module):
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
             out.append((boxes, det[:, 4].float()))
         return out
+
+
+class _FirstOutput(nn.Module):
+    """A network whose first output is the prediction (what OpenVINO converts)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x)
+        return out[0] if isinstance(out, (tuple, list)) else out

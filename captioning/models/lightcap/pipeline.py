@@ -243,7 +243,8 @@ def concepts_parent(version) -> dict[str, Any]:
 
 
 def load_lightcap(
-    version, store, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+    version, store, *, device: str = "cpu", precision: str = "fp32", fast: bool = True,
+    vision_runtime: str | None = None,
 ) -> LightCapPipeline:
     """The runtime object of a stored LightCap captioner (student or teacher) and its concept extractor, on
     ``device`` in ``precision``; ``fast=False`` builds the reference path (unfolded networks, reference decoder)."""
@@ -251,7 +252,8 @@ def load_lightcap(
 
     parent = concepts_parent(version)
     concepts_version = store.load(f"{parent['name']}@{parent['version']}")
-    extractor = load_concept_extractor(concepts_version, store, device=device, precision=precision, fast=fast)
+    extractor = load_concept_extractor(concepts_version, store, device=device, precision=precision, fast=fast,
+                                       vision_runtime=vision_runtime)
     model, tokenizer, meta = load_captioner_folder(version.path)
     return LightCapPipeline(
         extractor, model, tokenizer, decoding=meta.get("decoding"),

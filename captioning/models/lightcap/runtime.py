@@ -51,21 +51,28 @@ def load_detector(detector_version: ModelVersion) -> Any:
     return detector
 
 
-def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = True) -> Any:
+def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = True,
+                      vision_runtime: str | None = None) -> Any:
     """Put a ConceptExtractor on ``device`` with the runtime contract's attributes (``device``, ``dtype``,
     ``preprocessor``). ``fast``: batch norms folded (CLIP trunk and YOLO), both trunks channels-last and their
     weights in ``dtype`` (measured, CPU ms/img at batch 8, 1 thread: CLIP 23.9 as trained, 21.3 folded, 16.6
     folded + channels-last, 7.4 in bf16; YOLO bf16 13.1 -> 9.7 with channels-last, fp32 18.4 -> 17.7). The aligner
-    stays float32: it is small and its ROI boxes need float32 coordinates. ``fast=False`` keeps the reference
-    networks (bf16 then stores their weights in bf16)."""
+    stays float32: it is small and its ROI boxes need float32 coordinates. On the CPU the fast path then runs
+    both networks on OpenVINO (``vision_runtime``, captioning/ov_runtime.py: chosen by measurement). ``fast=False``
+    keeps the reference networks (bf16 then stores their weights in bf16)."""
     import torch
 
     from captioning.models.lightcap.clip_encoder import PilToTensor
+    from captioning.ov_runtime import resolve_vision_runtime
 
     extractor.to(device)
     if fast:
         extractor.encoder.optimize_for_inference(dtype, channels_last=True)
         extractor.detector.optimize_for_inference(dtype, channels_last=True)
+        if resolve_vision_runtime(vision_runtime, device) == "openvino":
+            precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+            extractor.encoder.use_openvino(precision, extractor.encoder_size)
+            extractor.detector.use_openvino(precision)
     elif dtype != torch.float32:
         extractor.encoder.to(dtype=dtype)
         extractor.detector.model.to(dtype=dtype)
@@ -76,7 +83,8 @@ def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = T
 
 
 def load_concept_extractor(
-    version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+    version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32", fast: bool = True,
+    vision_runtime: str | None = None,
 ) -> Any:
     from captioning.accel import runtime_placement
     from captioning.models.lightcap.concepts import (
@@ -100,15 +108,16 @@ def load_concept_extractor(
         raise StoreError(f"{version.spec}: {ALIGNER_FILE} does not fit its config ({exc})") from exc
     extractor = ConceptExtractor(encoder, detector, aligner, vocab, cfg)
     extractor.name, extractor.version, extractor.manifest = version.name, version.version, version.manifest
-    return prepare_extractor(extractor.eval(), device=dev, dtype=dtype, fast=fast)
+    return prepare_extractor(extractor.eval(), device=dev, dtype=dtype, fast=fast, vision_runtime=vision_runtime)
 
 
 def load_captioner(
-    version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+    version: ModelVersion, store: ModelStore, *, device: str = "cpu", precision: str = "fp32", fast: bool = True,
+    vision_runtime: str | None = None,
 ) -> Any:
     """Task ``lightcap``: the LightCap captioner (``captioner.safetensors``, ``model.json``, ``tokenizer.json``) with
     the concept extractor it was trained on (its ``concepts`` parent, exact version), as one runtime object:
     ``preprocess(pil)`` and ``caption(images, options)`` (captioning/models/lightcap/pipeline.py)."""
     from captioning.models.lightcap.pipeline import load_lightcap
 
-    return load_lightcap(version, store, device=device, precision=precision, fast=fast)
+    return load_lightcap(version, store, device=device, precision=precision, fast=fast, vision_runtime=vision_runtime)

@@ -240,8 +240,25 @@ class ResNetTrunk(nn.Module):
             self.to(memory_format=torch.channels_last)
         return folded
 
+    accelerated = None  # an OpenVinoNet running this trunk (``use_openvino``), else torch runs it
+
+    def use_openvino(self, precision: str, size: int) -> None:
+        """Run this (folded) trunk on OpenVINO in ``precision`` for CPU batches of ``size`` x ``size`` pixels;
+        other inputs keep torch. Inference only, after ``optimize_for_inference``."""
+        from captioning.ov_runtime import OpenVinoNet
+
+        self.accelerated = None  # convert the torch forward, not this one
+        autocast, self.autocast_dtype = self.autocast_dtype, None
+        try:
+            net = OpenVinoNet(self, torch.zeros(1, 3, size, size), precision=precision, name="UCM ResNet trunk")
+        finally:
+            self.autocast_dtype = autocast
+        self.accelerated = net
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] -> grid [B, C, S/2^(stages+1), S/2^(stages+1)] (float32)."""
+        if self.accelerated is not None and self.accelerated.accepts(images):
+            return self.accelerated(images)
         weight_dtype = self.conv1.weight.dtype
         if images.dtype != weight_dtype and self.autocast_dtype is None:
             images = images.to(weight_dtype)

@@ -62,9 +62,10 @@ class _Runtime:
 
     def __init__(
         self, version: ModelVersion, model: torch.nn.Module, input_size: int, *,
-        device: str = "cpu", precision: str = "fp32", fast: bool = True,
+        device: str = "cpu", precision: str = "fp32", fast: bool = True, vision_runtime: str | None = None,
     ):
         from captioning.accel import runtime_placement
+        from captioning.ov_runtime import resolve_vision_runtime
 
         self.name = version.name
         self.version = version.version
@@ -76,6 +77,8 @@ class _Runtime:
         if fast:  # the runtime's precision decides (a config's training-time ``autocast`` no longer applies)
             trunk.autocast_dtype = None
             trunk.optimize_for_inference(self.dtype, fold=True, channels_last=True)
+            if resolve_vision_runtime(vision_runtime, self.device) == "openvino":
+                trunk.use_openvino("bf16" if self.dtype == torch.bfloat16 else "fp32", int(input_size))
         elif self.dtype != torch.float32:
             trunk.to(dtype=self.dtype)
             trunk.autocast_dtype = None
@@ -142,7 +145,8 @@ def _config(version: ModelVersion) -> dict[str, Any]:
 
 
 def load_classifier(
-    version: ModelVersion, store: ModelStore | None = None, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+    version: ModelVersion, store: ModelStore | None = None, *, device: str = "cpu", precision: str = "fp32",
+    fast: bool = True, vision_runtime: str | None = None,
 ) -> UCMClassifier:
     config = _config(version)
     try:
@@ -153,12 +157,13 @@ def load_classifier(
     load_into(model, version.file(WEIGHTS))
     return UCMClassifier(
         version, model, info["labels"], info["threshold"], config["image"]["input_size"],
-        device=device, precision=precision, fast=fast,
+        device=device, precision=precision, fast=fast, vision_runtime=vision_runtime,
     )
 
 
 def load_captioner(
-    version: ModelVersion, store: ModelStore | None = None, *, device: str = "cpu", precision: str = "fp32", fast: bool = True
+    version: ModelVersion, store: ModelStore | None = None, *, device: str = "cpu", precision: str = "fp32",
+    fast: bool = True, vision_runtime: str | None = None,
 ) -> UCMCaptioner:
     config = _config(version)
     vocab = Vocabulary.load(version.file(VOCAB))
@@ -168,5 +173,6 @@ def load_captioner(
     load_into(model, version.file(WEIGHTS))
     decoding = DecodeOptions.from_dict(config.get("decoding"))
     return UCMCaptioner(
-        version, model, vocab, decoding, config["image"]["input_size"], device=device, precision=precision, fast=fast
+        version, model, vocab, decoding, config["image"]["input_size"], device=device, precision=precision, fast=fast,
+        vision_runtime=vision_runtime,
     )

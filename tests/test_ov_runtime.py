@@ -1,0 +1,76 @@
+"""OpenVINO for the fast path's convolutional networks (captioning/ov_runtime.py): choosing the runtime, and
+converted networks that compute what the torch modules compute."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from captioning.ov_runtime import OpenVinoNet, openvino_available, resolve_vision_runtime
+
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
+
+
+def test_the_vision_runtime_is_resolved_and_a_bad_value_is_named(monkeypatch):
+    monkeypatch.delenv("CAPTIONER_VISION_RUNTIME", raising=False)
+    assert resolve_vision_runtime("torch") == "torch"
+    assert resolve_vision_runtime(" AUTO ", "cpu") == ("openvino" if openvino_available() else "torch")
+    assert resolve_vision_runtime(None) == resolve_vision_runtime("auto")
+    monkeypatch.setenv("CAPTIONER_VISION_RUNTIME", "torch")
+    assert resolve_vision_runtime(None) == "torch"
+    with pytest.raises(ValueError, match="'onnx' is not one of auto, torch, openvino"):
+        resolve_vision_runtime("onnx")
+    with pytest.raises(ValueError, match="runs the networks on the CPU"):
+        resolve_vision_runtime("openvino", "meta")
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@needs_openvino
+def test_a_converted_network_computes_what_the_module_computes_at_any_batch_size():
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    ov_net = OpenVinoNet(net, torch.rand(1, 3, 16, 16), precision="fp32", name="small")
+    for batch in (1, 3, 8):
+        x = torch.rand(batch, 3, 16, 16)
+        with torch.no_grad():
+            expected = net(x)
+        got = ov_net(x)
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    assert ov_net.accepts(torch.rand(2, 3, 16, 16))
+    assert not ov_net.accepts(torch.rand(2, 3, 32, 32))  # another size runs on torch, not here
+    # the module keeps its own dtype and layout: conversion works on a copy
+    assert next(net.parameters()).dtype == torch.float32
+    # one infer request per thread: concurrent callers get their own results
+    before = torch.get_num_threads()
+    inputs = [torch.rand(2, 3, 16, 16) for _ in range(4)]
+    outputs: dict[int, torch.Tensor] = {}
+
+    def call(i):
+        torch.set_num_threads(1 + i % 2)  # each thread its own count: compiled once per count
+        for _ in range(5):
+            outputs[i] = ov_net(inputs[i])
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.set_num_threads(before)
+    assert set(ov_net._compiled) >= {1, 2}
+    for i, x in enumerate(inputs):
+        with torch.no_grad():
+            torch.testing.assert_close(outputs[i], net(x), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        OpenVinoNet(net, torch.rand(1, 3, 16, 16), precision="fp16")
