@@ -159,14 +159,13 @@ def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | N
         folder.mkdir(parents=True)
         vocab = Vocabulary.build([tokenize(c) for c in SAMPLE_CAPTIONS])
         vocab.save(folder / VOCAB)
-        model = Captioner(len(vocab), config.text.to_dict(), config.image.to_dict(),
-                          attention_dim=config.captioner.attention_dim)
+        model = Captioner(len(vocab), config.text, config.image, attention_dim=config.captioner.attention_dim)
         save_weights(model, folder / WEIGHTS, config.weights_dtype)
         out["ucm-captioner"] = _publish(store, "ucm-captioner", folder, "ucm-captioner", config).version
     if classifier:
         folder = Path(workdir) / f"ucm-classifier-{seed}"
         folder.mkdir(parents=True)
-        model = MultiLabelClassifier(config.image.to_dict(), len(LABELS))
+        model = MultiLabelClassifier(config.image, len(LABELS))
         save_weights(model, folder / WEIGHTS, config.weights_dtype)
         (folder / "classifier.json").write_text(json.dumps({"labels": list(LABELS), "threshold": 0.5}))
         out["ucm-classifier"] = _publish(store, "ucm-classifier", folder, "ucm-classifier", config).version

@@ -176,10 +176,11 @@ def test_folded_clip_grid_matches_the_reference():
 
 
 def test_folded_ucm_trunk_matches_the_reference():
+    from captioning.config_schema import UCMImage
     from captioning.models.ucm.model import ResNetTrunk
 
     torch.manual_seed(0)
-    trunk = ResNetTrunk({"block": "basic", "layers": [1, 1, 1, 1], "stages": 3}).eval()
+    trunk = ResNetTrunk(UCMImage(block="basic", layers=[1, 1, 1, 1], stages=3, input_size=64)).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         for m in trunk.modules():

@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from captioning.config import validate_manifest_config
+from captioning.config_schema import UCMConfig
 from captioning.data.vocab import BOS_ID, EOS_ID, Vocabulary
 from captioning.decoding import DecodeOptions, decode
-from captioning.errors import StoreError
+from captioning.errors import ConfigError, StoreError
 from captioning.inference import CaptionOut
 from captioning.models.ucm.data import preprocess
 from captioning.models.ucm.model import Captioner, MultiLabelClassifier
@@ -134,11 +136,21 @@ class UCMCaptioner(_Runtime):
         return out
 
 
-def _config(version: ModelVersion) -> dict[str, Any]:
+def _config(version: ModelVersion) -> UCMConfig:
+    """The manifest's config as the typed ``UCMConfig`` (the same schema as the YAML profiles)."""
+    spec = f"{version.name}@{version.version}"
     config = version.manifest.get("config")
     if not isinstance(config, dict) or "text" not in config or "image" not in config:
-        raise StoreError(f"{version.name}@{version.version}: manifest has no UCM config (text / image sections)")
-    return config
+        raise StoreError(f"{spec}: manifest has no UCM config (text / image sections)")
+    try:
+        typed = validate_manifest_config(
+            config, task=str(version.manifest.get("task") or version.name), where=f"{spec}: manifest config"
+        )
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
+    if not isinstance(typed, UCMConfig):
+        raise StoreError(f"{spec}: manifest config is a {typed.family!r} config, not a UCM one")
+    return typed
 
 
 def load_classifier(
@@ -149,10 +161,10 @@ def load_classifier(
         info = json.loads(version.file(CLASSIFIER_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreError(f"{version.name}@{version.version}: cannot read {CLASSIFIER_JSON} ({exc})") from None
-    model = MultiLabelClassifier(config["image"], len(info["labels"]))
+    model = MultiLabelClassifier(config.image, len(info["labels"]))
     load_into(model, version.file(WEIGHTS))
     return UCMClassifier(
-        version, model, info["labels"], info["threshold"], config["image"]["input_size"],
+        version, model, info["labels"], info["threshold"], config.image.input_size,
         device=device, precision=precision, fast=fast,
     )
 
@@ -162,11 +174,9 @@ def load_captioner(
 ) -> UCMCaptioner:
     config = _config(version)
     vocab = Vocabulary.load(version.file(VOCAB))
-    model = Captioner(
-        len(vocab), config["text"], config["image"], attention_dim=int(config["captioner"].get("attention_dim", 0))
-    )
+    model = Captioner(len(vocab), config.text, config.image, attention_dim=config.captioner.attention_dim)
     load_into(model, version.file(WEIGHTS))
-    decoding = DecodeOptions.from_dict(config.get("decoding"))
+    decoding = config.decoding.options()
     return UCMCaptioner(
-        version, model, vocab, decoding, config["image"]["input_size"], device=device, precision=precision, fast=fast
+        version, model, vocab, decoding, config.image.input_size, device=device, precision=precision, fast=fast
     )
