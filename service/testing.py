@@ -193,24 +193,24 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
     workdir = Path(workdir)
     clip_cfg = load_config("clip", "tiny")
     cfg = load_config("concepts", "tiny")
-    words, labels = concept_words(cfg.to_dict())
+    words, labels = concept_words(cfg.vocabulary)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
-    model_cfg = clip_model_config(clip_cfg.to_dict())
+    model_cfg = clip_model_config(clip_cfg.model)
     model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
     clip_cfg = ClipConfig.model_validate({**clip_cfg.to_dict(), "model": model_cfg})
-    clip = build_clip(clip_cfg.to_dict())
+    clip = build_clip(clip_cfg)
     folder = workdir / f"clip-{seed}"
     folder.mkdir(parents=True)
     save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
     tokenizer.save(folder)
     clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
-    detector = ProposalDetector(cfg.detector.to_dict())
+    detector = ProposalDetector(cfg.detector)
     folder = workdir / f"det-{seed}"
     folder.mkdir(parents=True)
     detector.save_weights(folder / WEIGHTS_FILE)
     det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner.from_config(512, cfg.align.to_dict(), vocab.dim)
+    aligner = RegionAligner.from_config(512, cfg.align, vocab.dim)
     folder = workdir / f"concepts-{seed}"
     folder.mkdir(parents=True)
     save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
@@ -232,11 +232,11 @@ def publish_lightcap(store, workdir: Path, *, seed: int = 0, concepts: str = "co
     torch.manual_seed(seed)
     config = load_config("lightcap", "tiny")
     extractor = load_model(store, concepts)
-    tokenizer = make_tokenizer(config.tokenizer.to_dict(), config.model.to_dict(), SAMPLE_CAPTIONS)
-    model = build_captioner(config.model.to_dict(), grid_channels=extractor.encoder.channels,
+    tokenizer = make_tokenizer(config.tokenizer, config.model, SAMPLE_CAPTIONS)
+    model = build_captioner(config.model, grid_channels=extractor.encoder.channels,
                             concept_dim=extractor.vocab.dim, tokenizer=tokenizer)
     folder = Path(workdir) / f"lightcap-{seed}"
-    save_captioner(folder, model, tokenizer, dtype=config.weights_dtype, decoding=config.decoding.to_dict())
+    save_captioner(folder, model, tokenizer, dtype=config.weights_dtype, decoding=config.decoding)
     parent = {"name": extractor.name, "version": extractor.version}
     version = store.publish(
         "lightcap", folder, task="lightcap", profile="tiny", metrics={"note": "random weights"}, config=config.to_dict(),

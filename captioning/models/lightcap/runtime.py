@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from captioning.config import manifest_config
+from captioning.config_schema import ClipConfig, ConceptsConfig
 from captioning.errors import StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,8 +34,8 @@ def load_grid_encoder(clip_version: ModelVersion) -> Any:
     from captioning.models.lightcap.clip_encoder import GridEncoder
     from captioning.models.lightcap.concepts_data import load_tensors
 
-    cfg = dict(clip_version.manifest.get("config") or {})
-    cfg["checkpoint"] = None  # the published weights, not the file it was trained from
+    cfg = manifest_config(clip_version, ClipConfig)
+    cfg.checkpoint = None  # the published weights, not the file it was trained from
     encoder = GridEncoder.from_config(cfg)
     encoder.load_clip_state_dict(load_tensors(clip_version.file(CLIP_WEIGHTS)), source=clip_version.spec)
     return encoder.freeze()
@@ -43,10 +45,7 @@ def load_detector(detector_version: ModelVersion) -> Any:
     from captioning.models.lightcap.concepts_data import load_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
 
-    cfg = (detector_version.manifest.get("config") or {}).get("detector")
-    if not cfg:
-        raise StoreError(f"{detector_version.spec}: manifest config has no 'detector' section")
-    detector = ProposalDetector(cfg)
+    detector = ProposalDetector(manifest_config(detector_version, ConceptsConfig).detector)
     detector.load_tensors(load_tensors(detector_version.file(WEIGHTS_FILE)), source=detector_version.spec)
     return detector
 
@@ -88,11 +87,11 @@ def load_concept_extractor(
     from captioning.models.lightcap.concepts_data import load_tensors
 
     dev, dtype = runtime_placement(device, precision)
-    cfg = version.manifest.get("config") or {}
+    cfg = manifest_config(version, ConceptsConfig)
     encoder = load_grid_encoder(parent_version(version, store, "clip"))
     detector = load_detector(parent_version(version, store, "concepts-detector"))
     vocab = ConceptVocabulary.load(version.path)
-    aligner = RegionAligner.from_config(encoder.channels, cfg["align"], vocab.dim)
+    aligner = RegionAligner.from_config(encoder.channels, cfg.align, vocab.dim)
     state = load_tensors(version.file(ALIGNER_FILE))
     try:
         aligner.load_state_dict(state)

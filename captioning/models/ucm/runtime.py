@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from captioning.config import validate_manifest_config
+from captioning.config import manifest_config
 from captioning.config_schema import UCMConfig
 from captioning.data.vocab import BOS_ID, EOS_ID, Vocabulary
 from captioning.decoding import DecodeOptions, decode
-from captioning.errors import ConfigError, StoreError
+from captioning.errors import StoreError
 from captioning.inference import CaptionOut
 from captioning.models.ucm.data import preprocess
 from captioning.models.ucm.model import Captioner, MultiLabelClassifier
@@ -138,19 +138,7 @@ class UCMCaptioner(_Runtime):
 
 def _config(version: ModelVersion) -> UCMConfig:
     """The manifest's config as the typed ``UCMConfig`` (the same schema as the YAML profiles)."""
-    spec = f"{version.name}@{version.version}"
-    config = version.manifest.get("config")
-    if not isinstance(config, dict) or "text" not in config or "image" not in config:
-        raise StoreError(f"{spec}: manifest has no UCM config (text / image sections)")
-    try:
-        typed = validate_manifest_config(
-            config, task=str(version.manifest.get("task") or version.name), where=f"{spec}: manifest config"
-        )
-    except ConfigError as exc:
-        raise StoreError(str(exc)) from None
-    if not isinstance(typed, UCMConfig):
-        raise StoreError(f"{spec}: manifest config is a {typed.family!r} config, not a UCM one")
-    return typed
+    return manifest_config(version, UCMConfig)
 
 
 def load_classifier(
