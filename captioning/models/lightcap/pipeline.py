@@ -166,13 +166,13 @@ class LightCapPipeline:
         from captioning.decoding import DecodeOptions
         from captioning.models.lightcap.clip_encoder import PilToTensor
 
+        if decoding is not None and not isinstance(decoding, DecodeOptions):
+            raise TypeError(f"LightCapPipeline(decoding=...) takes a DecodeOptions, got {type(decoding).__name__}")
         self.extractor = extractor
         self.device = getattr(extractor, "device", torch.device("cpu"))
         self.dtype = getattr(extractor, "dtype", torch.float32)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        if decoding is not None and not isinstance(decoding, DecodeOptions):
-            raise TypeError(f"LightCapPipeline(decoding=...) takes a DecodeOptions, got {type(decoding).__name__}")
         self.decoding = decoding if decoding is not None else DecodeOptions()
         self.name = name
         self.version = version
