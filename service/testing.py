@@ -149,7 +149,8 @@ def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | N
     from captioning.data import LABELS, tokenize
     from captioning.data.vocab import Vocabulary
     from captioning.models.ucm.model import Captioner, MultiLabelClassifier
-    from captioning.models.ucm.store_io import VOCAB, WEIGHTS, save_weights
+    from captioning.models.ucm.store_io import VOCAB, WEIGHTS
+    from captioning.weights import save_state
 
     torch.manual_seed(seed)
     config = load_config("ucm", "tiny", overrides=overrides)
@@ -160,13 +161,13 @@ def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | N
         vocab = Vocabulary.build([tokenize(c) for c in SAMPLE_CAPTIONS])
         vocab.save(folder / VOCAB)
         model = Captioner(len(vocab), config.text, config.image, attention_dim=config.captioner.attention_dim)
-        save_weights(model, folder / WEIGHTS, config.weights_dtype)
+        save_state(model.state_dict(), folder / WEIGHTS, config.weights_dtype)
         out["ucm-captioner"] = _publish(store, "ucm-captioner", folder, "ucm-captioner", config).version
     if classifier:
         folder = Path(workdir) / f"ucm-classifier-{seed}"
         folder.mkdir(parents=True)
         model = MultiLabelClassifier(config.image, len(LABELS))
-        save_weights(model, folder / WEIGHTS, config.weights_dtype)
+        save_state(model.state_dict(), folder / WEIGHTS, config.weights_dtype)
         (folder / "classifier.json").write_text(json.dumps({"labels": list(LABELS), "threshold": 0.5}))
         out["ucm-classifier"] = _publish(store, "ucm-classifier", folder, "ucm-classifier", config).version
     return out
@@ -186,8 +187,8 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
         concept_words,
         embed_concepts,
     )
-    from captioning.models.lightcap.concepts_data import save_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+    from captioning.weights import save_state
 
     torch.manual_seed(seed)
     workdir = Path(workdir)
@@ -201,7 +202,7 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
     clip = build_clip(clip_cfg)
     folder = workdir / f"clip-{seed}"
     folder.mkdir(parents=True)
-    save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
+    save_state(clip.state_dict(), folder / "model.safetensors", "float16")
     tokenizer.save(folder)
     clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
     detector = ProposalDetector(cfg.detector)
@@ -213,7 +214,7 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
     aligner = RegionAligner.from_config(512, cfg.align, vocab.dim)
     folder = workdir / f"concepts-{seed}"
     folder.mkdir(parents=True)
-    save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
+    save_state(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
     vocab.save(folder)
     cfg.extract.proposal_conf, cfg.extract.min_score = 0.0, 0.0  # random weights: keep every proposal
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]

@@ -37,8 +37,8 @@ def random_store(tmp_path_factory):
         concept_words,
         embed_concepts,
     )
-    from captioning.models.lightcap.concepts_data import save_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+    from captioning.weights import save_state
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("store")
@@ -54,7 +54,7 @@ def random_store(tmp_path_factory):
     clip = build_clip(clip_cfg)
     folder = root / "clip"
     folder.mkdir()
-    save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
+    save_state(clip.state_dict(), folder / "model.safetensors", "float16")
     tokenizer.save(folder)
     clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
     # detector: random YOLOv5n, one class
@@ -68,7 +68,7 @@ def random_store(tmp_path_factory):
     aligner = RegionAligner.from_config(512, cfg_concepts.align, vocab.dim)
     folder = root / "concepts"
     folder.mkdir()
-    save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
+    save_state(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
     vocab.save(folder)
     cfg_concepts.extract.proposal_conf, cfg_concepts.extract.min_score = 0.0, 0.0
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]

@@ -60,8 +60,8 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
         concept_words,
         embed_concepts,
     )
-    from captioning.models.lightcap.concepts_data import save_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+    from captioning.weights import save_state
 
     def publish(name, folder, config, parents=()):  # a typed config, stored as its plain dict
         return store.publish(name, folder, task=name, profile="tiny", metrics={}, config=config.to_dict(),
@@ -79,7 +79,7 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
     clip = build_clip(clip_cfg)
     for name in ("clip", "det", "concepts"):
         (root / name).mkdir()
-    save_tensors(clip.state_dict(), root / "clip" / "model.safetensors", "float16")
+    save_state(clip.state_dict(), root / "clip" / "model.safetensors", "float16")
     tokenizer.save(root / "clip")
     clip_v = publish("clip", root / "clip", clip_cfg)
     if image_size:
@@ -90,7 +90,7 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
     aligner = RegionAligner.from_config(
         clip.visual.layer4[-1].conv3.out_channels if hasattr(clip.visual, "layer4") else 512, cfg.align, vocab.dim
     )
-    save_tensors(aligner.state_dict(), root / "concepts" / ALIGNER_FILE, "float16")
+    save_state(aligner.state_dict(), root / "concepts" / ALIGNER_FILE, "float16")
     vocab.save(root / "concepts")
     if image_size:
         cfg.image_size = image_size

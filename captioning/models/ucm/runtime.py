@@ -28,7 +28,8 @@ from captioning.errors import StoreError
 from captioning.inference import CaptionOut
 from captioning.models.ucm.data import preprocess
 from captioning.models.ucm.model import Captioner, MultiLabelClassifier
-from captioning.models.ucm.store_io import VOCAB, WEIGHTS, load_into
+from captioning.models.ucm.store_io import VOCAB, WEIGHTS
+from captioning.weights import load_into
 
 if TYPE_CHECKING:  # pragma: no cover
     from captioning.store import ModelStore, ModelVersion
