@@ -326,3 +326,22 @@ def test_build_arch_of_a_published_lightcap_config_is_its_stored_architecture(sp
         sized, grid_channels=stored["grid_channels"], concept_dim=stored["concept_dim"], vocab_size=stored["vocab_size"]
     )
     assert arch == stored and list(arch["fusion"]) == list(stored["fusion"])
+
+
+def test_a_prerequisite_built_with_other_sizes_is_named_from_its_typed_manifest_config(tmp_path):
+    """store_io.check_architecture reads the prerequisite's manifest through the schema (defaults for keys it
+    lacks) and names every size that differs from this run's config."""
+    from captioning.models.ucm.store_io import check_architecture
+    from captioning.store import ModelStore
+    from service.testing import publish_ucm
+
+    store = ModelStore(tmp_path / "store")
+    publish_ucm(store, tmp_path / "work", classifier=False)
+    version = store.load("ucm-captioner@1")
+    check_architecture(version, load_config("ucm", "tiny"), "text")
+    check_architecture(version, load_config("ucm", "tiny"), "image")
+    other = load_config("ucm", "tiny", overrides=["text.hidden_dim=64", "image.input_size=96"])
+    with pytest.raises(ConfigError, match=r"ucm-captioner@1 was built with other sizes .*text\.hidden_dim: 256 there, 64"):
+        check_architecture(version, other, "text")
+    with pytest.raises(ConfigError, match=r"image\.input_size: 128 there, 96 here"):
+        check_architecture(version, other, "image")

@@ -60,12 +60,14 @@ def prerequisite(
 
 def check_architecture(version: ModelVersion, config: UCMConfig, section: str) -> None:
     """The prerequisite's ``section`` sizes must be this run's (the weights would not fit otherwise)."""
+    from captioning.config import manifest_config
+    from captioning.config_schema import UCMConfig
+
     ours = getattr(config, section)
-    fields = type(ours).model_fields
-    theirs = (version.manifest.get("config") or {}).get(section) or {}
+    theirs = getattr(manifest_config(version, UCMConfig), section)  # keys it lacks read the schema's defaults
     diffs = []
     for key in ARCHITECTURE_KEYS[section]:
-        there = theirs.get(key, fields[key].get_default(call_default_factory=True))
+        there = getattr(theirs, key)
         here = getattr(ours, key)
         if there != here:
             diffs.append(f"{section}.{key}: {there!r} there, {here!r} here")
