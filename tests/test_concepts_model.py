@@ -217,3 +217,27 @@ def test_draw_concepts_and_scaling():
     assert drawn.getpixel((50, 60)) != (0, 0, 0)  # the left edge of the box (x=25*2)
     assert drawn.getpixel((120, 60)) == (0, 0, 0)  # inside the box: untouched
     assert image.getpixel((25, 30)) == (0, 0, 0)  # the input is not drawn on
+
+
+def test_extract_instance_settings_are_config_keys_with_the_extractor_defaults():
+    """``extract.instance_iou / instance_min_score / instance_conf`` are schema keys (docs/concepts.md); unset,
+    the extractor keeps its defaults (the values chosen on val, or every proposal when min_score <= 0)."""
+    from captioning.models.lightcap.concepts import (
+        DEFAULT_INSTANCE_CONF,
+        DEFAULT_INSTANCE_IOU,
+        DEFAULT_INSTANCE_MIN_SCORE,
+    )
+
+    cfg = load_config("concepts", "tiny", overrides=["extract.instance_iou=0.3", "extract.instance_conf=0.5"])
+    assert (cfg.extract.instance_iou, cfg.extract.instance_conf, cfg.extract.instance_min_score) == (0.3, 0.5, None)
+    with pytest.raises(ConfigError, match="extract.instance_ious: unknown key"):
+        load_config("concepts", "tiny", overrides=["extract.instance_ious=0.3"])
+    torch.manual_seed(0)
+    set_ = _random_extractor("tiny", min_score=0.29, instance_iou=0.3, instance_conf=0.5)
+    assert (set_.instance_iou, set_.instance_conf, set_.instance_min_score) == (0.3, 0.5, DEFAULT_INSTANCE_MIN_SCORE)
+    unset = _random_extractor("tiny", min_score=0.29)
+    assert (unset.instance_iou, unset.instance_min_score, unset.instance_conf) == (
+        DEFAULT_INSTANCE_IOU, DEFAULT_INSTANCE_MIN_SCORE, DEFAULT_INSTANCE_CONF
+    )
+    keep_all = _random_extractor("tiny", proposal_conf=0.1, min_score=0.0)
+    assert (keep_all.instance_min_score, keep_all.instance_conf) == (0.0, 0.1)
