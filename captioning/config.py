@@ -17,13 +17,15 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from captioning.config_schema import FAMILIES, TASK_FAMILY, AnyConfig, Section
-from captioning.errors import ConfigError
+from captioning.errors import ConfigError, StoreError
+
+S = TypeVar("S", bound=Section)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROFILES = ("paper", "tiny")
@@ -259,6 +261,24 @@ def validate_manifest_config(config: dict[str, Any], *, task: str, where: str = 
     if config.get("family", family) != family:
         raise ConfigError(f"{where}: config.family is {config.get('family')!r}, task {task!r} is {family!r}")
     return _validate(schema_for(family), {**config, "family": family}, where)
+
+
+def manifest_config(version: Any, family: type[S]) -> S:
+    """The typed config of a published version (``version.manifest["config"]`` read by
+    ``validate_manifest_config`` for its task), which must be a ``family`` config: what the runtimes build their
+    models from. A manifest whose config is missing or does not fit the schema is a ``StoreError`` naming it."""
+    spec = f"{version.name}@{version.version}"
+    config = version.manifest.get("config")
+    if not isinstance(config, dict):
+        raise StoreError(f"{spec}: its manifest has no config")
+    task = str(version.manifest.get("task") or version.name)
+    try:
+        typed = validate_manifest_config(config, task=task, where=f"{spec}: manifest config")
+    except ConfigError as exc:
+        raise StoreError(str(exc)) from None
+    if not isinstance(typed, family):
+        raise StoreError(f"{spec}: its manifest config is a {typed.family!r} config, this needs {family.__name__}")
+    return typed
 
 
 def config_dict(config: Section | dict[str, Any]) -> dict[str, Any]:

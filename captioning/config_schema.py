@@ -14,9 +14,12 @@ embedded model store's manifests validate against the same models (``validate_ma
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from captioning.decoding import DecodeOptions
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,6 +42,23 @@ class Section(BaseModel):
         return self.model_dump(mode="python", exclude_unset=True)
 
 
+S = TypeVar("S", bound=Section)
+
+
+def expect_section(value: object, kind: type[S], what: str) -> S:
+    """``value`` when it is a ``kind`` config section, else a ``TypeError`` naming ``what`` took it.
+
+    Model constructors and builders take typed sections only (``load_config(...).text``,
+    ``validate_manifest_config(...).image``); a plain dict is refused here rather than failing later on a
+    missing attribute."""
+    if not isinstance(value, kind):
+        raise TypeError(
+            f"{what} takes a {kind.__name__} config section (captioning.config_schema), got {type(value).__name__}; "
+            f"build it with captioning.config.load_config(...) or validate_manifest_config(...)"
+        )
+    return value
+
+
 # ================================================================================================ shared
 class DecodingConfig(Section):
     """``decoding``: the published captioner's defaults (``captioning.decoding.DecodeOptions``)."""
@@ -57,6 +77,12 @@ class DecodingConfig(Section):
 
         DecodeOptions(**self.model_dump())  # its range checks (min_length <= max_length ...) raise ValueError
         return self
+
+    def options(self, **overrides: Any) -> DecodeOptions:
+        """These defaults as a frozen ``DecodeOptions``, with the non-None ``overrides`` applied."""
+        from captioning.decoding import DecodeOptions
+
+        return DecodeOptions.from_dict(self.to_dict(), **overrides)
 
 
 # ================================================================================================ ucm
@@ -282,6 +308,11 @@ class ExtractCfg(Section):
     proposal_conf: float | None = None  # None: detector.conf
     max_proposals: int | None = None  # None: detector.max_det
     min_score: float = 0.0
+    # instances (docs/concepts.md "Instances and counts"); None: the extractor's defaults (concepts.py
+    # DEFAULT_INSTANCE_*, or every proposal when min_score <= 0)
+    instance_iou: float | None = None
+    instance_min_score: float | None = None
+    instance_conf: float | None = None
 
 
 class ConceptsConfig(Section):

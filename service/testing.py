@@ -149,7 +149,8 @@ def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | N
     from captioning.data import LABELS, tokenize
     from captioning.data.vocab import Vocabulary
     from captioning.models.ucm.model import Captioner, MultiLabelClassifier
-    from captioning.models.ucm.store_io import VOCAB, WEIGHTS, save_weights
+    from captioning.models.ucm.store_io import VOCAB, WEIGHTS
+    from captioning.weights import save_state
 
     torch.manual_seed(seed)
     config = load_config("ucm", "tiny", overrides=overrides)
@@ -159,15 +160,14 @@ def publish_ucm(store, workdir: Path, *, seed: int = 0, overrides: list[str] | N
         folder.mkdir(parents=True)
         vocab = Vocabulary.build([tokenize(c) for c in SAMPLE_CAPTIONS])
         vocab.save(folder / VOCAB)
-        model = Captioner(len(vocab), config.text.to_dict(), config.image.to_dict(),
-                          attention_dim=config.captioner.attention_dim)
-        save_weights(model, folder / WEIGHTS, config.weights_dtype)
+        model = Captioner(len(vocab), config.text, config.image, attention_dim=config.captioner.attention_dim)
+        save_state(model.state_dict(), folder / WEIGHTS, config.weights_dtype)
         out["ucm-captioner"] = _publish(store, "ucm-captioner", folder, "ucm-captioner", config).version
     if classifier:
         folder = Path(workdir) / f"ucm-classifier-{seed}"
         folder.mkdir(parents=True)
-        model = MultiLabelClassifier(config.image.to_dict(), len(LABELS))
-        save_weights(model, folder / WEIGHTS, config.weights_dtype)
+        model = MultiLabelClassifier(config.image, len(LABELS))
+        save_state(model.state_dict(), folder / WEIGHTS, config.weights_dtype)
         (folder / "classifier.json").write_text(json.dumps({"labels": list(LABELS), "threshold": 0.5}))
         out["ucm-classifier"] = _publish(store, "ucm-classifier", folder, "ucm-classifier", config).version
     return out
@@ -187,34 +187,34 @@ def publish_concepts(store, workdir: Path, *, seed: int = 0) -> dict[str, int]:
         concept_words,
         embed_concepts,
     )
-    from captioning.models.lightcap.concepts_data import save_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+    from captioning.weights import save_state
 
     torch.manual_seed(seed)
     workdir = Path(workdir)
     clip_cfg = load_config("clip", "tiny")
     cfg = load_config("concepts", "tiny")
-    words, labels = concept_words(cfg.to_dict())
+    words, labels = concept_words(cfg.vocabulary)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
-    model_cfg = clip_model_config(clip_cfg.to_dict())
+    model_cfg = clip_model_config(clip_cfg.model)
     model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
     clip_cfg = ClipConfig.model_validate({**clip_cfg.to_dict(), "model": model_cfg})
-    clip = build_clip(clip_cfg.to_dict())
+    clip = build_clip(clip_cfg)
     folder = workdir / f"clip-{seed}"
     folder.mkdir(parents=True)
-    save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
+    save_state(clip.state_dict(), folder / "model.safetensors", "float16")
     tokenizer.save(folder)
     clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
-    detector = ProposalDetector(cfg.detector.to_dict())
+    detector = ProposalDetector(cfg.detector)
     folder = workdir / f"det-{seed}"
     folder.mkdir(parents=True)
     detector.save_weights(folder / WEIGHTS_FILE)
     det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner.from_config(512, cfg.align.to_dict(), vocab.dim)
+    aligner = RegionAligner.from_config(512, cfg.align, vocab.dim)
     folder = workdir / f"concepts-{seed}"
     folder.mkdir(parents=True)
-    save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
+    save_state(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
     vocab.save(folder)
     cfg.extract.proposal_conf, cfg.extract.min_score = 0.0, 0.0  # random weights: keep every proposal
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
@@ -233,11 +233,11 @@ def publish_lightcap(store, workdir: Path, *, seed: int = 0, concepts: str = "co
     torch.manual_seed(seed)
     config = load_config("lightcap", "tiny")
     extractor = load_model(store, concepts)
-    tokenizer = make_tokenizer(config.tokenizer.to_dict(), config.model.to_dict(), SAMPLE_CAPTIONS)
-    model = build_captioner(config.model.to_dict(), grid_channels=extractor.encoder.channels,
+    tokenizer = make_tokenizer(config.tokenizer, config.model, SAMPLE_CAPTIONS)
+    model = build_captioner(config.model, grid_channels=extractor.encoder.channels,
                             concept_dim=extractor.vocab.dim, tokenizer=tokenizer)
     folder = Path(workdir) / f"lightcap-{seed}"
-    save_captioner(folder, model, tokenizer, dtype=config.weights_dtype, decoding=config.decoding.to_dict())
+    save_captioner(folder, model, tokenizer, dtype=config.weights_dtype, decoding=config.decoding)
     parent = {"name": extractor.name, "version": extractor.version}
     version = store.publish(
         "lightcap", folder, task="lightcap", profile="tiny", metrics={"note": "random weights"}, config=config.to_dict(),

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from captioning.config import load_config
+from captioning.config_schema import ClipConfig
 from captioning.errors import ConfigError
 from captioning.models.lightcap.clip_encoder import (
     ClipTokenizer,
@@ -18,9 +19,11 @@ from captioning.models.lightcap.clip_encoder import (
 
 
 def _tiny_clip(texts=("there are three red cars", "a photo of a tree")):
-    cfg = load_config("clip", "tiny").to_dict()
-    tokenizer = ClipTokenizer.train_word_level(texts, cfg["tokenizer"]["context_length"])
-    cfg["model"]["text_cfg"].update(tokenizer.text_cfg_overrides())
+    cfg = load_config("clip", "tiny")
+    tokenizer = ClipTokenizer.train_word_level(texts, cfg.tokenizer.context_length)
+    model = cfg.model.to_dict()
+    model["text_cfg"].update(tokenizer.text_cfg_overrides())
+    cfg = ClipConfig.model_validate({**cfg.to_dict(), "model": model})
     return cfg, tokenizer, build_clip(cfg)
 
 
@@ -48,8 +51,8 @@ def test_tiny_grid_encoder_is_clip_trunk_without_pooler():
 def test_paper_grid_encoder_is_rn50_and_loads_a_checkpoint_file(tmp_path):
     from open_clip.modified_resnet import ModifiedResNet
 
-    cfg = load_config("clip", "paper").to_dict()
-    assert clip_model_config(cfg)["vision_cfg"]["layers"] == [3, 4, 6, 3]
+    cfg = load_config("clip", "paper")
+    assert clip_model_config(cfg.model)["vision_cfg"]["layers"] == [3, 4, 6, 3]
     # an OpenAI-style RN50 checkpoint: the visual tower with its attention pooler, metadata entries, fp16
     torch.manual_seed(1)
     source = ModifiedResNet(layers=[3, 4, 6, 3], output_dim=1024, heads=32, image_size=224, width=64)
@@ -62,7 +65,7 @@ def test_paper_grid_encoder_is_rn50_and_loads_a_checkpoint_file(tmp_path):
     path = tmp_path / "RN50.pt"
     torch.save(state, path)
 
-    cfg["checkpoint"] = str(path)
+    cfg.checkpoint = str(path)
     encoder = GridEncoder.from_config(cfg).freeze()
     loaded = encoder.trunk.state_dict()
     for key, value in source.state_dict().items():
@@ -76,8 +79,8 @@ def test_checkpoint_that_does_not_fit_names_the_file(tmp_path):
     cfg, _, clip = _tiny_clip()
     path = tmp_path / "tiny.pt"
     torch.save(clip.state_dict(), path)
-    paper = load_config("clip", "paper").to_dict()
-    paper["checkpoint"] = str(path)
+    paper = load_config("clip", "paper")
+    paper.checkpoint = str(path)
     with pytest.raises(ConfigError, match=r"tiny\.pt.*(wrong shape|missing)"):
         GridEncoder.from_config(paper)
     with pytest.raises(ConfigError, match="not found"):
@@ -94,7 +97,7 @@ def test_full_clip_checkpoint_formats_roundtrip(tmp_path):
     path = tmp_path / "epoch_3.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}, "epoch": 3}, path)
     torch.manual_seed(3)
-    other = build_clip({**cfg, "checkpoint": str(path)})
+    other = build_clip(cfg.model_copy(update={"checkpoint": str(path)}))
     for key, value in clip.state_dict().items():
         torch.testing.assert_close(other.state_dict()[key], value)
 

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from captioning.config import load_config
+from captioning.config_schema import AlignCfg, DetectorCfg, DetectorTrain
 from captioning.errors import ConfigError
 from captioning.inference import Concept
 from captioning.models.lightcap.clip_encoder import GridEncoder
@@ -40,9 +41,9 @@ def test_concept_list_file_parsing_and_errors(tmp_path):
 def test_vocabularies_of_both_profiles():
     from captioning.data import LABELS
 
-    words, labels = concept_words(load_config("concepts", "paper").to_dict())
+    words, labels = concept_words(load_config("concepts", "paper").vocabulary)
     assert len(words) >= 150 and "airplane" in words and labels[words.index("tree")] == "trees"
-    words, labels = concept_words(load_config("concepts", "tiny").to_dict())
+    words, labels = concept_words(load_config("concepts", "tiny").vocabulary)
     # the 17 label words and the finer synthetic object words, each once
     assert set(LABELS) <= set(words) and {"car", "truck", "boat", "house", "tank"} <= set(words)
     assert len(words) == len(set(words))
@@ -88,10 +89,11 @@ def test_pool_regions_with_context_appends_each_box_s_own_image_mean():
 
 
 def test_region_aligner_from_config_sizes_its_input_for_context():
-    plain = RegionAligner.from_config(512, {"hidden": 64}, 32)
+    training = dict(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.0)
+    plain = RegionAligner.from_config(512, AlignCfg(hidden=64, **training), 32)
     assert plain.fc1.in_features == 512 and isinstance(plain.norm, torch.nn.Identity)
     assert set(plain.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "logit_scale"}
-    ctx = RegionAligner.from_config(512, {"hidden": 64, "context": True, "input_norm": True}, 32)
+    ctx = RegionAligner.from_config(512, AlignCfg(hidden=64, context=True, input_norm=True, **training), 32)
     assert ctx.fc1.in_features == 1024 and isinstance(ctx.norm, torch.nn.LayerNorm)
     out = ctx(torch.randn(7, 1024) * 100 + 50)
     assert out.shape == (7, 32)
@@ -126,7 +128,7 @@ def test_region_concept_loss_is_clip_loss_when_concepts_are_distinct():
 
 def test_detector_weights_roundtrip_through_safetensors(tmp_path):
     torch.manual_seed(0)
-    cfg = {"yaml": "yolov5n.yaml", "imgsz": 128, "conf": 0.0, "iou": 0.6, "max_det": 10}
+    cfg = DetectorCfg(yaml="yolov5n.yaml", imgsz=128, conf=0.0, iou=0.6, max_det=10, train=DetectorTrain(epochs=1))
     detector = ProposalDetector(cfg)
     path = detector.save_weights(tmp_path / "detector.safetensors", dtype=torch.float32)
     torch.manual_seed(1)
@@ -141,17 +143,18 @@ def test_detector_weights_roundtrip_through_safetensors(tmp_path):
     boxes, _ = detector(torch.rand(1, 3, 256, 256))[0]
     assert float(boxes.max()) <= 256.0
     with pytest.raises(ConfigError, match="do not fit"):
-        ProposalDetector({**cfg, "yaml": "yolov8n.yaml"}).load_weights(path)
+        ProposalDetector(cfg.model_copy(update={"yaml": "yolov8n.yaml"})).load_weights(path)
 
 
-def _random_extractor(profile: str, clip_overrides=None, **extract):
-    clip_cfg = load_config("clip", profile).to_dict()
-    cfg = load_config("concepts", profile).to_dict()
-    cfg["extract"].update(extract)
+def _random_extractor(profile: str, **extract):
+    clip_cfg = load_config("clip", profile)
+    cfg = load_config("concepts", profile)
+    for key, value in extract.items():
+        setattr(cfg.extract, key, value)
     encoder = GridEncoder.from_config(clip_cfg)
-    detector = ProposalDetector(cfg["detector"])
-    dim = 1024 if profile == "paper" else int(clip_cfg["model"]["embed_dim"])
-    aligner = RegionAligner.from_config(encoder.channels, cfg["align"], dim)
+    detector = ProposalDetector(cfg.detector)
+    dim = 1024 if profile == "paper" else clip_cfg.model.embed_dim
+    aligner = RegionAligner.from_config(encoder.channels, cfg.align, dim)
     words = [f"thing{i}" for i in range(30)]
     vocab = ConceptVocabulary(words, [None] * 30, torch.nn.functional.normalize(torch.randn(30, dim), dim=-1))
     return ConceptExtractor(encoder, detector, aligner, vocab, cfg)
@@ -214,3 +217,27 @@ def test_draw_concepts_and_scaling():
     assert drawn.getpixel((50, 60)) != (0, 0, 0)  # the left edge of the box (x=25*2)
     assert drawn.getpixel((120, 60)) == (0, 0, 0)  # inside the box: untouched
     assert image.getpixel((25, 30)) == (0, 0, 0)  # the input is not drawn on
+
+
+def test_extract_instance_settings_are_config_keys_with_the_extractor_defaults():
+    """``extract.instance_iou / instance_min_score / instance_conf`` are schema keys (docs/concepts.md); unset,
+    the extractor keeps its defaults (the values chosen on val, or every proposal when min_score <= 0)."""
+    from captioning.models.lightcap.concepts import (
+        DEFAULT_INSTANCE_CONF,
+        DEFAULT_INSTANCE_IOU,
+        DEFAULT_INSTANCE_MIN_SCORE,
+    )
+
+    cfg = load_config("concepts", "tiny", overrides=["extract.instance_iou=0.3", "extract.instance_conf=0.5"])
+    assert (cfg.extract.instance_iou, cfg.extract.instance_conf, cfg.extract.instance_min_score) == (0.3, 0.5, None)
+    with pytest.raises(ConfigError, match="extract.instance_ious: unknown key"):
+        load_config("concepts", "tiny", overrides=["extract.instance_ious=0.3"])
+    torch.manual_seed(0)
+    set_ = _random_extractor("tiny", min_score=0.29, instance_iou=0.3, instance_conf=0.5)
+    assert (set_.instance_iou, set_.instance_conf, set_.instance_min_score) == (0.3, 0.5, DEFAULT_INSTANCE_MIN_SCORE)
+    unset = _random_extractor("tiny", min_score=0.29)
+    assert (unset.instance_iou, unset.instance_min_score, unset.instance_conf) == (
+        DEFAULT_INSTANCE_IOU, DEFAULT_INSTANCE_MIN_SCORE, DEFAULT_INSTANCE_CONF
+    )
+    keep_all = _random_extractor("tiny", proposal_conf=0.1, min_score=0.0)
+    assert (keep_all.instance_min_score, keep_all.instance_conf) == (0.0, 0.1)

@@ -19,14 +19,16 @@ from training.eval_concepts import choose_instance_settings, choose_min_score, i
 
 
 def _publish(store, name, folder, task, config, parents=()):
+    """``config``: a typed config, stored as its plain dict."""
     return store.publish(
-        name, folder, task=task, profile="tiny", metrics={}, config=config, command="pytest",
+        name, folder, task=task, profile="tiny", metrics={}, config=config.to_dict(), command="pytest",
         data={"name": "none"}, parents=list(parents),
     )
 
 
 @pytest.fixture(scope="module")
 def random_store(tmp_path_factory):
+    from captioning.config_schema import ClipConfig
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
@@ -35,40 +37,40 @@ def random_store(tmp_path_factory):
         concept_words,
         embed_concepts,
     )
-    from captioning.models.lightcap.concepts_data import save_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+    from captioning.weights import save_state
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("store")
     store = ModelStore(root / "store")
     # clip: a random tiny open_clip CLIP + its word-level tokenizer
-    clip_cfg = load_config("clip", "tiny").to_dict()
-    cfg_concepts = load_config("concepts", "tiny").to_dict()
-    words, labels = concept_words(cfg_concepts)
+    clip_cfg = load_config("clip", "tiny")
+    cfg_concepts = load_config("concepts", "tiny")
+    words, labels = concept_words(cfg_concepts.vocabulary)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
-    model_cfg = clip_model_config(clip_cfg)
+    model_cfg = clip_model_config(clip_cfg.model)
     model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
-    clip_cfg["model"] = model_cfg
+    clip_cfg = ClipConfig.model_validate({**clip_cfg.to_dict(), "model": model_cfg})
     clip = build_clip(clip_cfg)
     folder = root / "clip"
     folder.mkdir()
-    save_tensors(clip.state_dict(), folder / "model.safetensors", "float16")
+    save_state(clip.state_dict(), folder / "model.safetensors", "float16")
     tokenizer.save(folder)
     clip_v = _publish(store, "clip", folder, "clip", clip_cfg)
     # detector: random YOLOv5n, one class
-    detector = ProposalDetector(cfg_concepts["detector"])
+    detector = ProposalDetector(cfg_concepts.detector)
     folder = root / "det"
     folder.mkdir()
     detector.save_weights(folder / WEIGHTS_FILE)
     det_v = _publish(store, "concepts-detector", folder, "concepts-detector", cfg_concepts)
     # concepts: vocabulary embedded with the clip text tower + a random aligner
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
-    aligner = RegionAligner.from_config(512, cfg_concepts["align"], vocab.dim)
+    aligner = RegionAligner.from_config(512, cfg_concepts.align, vocab.dim)
     folder = root / "concepts"
     folder.mkdir()
-    save_tensors(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
+    save_state(aligner.state_dict(), folder / ALIGNER_FILE, "float16")
     vocab.save(folder)
-    cfg_concepts["extract"].update(proposal_conf=0.0, min_score=0.0)
+    cfg_concepts.extract.proposal_conf, cfg_concepts.extract.min_score = 0.0, 0.0
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
     _publish(store, "concepts", folder, "concepts", cfg_concepts, parents)
     return store, clip

@@ -19,6 +19,7 @@ from captioning.config import (
     validate_manifest_config,
 )
 from captioning.config_schema import FAMILIES, TASK_FAMILY, LightCapConfig, UCMConfig
+from captioning.decoding import DecodeOptions
 from captioning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,3 +193,155 @@ def test_a_manifest_config_with_an_unknown_key_is_refused():
         validate_manifest_config(bad, task="ucm-captioner", where="ucm-captioner@1")
     with pytest.raises(ConfigError, match="no config family for task 'toy'"):
         validate_manifest_config(record["config"], task="toy")
+
+
+# ---------------------------------------------------------------------------------------------- typed constructors
+def _constructors():
+    """Every model constructor / builder that takes a config section, called with the plain dict of that
+    section (what they took before the configs were typed)."""
+    from captioning.models.lightcap.captioner import build_arch
+    from captioning.models.lightcap.clip_encoder import (
+        ClipTokenizer,
+        GridEncoder,
+        build_clip,
+        clip_model_config,
+    )
+    from captioning.models.lightcap.concepts import RegionAligner, concept_words
+    from captioning.models.lightcap.detector import ProposalDetector
+    from captioning.models.lightcap.fusion import PrefixLMFusion, bert_config
+    from captioning.models.lightcap.pipeline import build_captioner, make_tokenizer
+    from captioning.models.ucm.model import (
+        Captioner,
+        DistillPair,
+        ImageEncoder,
+        MultiLabelClassifier,
+        TextAutoencoder,
+    )
+
+    ucm, lightcap = load_config("ucm", "tiny"), load_config("lightcap", "tiny")
+    clip, concepts = load_config("clip", "tiny"), load_config("concepts", "tiny")
+    text, image = ucm.text.to_dict(), ucm.image.to_dict()
+    return {
+        "TextAutoencoder(text)": lambda: TextAutoencoder(10, text),
+        "DistillPair(text)": lambda: DistillPair(10, text, ucm.image),
+        "DistillPair(image)": lambda: DistillPair(10, ucm.text, image),
+        "Captioner(text)": lambda: Captioner(10, text, ucm.image),
+        "Captioner(image)": lambda: Captioner(10, ucm.text, image),
+        "ImageEncoder(image)": lambda: ImageEncoder(image, 8),
+        "MultiLabelClassifier(image)": lambda: MultiLabelClassifier(image, 17),
+        "bert_config(fusion)": lambda: bert_config(lightcap.model.fusion.to_dict(), 10),
+        "PrefixLMFusion(fusion)": lambda: PrefixLMFusion(lightcap.model.fusion.to_dict(), 10),
+        "build_arch(model)": lambda: build_arch(lightcap.model.to_dict(), grid_channels=8, concept_dim=8, vocab_size=10),
+        "build_captioner(model)": lambda: build_captioner(
+            lightcap.model.to_dict(), grid_channels=8, concept_dim=8, tokenizer=None
+        ),
+        "make_tokenizer(tokenizer)": lambda: make_tokenizer(lightcap.tokenizer.to_dict(), lightcap.model, ["a b"]),
+        "clip_model_config(model)": lambda: clip_model_config(clip.model.to_dict()),
+        "build_clip(config)": lambda: build_clip(clip.to_dict()),
+        "ClipTokenizer.from_config(config)": lambda: ClipTokenizer.from_config(clip.to_dict()),
+        "GridEncoder.from_config(config)": lambda: GridEncoder.from_config(clip.to_dict()),
+        "GridEncoder(vision)": lambda: GridEncoder(clip.model.vision_cfg.to_dict()),
+        "ProposalDetector(detector)": lambda: ProposalDetector(concepts.detector.to_dict()),
+        "RegionAligner.from_config(align)": lambda: RegionAligner.from_config(8, concepts.align.to_dict(), 4),
+        "concept_words(vocabulary)": lambda: concept_words(concepts.vocabulary.to_dict()),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_constructors()))
+def test_model_constructors_refuse_a_plain_dict_section_naming_themselves(name):
+    with pytest.raises(TypeError) as info:
+        _constructors()[name]()
+    message = str(info.value)
+    assert message.startswith(f"{name} takes a ") and "config section (captioning.config_schema), got dict" in message
+
+
+def test_save_captioner_and_the_pipeline_take_typed_decoding(tmp_path):
+    from captioning.models.lightcap.pipeline import LightCapPipeline, save_captioner
+
+    with pytest.raises(TypeError, match=r"save_captioner\(decoding=...\) takes a DecodingConfig"):
+        save_captioner(tmp_path, None, None, decoding={"beam_size": 3})
+    with pytest.raises(TypeError, match=r"LightCapPipeline\(decoding=...\) takes a DecodeOptions, got dict"):
+        LightCapPipeline(None, None, None, decoding={"beam_size": 3})
+    config = load_config("lightcap", "tiny")
+    assert config.decoding.options() == DecodeOptions.from_dict(config.decoding.to_dict())
+    assert config.decoding.options(beam_size=1, max_length=None).beam_size == 1
+
+
+def test_a_ucm_model_built_from_load_config_equals_one_rebuilt_from_its_published_manifest(tmp_path):
+    """A model built from ``load_config`` sections (service.testing.publish_ucm, random weights) is published; the
+    runtime's path (the manifest's config read back through the schema) builds the same network, and the
+    published weights it loads are the ones built from ``load_config`` (fp16 in the tiny profile)."""
+    import torch
+
+    from captioning.config import manifest_config
+    from captioning.models.ucm.model import Captioner, MultiLabelClassifier
+    from captioning.models.ucm.runtime import load_captioner, load_classifier
+    from captioning.store import ModelStore
+    from service.testing import publish_ucm
+
+    overrides = ["captioner.attention_dim=8"]
+    config = load_config("ucm", "tiny", overrides=overrides)
+    for name, loader in (("ucm-captioner", load_captioner), ("ucm-classifier", load_classifier)):
+        store = ModelStore(tmp_path / name / "store")
+        publish_ucm(store, tmp_path / name / "work", seed=3, overrides=overrides,
+                    captioner=name == "ucm-captioner", classifier=name == "ucm-classifier")
+        version = store.load(f"{name}@1")
+        published = manifest_config(version, UCMConfig)
+        assert published == config and published.to_dict() == config.to_dict()
+        runtime = loader(version, store, fast=False)  # the network as trained, fp32
+        vocab_size = len(runtime.vocab) if name == "ucm-captioner" else 0
+
+        def build(c, name=name, vocab_size=vocab_size):
+            if name == "ucm-captioner":
+                return Captioner(vocab_size, c.text, c.image, attention_dim=c.captioner.attention_dim)
+            return MultiLabelClassifier(c.image, 17)
+        torch.manual_seed(3)  # publish_ucm's seed: its model is the first thing built
+        ours = build(config).state_dict()
+        torch.manual_seed(3)
+        theirs = build(published).state_dict()
+        stored = runtime.model.state_dict()
+        assert ours.keys() == theirs.keys() == stored.keys()
+        for key, value in ours.items():
+            assert torch.equal(value, theirs[key]), key
+            expected = value.half().float() if value.is_floating_point() else value
+            assert torch.equal(stored[key], expected), key
+
+
+@pytest.mark.parametrize("spec", ["lightcap/2", "lightcap/3"])
+def test_build_arch_of_a_published_lightcap_config_is_its_stored_architecture(spec):
+    """The typed ``model`` section of an embedded LightCap manifest rebuilds exactly the ``arch`` stored in
+    its ``model.json`` (what the runtime builds the network from)."""
+    from captioning.models.lightcap.captioner import build_arch
+
+    folder = ROOT / "model_store" / spec
+    record = json.loads((folder / "manifest.json").read_text())
+    stored = json.loads((folder / "model.json").read_text())["arch"]
+    config = validate_manifest_config(record["config"], task=record["task"])
+    assert isinstance(config, LightCapConfig)
+    sized = config.model.model_copy(
+        update={"fusion": config.model.fusion.model_validate({**config.model.fusion.to_dict(),
+                                                              "vocab_size": stored["vocab_size"]})}
+    )
+    arch = build_arch(
+        sized, grid_channels=stored["grid_channels"], concept_dim=stored["concept_dim"], vocab_size=stored["vocab_size"]
+    )
+    assert arch == stored and list(arch["fusion"]) == list(stored["fusion"])
+
+
+def test_a_prerequisite_built_with_other_sizes_is_named_from_its_typed_manifest_config(tmp_path):
+    """store_io.check_architecture reads the prerequisite's manifest through the schema (defaults for keys it
+    lacks) and names every size that differs from this run's config."""
+    from captioning.models.ucm.store_io import check_architecture
+    from captioning.store import ModelStore
+    from service.testing import publish_ucm
+
+    store = ModelStore(tmp_path / "store")
+    publish_ucm(store, tmp_path / "work", classifier=False)
+    version = store.load("ucm-captioner@1")
+    check_architecture(version, load_config("ucm", "tiny"), "text")
+    check_architecture(version, load_config("ucm", "tiny"), "image")
+    other = load_config("ucm", "tiny", overrides=["text.hidden_dim=64", "image.input_size=96"])
+    with pytest.raises(ConfigError, match=r"ucm-captioner@1 was built with other sizes .*text\.hidden_dim: 256 there, 64"):
+        check_architecture(version, other, "text")
+    with pytest.raises(ConfigError, match=r"image\.input_size: 128 there, 96 here"):
+        check_architecture(version, other, "image")

@@ -155,12 +155,11 @@ def test_decode_options_are_frozen_and_hashable():
 
 # ---------------------------------------------------------------------------------------------- folded networks
 def test_folded_clip_grid_matches_the_reference():
+    from captioning.config_schema import ClipVisionCfg
     from captioning.models.lightcap.clip_encoder import GridEncoder
 
     torch.manual_seed(0)
-    cfg = {"model": {"embed_dim": 32, "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 64},
-                     "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1}}}
-    encoder = GridEncoder.from_config(cfg).freeze()
+    encoder = GridEncoder(ClipVisionCfg(layers=[1, 1, 1, 1], width=8, image_size=64)).freeze()
     g = torch.Generator().manual_seed(1)
     for m in encoder.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -176,10 +175,11 @@ def test_folded_clip_grid_matches_the_reference():
 
 
 def test_folded_ucm_trunk_matches_the_reference():
+    from captioning.config_schema import UCMImage
     from captioning.models.ucm.model import ResNetTrunk
 
     torch.manual_seed(0)
-    trunk = ResNetTrunk({"block": "basic", "layers": [1, 1, 1, 1], "stages": 3}).eval()
+    trunk = ResNetTrunk(UCMImage(block="basic", layers=[1, 1, 1, 1], stages=3, input_size=64)).eval()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         for m in trunk.modules():
@@ -193,10 +193,11 @@ def test_folded_ucm_trunk_matches_the_reference():
 
 
 def test_fused_yolo_matches_the_reference():
+    from captioning.config_schema import DetectorCfg, DetectorTrain
     from captioning.models.lightcap.detector import ProposalDetector
 
     torch.manual_seed(0)
-    detector = ProposalDetector({"yaml": "yolov5n.yaml", "imgsz": 64, "conf": 0.0})
+    detector = ProposalDetector(DetectorCfg(yaml="yolov5n.yaml", imgsz=64, conf=0.0, train=DetectorTrain(epochs=1)))
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         before = detector.model(images)[0]

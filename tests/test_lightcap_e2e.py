@@ -51,6 +51,7 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
     """clip / concepts-detector / concepts with random weights (the concept extractor's own store layout).
 
     ``image_size`` 64 (a 2x2 grid) keeps the test fast; None keeps the tiny profile's sizes."""
+    from captioning.config_schema import ClipConfig
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, build_clip, clip_model_config
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
@@ -59,41 +60,41 @@ def publish_random_concepts(store: ModelStore, root, image_size: int | None = 64
         concept_words,
         embed_concepts,
     )
-    from captioning.models.lightcap.concepts_data import save_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
+    from captioning.weights import save_state
 
-    def publish(name, folder, config, parents=()):
-        return store.publish(name, folder, task=name, profile="tiny", metrics={}, config=config, command="pytest",
-                             data={"name": "none"}, parents=list(parents))
+    def publish(name, folder, config, parents=()):  # a typed config, stored as its plain dict
+        return store.publish(name, folder, task=name, profile="tiny", metrics={}, config=config.to_dict(),
+                             command="pytest", data={"name": "none"}, parents=list(parents))
 
     torch.manual_seed(0)
-    clip_cfg, cfg = load_config("clip", "tiny").to_dict(), load_config("concepts", "tiny").to_dict()
-    words, labels = concept_words(cfg)
+    clip_cfg, cfg = load_config("clip", "tiny"), load_config("concepts", "tiny")
+    words, labels = concept_words(cfg.vocabulary)
     tokenizer = ClipTokenizer.train_word_level([f"a photo of a {w}" for w in words], 32)
-    model_cfg = clip_model_config(clip_cfg)
+    model_cfg = clip_model_config(clip_cfg.model)
     model_cfg["text_cfg"].update(tokenizer.text_cfg_overrides())
     if image_size:
         model_cfg["vision_cfg"]["image_size"] = image_size
-    clip_cfg["model"] = model_cfg
+    clip_cfg = ClipConfig.model_validate({**clip_cfg.to_dict(), "model": model_cfg})
     clip = build_clip(clip_cfg)
     for name in ("clip", "det", "concepts"):
         (root / name).mkdir()
-    save_tensors(clip.state_dict(), root / "clip" / "model.safetensors", "float16")
+    save_state(clip.state_dict(), root / "clip" / "model.safetensors", "float16")
     tokenizer.save(root / "clip")
     clip_v = publish("clip", root / "clip", clip_cfg)
     if image_size:
-        cfg["detector"]["imgsz"] = image_size
-    ProposalDetector(cfg["detector"]).save_weights(root / "det" / WEIGHTS_FILE)
+        cfg.detector.imgsz = image_size
+    ProposalDetector(cfg.detector).save_weights(root / "det" / WEIGHTS_FILE)
     det_v = publish("concepts-detector", root / "det", cfg)
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words))
     aligner = RegionAligner.from_config(
-        clip.visual.layer4[-1].conv3.out_channels if hasattr(clip.visual, "layer4") else 512, cfg["align"], vocab.dim
+        clip.visual.layer4[-1].conv3.out_channels if hasattr(clip.visual, "layer4") else 512, cfg.align, vocab.dim
     )
-    save_tensors(aligner.state_dict(), root / "concepts" / ALIGNER_FILE, "float16")
+    save_state(aligner.state_dict(), root / "concepts" / ALIGNER_FILE, "float16")
     vocab.save(root / "concepts")
     if image_size:
-        cfg["image_size"] = image_size
-    cfg["extract"].update(proposal_conf=0.0, min_score=0.0)
+        cfg.image_size = image_size
+    cfg.extract.proposal_conf, cfg.extract.min_score = 0.0, 0.0
     parents = [{"name": "clip", "version": clip_v.version}, {"name": "concepts-detector", "version": det_v.version}]
     return publish("concepts", root / "concepts", cfg, parents)
 

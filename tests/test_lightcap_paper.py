@@ -38,9 +38,9 @@ def train_step(model, grid, concepts, captions, pad_id):
 
 
 def test_paper_profile_builds_tinybert4_with_30522_words_and_trains_a_step():
-    config = load_config("lightcap", "paper").to_dict()
-    tok = make_tokenizer(config["tokenizer"], config["model"], CAPTIONS)
-    model = build_captioner(config["model"], grid_channels=2048, concept_dim=1024, tokenizer=tok)
+    config = load_config("lightcap", "paper")
+    tok = make_tokenizer(config.tokenizer, config.model, CAPTIONS)
+    model = build_captioner(config.model, grid_channels=2048, concept_dim=1024, tokenizer=tok)
     bert = model.fusion.bert.config
     assert (bert.num_hidden_layers, bert.hidden_size, bert.num_attention_heads, bert.intermediate_size) == (4, 312, 12, 1200)
     assert bert.vocab_size == 30522 and model.fusion.word_embeddings.weight.shape == (30522, 312)
@@ -74,10 +74,10 @@ def test_paper_profile_loads_a_local_tinybert_directory(tmp_path):
     config = load_config(
         "lightcap", "paper",
         overrides=[f"model.fusion.pretrained={tmp_path}", "tokenizer.type=bert-dir"],
-    ).to_dict()
-    tok = make_tokenizer(config["tokenizer"], config["model"], None)
+    )
+    tok = make_tokenizer(config.tokenizer, config.model, None)
     assert tok.vocab_size == 30522 and tok.decode(tok.encode("many planes")) == "many planes"
-    model = build_captioner(config["model"], grid_channels=2048, concept_dim=1024, tokenizer=tok)
+    model = build_captioner(config.model, grid_channels=2048, concept_dim=1024, tokenizer=tok)
     torch.testing.assert_close(
         model.fusion.bert.encoder.layer[3].output.dense.weight, saved.encoder.layer[3].output.dense.weight
     )
@@ -89,7 +89,7 @@ def test_paper_profile_loads_a_local_tinybert_directory(tmp_path):
 
 
 def test_a_pretrained_path_that_is_not_a_bert_directory_is_named(tmp_path):
-    config = load_config("lightcap", "paper", overrides=[f"model.fusion.pretrained={tmp_path}"]).to_dict()
+    config = load_config("lightcap", "paper", overrides=[f"model.fusion.pretrained={tmp_path}"])
     tok = CaptionTokenizer.train(CAPTIONS, vocab_size=100)
     with pytest.raises(ConfigError, match=f"{tmp_path} has no config.json"):
-        build_captioner(config["model"], grid_channels=2048, concept_dim=1024, tokenizer=tok)
+        build_captioner(config.model, grid_channels=2048, concept_dim=1024, tokenizer=tok)

@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 from captioning.config import load_config
+from captioning.config_schema import UCMText
 from captioning.decoding import DecodeOptions, decode
 from captioning.errors import ConfigError
 from captioning.models.ucm.model import (
@@ -38,14 +39,14 @@ def _captions(batch=4, length=7, seed=0):
 
 
 def test_configs_match_code_sizes():
-    paper, tiny = load_config("ucm", "paper").to_dict(), load_config("ucm", "tiny").to_dict()
-    assert code_dim(paper["text"]) == 2048 == ImageEncoder(paper["image"], 2048).feature_dim
-    assert paper["text"]["embed_dim"] == 300 and paper["text"]["num_layers"] == 2
-    assert code_dim(tiny["text"]) < code_dim(paper["text"])
+    paper, tiny = load_config("ucm", "paper"), load_config("ucm", "tiny")
+    assert code_dim(paper.text) == 2048 == ImageEncoder(paper.image, 2048).feature_dim
+    assert paper.text.embed_dim == 300 and paper.text.num_layers == 2
+    assert code_dim(tiny.text) < code_dim(paper.text)
 
 
 def test_text_autoencoder_shapes_and_padding_invariance():
-    text_cfg = {"embed_dim": 16, "hidden_dim": 24, "num_layers": 2, "dropout": 0.0}
+    text_cfg = UCMText(embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0, min_freq=1, max_words=20)
     torch.manual_seed(0)
     model = TextAutoencoder(V, text_cfg).eval()
     tokens, lengths, inputs = _captions()
@@ -92,13 +93,13 @@ def test_attention_decoder_starts_as_the_plain_one():
 
 @pytest.mark.parametrize("attention_dim", [0, 16])
 def test_tiny_captioner_decodes(attention_dim):
-    cfg = load_config("ucm", "tiny").to_dict()
+    cfg = load_config("ucm", "tiny")
     torch.manual_seed(0)
-    model = Captioner(V, cfg["text"], cfg["image"], attention_dim=attention_dim).eval()
-    images = torch.randn(2, 3, cfg["image"]["input_size"], cfg["image"]["input_size"])
+    model = Captioner(V, cfg.text, cfg.image, attention_dim=attention_dim).eval()
+    images = torch.randn(2, 3, cfg.image.input_size, cfg.image.input_size)
     code, grid = model.encoder(images)
-    assert code.shape == (2, code_dim(cfg["text"]))
-    assert grid.shape == (2, (cfg["image"]["input_size"] // 16) ** 2, model.encoder.feature_dim)
+    assert code.shape == (2, code_dim(cfg.text))
+    assert grid.shape == (2, (cfg.image.input_size // 16) ** 2, model.encoder.feature_dim)
     _, _, inputs = _captions(2)
     assert model(images, inputs).shape == (2, inputs.shape[1], V)
     greedy = decode(model, images, DecodeOptions(max_length=6), bos_id=BOS_ID, eos_id=EOS_ID)
@@ -109,20 +110,20 @@ def test_tiny_captioner_decodes(attention_dim):
 
 
 def test_classifier_tiny_shapes():
-    cfg = load_config("ucm", "tiny").to_dict()
-    model = MultiLabelClassifier(cfg["image"], 17)
+    cfg = load_config("ucm", "tiny")
+    model = MultiLabelClassifier(cfg.image, 17)
     logits = model(torch.randn(2, 3, 64, 64))
     assert logits.shape == (2, 17)
     assert model.trunk.feature_dim == 256
 
 
 def test_paper_profile_loads_resnet50_trains_and_runs(tmp_path):
-    cfg = load_config("ucm", "paper").to_dict()
+    cfg = load_config("ucm", "paper")
     reference = torchvision.models.resnet50(weights=None)  # stands in for the ImageNet file
     path = tmp_path / "resnet50.pth"
     torch.save(reference.state_dict(), path)
 
-    classifier = MultiLabelClassifier(cfg["image"], 17)
+    classifier = MultiLabelClassifier(cfg.image, 17)
     ignored = classifier.trunk.load_pretrained(path)
     assert ignored == ["fc.bias", "fc.weight"]
     assert torch.equal(classifier.trunk.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
@@ -130,7 +131,7 @@ def test_paper_profile_loads_resnet50_trains_and_runs(tmp_path):
 
     # one training step at 224x224
     classifier.train()
-    opt = torch.optim.Adam(classifier.parameters(), lr=cfg["classifier"]["fine_tune_lr"])
+    opt = torch.optim.Adam(classifier.parameters(), lr=cfg.classifier.fine_tune_lr)
     images = torch.randn(2, 3, 224, 224)
     targets = torch.randint(0, 2, (2, 17)).float()
     before = classifier.head.weight.detach().clone()
@@ -140,7 +141,7 @@ def test_paper_profile_loads_resnet50_trains_and_runs(tmp_path):
     assert torch.isfinite(loss) and not torch.equal(before, classifier.head.weight)
 
     # the paper captioner: 2048-d code from ResNet-50, 2 x 1024 LSTM, one forward + a short decode
-    captioner = Captioner(V, cfg["text"], cfg["image"]).eval()
+    captioner = Captioner(V, cfg.text, cfg.image).eval()
     captioner.encoder.trunk.load_state_dict(classifier.trunk.state_dict())
     with torch.no_grad():
         code, grid = captioner.encoder(images)
@@ -150,8 +151,8 @@ def test_paper_profile_loads_resnet50_trains_and_runs(tmp_path):
 
 
 def test_pretrained_file_errors_name_the_file(tmp_path):
-    cfg = load_config("ucm", "paper").to_dict()
-    trunk = MultiLabelClassifier(cfg["image"], 17).trunk
+    cfg = load_config("ucm", "paper")
+    trunk = MultiLabelClassifier(cfg.image, 17).trunk
     wrong = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
     with pytest.raises(ConfigError, match="resnet18.pth"):

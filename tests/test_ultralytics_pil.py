@@ -14,9 +14,10 @@ from captioning.errors import DataError
 
 
 def test_detector_import_keeps_pil_open_and_non_images_stay_named(tmp_path: Path):
+    from captioning.config_schema import DetectorCfg, DetectorTrain
     from captioning.models.lightcap.detector import ProposalDetector
 
-    ProposalDetector({"yaml": "yolov5n.yaml", "imgsz": 64})
+    ProposalDetector(DetectorCfg(yaml="yolov5n.yaml", imgsz=64, train=DetectorTrain(epochs=1)))
     assert Image.open.__module__.startswith("PIL"), Image.open.__module__
     (tmp_path / "junk.tif").write_bytes(b"not an image at all")
     with pytest.raises(DataError, match=r"junk\.tif: not an image"):

@@ -73,9 +73,19 @@ def test_bad_dtype_and_non_tensors_are_refused(tmp_path):
     assert not (tmp_path / "w.safetensors").exists()
 
 
-def test_the_old_names_are_the_same_functions():
+def test_weights_io_has_one_home():
+    """captioning.weights is the only module that reads or writes safetensors; the old per-family names
+    (concepts_data.save_tensors / load_tensors, store_io.save_weights / load_into) are gone, not re-exported."""
+    from pathlib import Path
+
     from captioning.models.lightcap import concepts_data
     from captioning.models.ucm import store_io
 
-    assert concepts_data.save_tensors is save_state and concepts_data.load_tensors is load_state
-    assert store_io.load_into is load_into
+    assert not any(hasattr(concepts_data, n) for n in ("save_tensors", "load_tensors", "save_state", "load_state"))
+    assert not any(hasattr(store_io, n) for n in ("save_weights", "load_into", "save_state"))
+    root = Path(__file__).resolve().parents[1]
+    readers = sorted(
+        str(p.relative_to(root)) for d in ("captioning", "service", "training") for p in (root / d).rglob("*.py")
+        if "safetensors" in p.read_text() and ("from safetensors" in p.read_text() or "import safetensors" in p.read_text())
+    )
+    assert readers == ["captioning/weights.py"]

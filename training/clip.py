@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         texts = [c for caps in train.captions for c in caps] + concept_prompts(args.profile)
         tokenizer = ClipTokenizer.train_word_level(texts, config.tokenizer.context_length, config.tokenizer.min_freq)
     else:
-        tokenizer = ClipTokenizer.from_config(config.to_dict())
-    resolved = resolve_model(config, clip_model_config(config.to_dict()), tokenizer.text_cfg_overrides())
-    clip = build_clip(resolved.to_dict())
+        tokenizer = ClipTokenizer.from_config(config)
+    resolved = resolve_model(config, clip_model_config(config.model), tokenizer.text_cfg_overrides())
+    clip = build_clip(resolved)
     image_size = resolved.model.vision_cfg.image_size
     norm = _normaliser(config)
     val_batch = config.train.val_batch_size
@@ -126,7 +126,7 @@ def concept_prompts(profile: str) -> list[str]:
 
     cfg = load_config("concepts", profile)
     template = cfg.vocabulary.template
-    return [template.format(w) for w in concept_words(cfg.to_dict())[0]]
+    return [template.format(w) for w in concept_words(cfg.vocabulary)[0]]
 
 
 def _normaliser(config: ClipConfig):

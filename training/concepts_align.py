@@ -53,6 +53,8 @@ def prerequisite(store, name: str, spec: str | None, profile: str, stage: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    from captioning.config import manifest_config
+    from captioning.config_schema import ClipConfig
     from captioning.models.lightcap.clip_encoder import ClipTokenizer, GridEncoder, build_clip, resize_batch
     from captioning.models.lightcap.concepts import (
         ALIGNER_FILE,
@@ -80,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
     run = TrainRun(STAGE, args, config)
 
     # 1. CLIP (frozen) and the concept vocabulary, embedded once ---------------------------------------------
-    clip_cfg = dict(clip_version.manifest["config"], checkpoint=None)
+    clip_cfg = manifest_config(clip_version, ClipConfig)
+    clip_cfg.checkpoint = None  # the published weights, not the file it was trained from
     clip = build_clip(clip_cfg)
     clip.load_state_dict(load_state(clip_version.file(CLIP_WEIGHTS)))
     clip.eval()
     tokenizer = ClipTokenizer.from_config(clip_cfg, clip_version.path)
-    words, labels = concept_words(config.to_dict())
+    words, labels = concept_words(config.vocabulary)
     template = config.vocabulary.template
     vocab = ConceptVocabulary(words, labels, embed_concepts(clip, tokenizer, words, template), template)
     encoder = GridEncoder.from_clip(clip, clip_cfg).freeze().to(run.device)
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     vocab_emb = vocab.embeddings.to(run.device)
 
     # 3. the two linear blocks ------------------------------------------------------------------------------
-    aligner = RegionAligner.from_config(encoder.channels, align_cfg.to_dict(), vocab.dim)
+    aligner = RegionAligner.from_config(encoder.channels, align_cfg, vocab.dim)
     model = run.wrap_model(aligner)
     core = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=align_cfg.lr, weight_decay=align_cfg.weight_decay)
@@ -138,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     # 4. the whole extractor on val: choose min_score, then report val and test ---------------------------------
     detector = load_detector(detector_version)
     published_cfg = config.model_copy(deep=True)
-    extractor = ConceptExtractor(encoder.cpu(), detector, core.cpu().eval(), vocab, published_cfg.to_dict())
+    extractor = ConceptExtractor(encoder.cpu(), detector, core.cpu().eval(), vocab, published_cfg)
     metrics: dict[str, Any] = {"vocabulary": len(vocab), "train_boxes": int(sum(len(t) for t in train_ids))}
     if corpus.split("val"):
         val = evaluate_extractor(extractor, corpus, "val", candidates=True)

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     resumed = run.load_checkpoint()  # loss history; the network and optimiser resume from ultralytics' last.pt
     tensors = train_yolo(run, det_cfg, data_yaml, yolo_root, resume=resumed)
 
-    detector = ProposalDetector(det_cfg.to_dict())
+    detector = ProposalDetector(det_cfg)
     detector.load_tensors(tensors, source="trained detector")
     metrics: dict[str, Any] = {"parameters": sum(p.numel() for p in detector.parameters())}
     for split in ("val", "test"):

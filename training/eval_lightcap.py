@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from captioning.config import load_config
+from captioning.config_schema import LightCapEval
 from training.eval_ucm import DECODING_FLAGS, add_placement_arguments, resolve_placement
 from training.lightcap import DEFAULT_FEATURES, caption_scores, load_features, open_store
 
@@ -112,10 +113,15 @@ def evaluate(
         texts.extend(o.text for o in outs)
     scores = caption_scores(corpus, rows, texts, meteor=meteor)
 
-    profile_cfg = load_config("lightcap", version.profile).to_dict() if version.profile in ("tiny", "paper") else {}
-    eval_cfg = profile_cfg.get("eval", {})
-    n_latency = int(eval_cfg.get("latency_images", 20) if latency_images is None else latency_images)
-    threads = int(eval_cfg.get("latency_threads", 1) if latency_threads is None else latency_threads)
+    # the profile's eval section; a version of another profile reads the schema's defaults
+    fields = LightCapEval.model_fields
+    if version.profile in ("tiny", "paper"):
+        eval_cfg = load_config("lightcap", version.profile).eval
+        default_images, default_threads = eval_cfg.latency_images, eval_cfg.latency_threads
+    else:
+        default_images, default_threads = fields["latency_images"].default, fields["latency_threads"].default
+    n_latency = int(default_images if latency_images is None else latency_images)
+    threads = int(default_threads if latency_threads is None else latency_threads)
     latency = measure_latency(pipeline, corpus, rows, options, n_latency, threads) if n_latency > 0 else None
 
     speedup = None

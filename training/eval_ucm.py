@@ -153,11 +153,13 @@ def evaluate_captioner(
     baseline: bool = True,
     meteor: bool = True,
 ) -> dict[str, Any]:
+    from captioning.config import manifest_config
+    from captioning.config_schema import UCMConfig
     from captioning.models.ucm.data import caption_split, normalize, open_dataset
     from captioning.models.ucm.evaluate import caption_report, nearest_neighbour_captions
 
     corpus = open_dataset(data, splits=(split,))
-    max_words = int(runtime.manifest["config"]["text"]["max_words"])
+    max_words = manifest_config(runtime, UCMConfig).text.max_words
     target = caption_split(corpus, runtime.vocab, split, runtime.input_size, max_words)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     options = runtime.decode_options(**overrides)

@@ -324,7 +324,6 @@ def lr_lambda(warmup: int, total: int):
 def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     """Train a teacher (``role="teacher"``) or the student and publish it; returns the store version (or None)."""
     from captioning.data import load_dataset
-    from captioning.decoding import DecodeOptions
     from captioning.models.lightcap.captioner import ConceptPacker, caption_loss
     from captioning.models.lightcap.distill import RepresentationDistiller, branch_token_kd_loss
     from captioning.models.lightcap.pipeline import build_captioner, make_tokenizer, save_captioner
@@ -373,9 +372,9 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         tokenizer = teachers[0].tokenizer
     else:
         captions = [s.text for r in train_rows for s in corpus.images[r].sentences]
-        tokenizer = make_tokenizer(config.tokenizer.to_dict(), model_cfg.to_dict(), captions)
+        tokenizer = make_tokenizer(config.tokenizer, model_cfg, captions)
     model = build_captioner(
-        model_cfg.to_dict(), grid_channels=features.grid.shape[1], concept_dim=extractor.vocab.dim, tokenizer=tokenizer
+        model_cfg, grid_channels=features.grid.shape[1], concept_dim=extractor.vocab.dim, tokenizer=tokenizer
     )
     packer = ConceptPacker(
         extractor.vocab.words, extractor.vocab.embeddings, tokenizer,
@@ -400,7 +399,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
     # ---- sequence-level KD: the teachers' captions of the training images join the pools
     seq_info: dict[str, Any] = {}
     if use_seq:
-        options = DecodeOptions.from_dict(config.decoding.to_dict(), beam_size=kd_cfg.sequence_beam_size)
+        options = config.decoding.options(beam_size=kd_cfg.sequence_beam_size)
         cache = run.run_dir / "teacher_captions.json"
         key = [t.version.spec + ":" + t.version.manifest.get("digest", "") for t in teachers]
         cached = json.loads(cache.read_text()) if cache.is_file() else None
@@ -509,7 +508,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
         run.end_epoch(extra={"val_loss": val}, **state)
 
     # ---- evaluation, files, publish
-    options = DecodeOptions.from_dict(config.decoding.to_dict())
+    options = config.decoding.options()
     metrics: dict[str, Any] = {
         "parameters": core.num_parameters(),
         "vocab_size": tokenizer.vocab_size,
@@ -546,7 +545,7 @@ def train_lightcap(args: argparse.Namespace, *, role: str) -> Any:
             import shutil
 
             shutil.rmtree(staging)
-        save_captioner(staging, core, tokenizer, dtype=config.weights_dtype, decoding=config.decoding.to_dict())
+        save_captioner(staging, core, tokenizer, dtype=config.weights_dtype, decoding=config.decoding)
         run.plot_loss(staging / "loss_curve.png", keys=("loss", "val_loss"))
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=1))
         (staging / "examples.json").write_text(json.dumps(examples, indent=1))

@@ -18,7 +18,6 @@ import torch
 
 from captioning.config import load_config
 from captioning.data.vocab import Vocabulary
-from captioning.decoding import DecodeOptions
 from captioning.models.ucm.data import (
     augment,
     caption_split,
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config("ucm", args.profile, path=args.config, overrides=args.set)
     text_cfg, image_cfg, cfg = config.text, config.image, config.captioner
-    options = DecodeOptions.from_dict(config.decoding.to_dict())
+    options = config.decoding.options()
     store = ModelStore(args.store)
     distill = prerequisite(store, "ucm-distill", args.distill, args.profile, "ucm-distill")
     text_spec = args.text_ae or next(
@@ -74,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     train = caption_split(corpus, vocab, "train", size, max_words, args.workers)
     val = caption_split(corpus, vocab, "val", size, max_words, args.workers)
 
-    captioner = Captioner(len(vocab), text_cfg.to_dict(), image_cfg.to_dict(), attention_dim=cfg.attention_dim)
+    captioner = Captioner(len(vocab), text_cfg, image_cfg, attention_dim=cfg.attention_dim)
     load_into(captioner.encoder, distill.file(WEIGHTS), prefix="image.")
     load_into(captioner.decoder, text_ae.file(WEIGHTS), prefix="decoder.", strict=captioner.decoder.attention is None)
     model = run.wrap_model(captioner)

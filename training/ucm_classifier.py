@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     train_images, train_labels = label_split(corpus, "train", size, args.workers)
     val_images, val_labels = label_split(corpus, "val", size, args.workers)
 
-    model = MultiLabelClassifier(image_cfg.to_dict(), len(LABELS))
+    model = MultiLabelClassifier(image_cfg, len(LABELS))
     if image_cfg.pretrained:
         model.trunk.load_pretrained(image_cfg.pretrained)
     model = run.wrap_model(model, find_unused_parameters=True)

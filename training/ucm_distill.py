@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     train = caption_split(corpus, vocab, "train", size, max_words, args.workers)
     val = caption_split(corpus, vocab, "val", size, max_words, args.workers)
 
-    pair = DistillPair(len(vocab), text_cfg.to_dict(), image_cfg.to_dict())
+    pair = DistillPair(len(vocab), text_cfg, image_cfg)
     load_into(pair.image.trunk, classifier.file(WEIGHTS), prefix="trunk.")
     load_into(pair.text, text_ae.file(WEIGHTS), prefix="encoder.")
     original_text = TextEncoder(len(vocab), text_cfg.embed_dim, text_cfg.hidden_dim, text_cfg.num_layers)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     train = CaptionTextDataset(corpus, vocab, "train", max_words=max_words)
     val = CaptionTextDataset(corpus, vocab, "val", max_words=max_words)
 
-    model = run.wrap_model(TextAutoencoder(len(vocab), text_cfg.to_dict()))
+    model = run.wrap_model(TextAutoencoder(len(vocab), text_cfg))
     core = getattr(model, "module", model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     run.load_checkpoint(model=model, optimizer=optimizer)

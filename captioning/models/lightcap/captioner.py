@@ -13,7 +13,8 @@ Read top to bottom::
     logits   = ensemble_head(hidden[:, P:])                   # [n_branches,B,T,V]
 
 Architecture numbers live in one ``arch`` dict (saved as ``model.json`` next to the weights), so a stored
-model is rebuilt exactly; ``build_arch(config, ...)`` makes it from a profile's ``model`` section.
+model is rebuilt exactly; ``build_arch(config.model, ...)`` makes it from a profile's typed ``model`` section
+(``captioning.config_schema.CaptionerCfg``), and its ``fusion`` entry is read back as a ``FusionCfg``.
 Teachers are the same class with a bigger ``fusion`` section and one head branch.
 """
 
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from captioning.config_schema import CaptionerCfg, FusionCfg, expect_section
 from captioning.errors import ConfigError
 from captioning.models.lightcap.fusion import CAPTION_TYPE, PREFIX_TYPE, PrefixLMFusion
 from captioning.models.lightcap.head import EnsembleHead
@@ -116,28 +118,44 @@ class ConceptPacker:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_arch(
-    model_cfg: dict[str, Any], *, grid_channels: int, concept_dim: int, vocab_size: int
-) -> dict[str, Any]:
-    """The architecture dict of a ``model`` config section, given the extractor's and tokenizer's sizes."""
+def build_arch(model: CaptionerCfg, *, grid_channels: int, concept_dim: int, vocab_size: int) -> dict[str, Any]:
+    """The architecture dict (``model.json``'s ``arch``) of a ``model`` / ``teacher`` config section, given the
+    extractor's and tokenizer's sizes. ``arch["fusion"]`` is the section's ``fusion`` as given, less
+    ``pretrained`` (a stored model rebuilds without the directory it started from)."""
+    model = expect_section(model, CaptionerCfg, "build_arch(model)")
+    return {
+        "grid_channels": int(grid_channels),
+        "concept_dim": int(concept_dim),
+        "vocab_size": int(vocab_size),
+        "fusion": _arch_fusion_dict(model.fusion),
+        "use_concepts": model.use_concepts,
+        "use_modulator": model.use_modulator,
+        "modulator_hidden": model.modulator_hidden,
+        "head_branches": model.head_branches,
+        "max_concepts": model.max_concepts,
+        "max_concept_tokens": model.max_concept_tokens,
+        "max_caption_length": model.max_caption_length,
+        "visual_grid": model.visual_grid or None,
+    }
+
+
+def _arch_fusion_dict(fusion: FusionCfg) -> dict[str, Any]:
+    """The keys given, without ``pretrained``; ``vocab_size`` (set by ``build_captioner``) last, as always stored."""
+    given = fusion.to_dict()
+    out = {k: v for k, v in given.items() if k not in ("pretrained", "vocab_size")}
+    if "vocab_size" in given:
+        out["vocab_size"] = given["vocab_size"]
+    return out
+
+
+def arch_fusion(arch: dict[str, Any]) -> FusionCfg:
+    """The typed ``fusion`` section of an architecture dict (``model.json``), checked by the config schema."""
+    from pydantic import ValidationError
+
     try:
-        arch = {
-            "grid_channels": int(grid_channels),
-            "concept_dim": int(concept_dim),
-            "vocab_size": int(vocab_size),
-            "fusion": dict(model_cfg["fusion"]),
-            "use_concepts": bool(model_cfg["use_concepts"]),
-            "use_modulator": bool(model_cfg["use_modulator"]),
-            "modulator_hidden": int(model_cfg["modulator_hidden"]),
-            "head_branches": int(model_cfg["head_branches"]),
-            "max_concepts": int(model_cfg["max_concepts"]),
-            "max_concept_tokens": int(model_cfg["max_concept_tokens"]),
-            "max_caption_length": int(model_cfg["max_caption_length"]),
-            "visual_grid": int(model_cfg["visual_grid"]) if model_cfg.get("visual_grid") else None,
-        }
-    except KeyError as exc:
-        raise ConfigError(f"lightcap config: model section is missing {exc.args[0]!r}") from exc
-    return arch
+        return FusionCfg.model_validate(arch["fusion"])
+    except ValidationError as exc:
+        raise ConfigError(f"lightcap architecture: fusion does not fit the config schema: {exc}") from None
 
 
 @dataclass
@@ -156,7 +174,7 @@ class LightCapCaptioner(nn.Module):
         if missing:
             raise ConfigError(f"lightcap architecture is missing {missing}")
         self.arch = dict(arch)
-        self.fusion = PrefixLMFusion(arch["fusion"], arch["vocab_size"], pretrained_dir=pretrained_dir)
+        self.fusion = PrefixLMFusion(arch_fusion(arch), arch["vocab_size"], pretrained_dir=pretrained_dir)
         hidden = self.fusion.hidden_size
         self.modulator = (
             ConceptModulator(arch["concept_dim"], arch["grid_channels"], arch["modulator_hidden"])

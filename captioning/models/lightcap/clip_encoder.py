@@ -11,8 +11,9 @@ profile: a smaller ``ModifiedResNet`` because ``vision_cfg.layers`` is a list).
 
 Public API
 ----------
-``clip_model_config(cfg) -> dict``           the open_clip model config of a clip config section
-``build_clip(cfg) -> open_clip.CLIP``        random weights (``cfg["checkpoint"]`` loads a local file)
+``clip_model_config(config.model) -> dict``  the open_clip model config (``open_clip.CLIP(**it)``) of a typed
+                                             ``model`` section (``captioning.config_schema.ClipModel``)
+``build_clip(config) -> open_clip.CLIP``     random weights (``config.checkpoint`` loads a local file)
 ``read_clip_state_dict(path) -> dict``       OpenAI TorchScript archive / OpenAI or open_clip state dict / safetensors
 ``load_clip_weights(model, path)``           into a CLIP (strict) or a GridEncoder (visual trunk only)
 ``ClipTokenizer``                            open_clip's BPE ``SimpleTokenizer`` or a small word-level one
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioning.config_schema import ClipConfig, ClipModel, ClipVisionCfg, expect_section
 from captioning.errors import ConfigError
 
 # OpenAI's CLIP normalisation (open_clip.constants.OPENAI_DATASET_MEAN / _STD); kept here so that importing
@@ -42,49 +44,57 @@ _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 # ---------------------------------------------------------------------------------------------- model config
-def clip_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu`` ...) of ``cfg``.
+def clip_model_config(model: ClipModel) -> dict[str, Any]:
+    """The open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ``quick_gelu`` ...) of a clip
+    config's ``model`` section: open_clip's own format (a plain dict of ``open_clip.CLIP`` arguments).
 
-    ``cfg`` is a clip config (``captioning/configs/clip/<profile>.yaml``) or its ``model`` section.
-    ``{"name": "RN50", ...}`` starts from open_clip's built-in config; other keys override it.
+    ``name: RN50`` starts from open_clip's built-in config; the other keys given override it.
     """
-    model = cfg.get("model", cfg)
-    if not isinstance(model, dict):
-        raise ConfigError(f"clip config: 'model' must be a mapping, got {type(model).__name__}")
-    model = copy.deepcopy(model)
-    name = model.pop("name", None)
+    model_dict = copy.deepcopy(expect_section(model, ClipModel, "clip_model_config(model)").to_dict())
+    name = model_dict.pop("name", None)
     if name is not None:
         import open_clip
 
         base = open_clip.get_model_config(name)
         if base is None:
             raise ConfigError(f"clip config: model.name {name!r} is not an open_clip model config")
-        base.update(model)
-        model = base
+        base.update(model_dict)
+        model_dict = base
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
-        if key not in model:
+        if key not in model_dict:
             raise ConfigError(f"clip config: model is missing {key!r}")
-    if not isinstance(model["vision_cfg"].get("layers"), (list, tuple)):
+    if not isinstance(model_dict["vision_cfg"].get("layers"), (list, tuple)):
         raise ConfigError(
             "clip config: model.vision_cfg.layers must be a list (a ModifiedResNet, as in RN50); "
             "LightCap's grid encoder needs CLIP's ResNet image tower"
         )
-    return model
+    return model_dict
 
 
-def build_clip(cfg: dict[str, Any]) -> nn.Module:
-    """An ``open_clip.CLIP`` from a clip config; loads ``cfg["checkpoint"]`` (a local file) when set."""
+def clip_vision_config(model: ClipModel) -> ClipVisionCfg:
+    """The typed image tower (``vision_cfg``) of a ``model`` section, ``name`` resolved."""
+    from pydantic import ValidationError
+
+    vision = clip_model_config(model)["vision_cfg"]
+    try:
+        return ClipVisionCfg.model_validate(vision)
+    except ValidationError as exc:
+        raise ConfigError(f"clip config: model.vision_cfg does not fit the config schema: {exc}") from None
+
+
+def build_clip(config: ClipConfig) -> nn.Module:
+    """An ``open_clip.CLIP`` from a clip config; loads ``config.checkpoint`` (a local file) when set."""
     import open_clip
 
-    model_cfg = clip_model_config(cfg)
+    config = expect_section(config, ClipConfig, "build_clip(config)")
+    model_cfg = clip_model_config(config.model)
     model_cfg.pop("pretrained", None)
     try:
         model = open_clip.CLIP(**model_cfg)
     except TypeError as exc:
         raise ConfigError(f"clip config: open_clip.CLIP rejected the model config: {exc}") from exc
-    checkpoint = cfg.get("checkpoint")
-    if checkpoint:
-        load_clip_weights(model, checkpoint)
+    if config.checkpoint:
+        load_clip_weights(model, config.checkpoint)
     return model
 
 
@@ -217,11 +227,11 @@ class ClipTokenizer:
         return cls("word-level", context_length, tok)
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], folder: str | Path | None = None) -> ClipTokenizer:
+    def from_config(cls, config: ClipConfig, folder: str | Path | None = None) -> ClipTokenizer:
         """The tokenizer of a clip config; a word-level one is read from ``folder/tokenizer.json``."""
-        section = cfg.get("tokenizer", {})
-        kind = section.get("type", "openai-bpe")
-        context_length = int(section.get("context_length", 77))
+        section = expect_section(config, ClipConfig, "ClipTokenizer.from_config(config)").tokenizer
+        kind = section.type
+        context_length = section.context_length
         if kind == "openai-bpe":
             return cls.openai_bpe(context_length)
         if kind == "word-level":
@@ -291,13 +301,14 @@ class GridEncoder(nn.Module):
 
     stride = 32
 
-    def __init__(self, vision_cfg: dict[str, Any], *, mean=OPENAI_MEAN, std=OPENAI_STD):
+    def __init__(self, vision: ClipVisionCfg, *, mean=OPENAI_MEAN, std=OPENAI_STD):
         super().__init__()
         from open_clip.modified_resnet import ModifiedResNet
 
-        layers = list(vision_cfg["layers"])
-        width = int(vision_cfg.get("width", 64))
-        self.image_size = int(vision_cfg.get("image_size", 224))
+        vision = expect_section(vision, ClipVisionCfg, "GridEncoder(vision)")
+        layers = list(vision.layers)
+        width = vision.width
+        self.image_size = vision.image_size
         # output_dim/heads only size the attention pooler, which is dropped right away
         self.trunk = ModifiedResNet(layers=layers, output_dim=1, heads=1, image_size=self.image_size, width=width)
         self.trunk.attnpool = None
@@ -308,18 +319,19 @@ class GridEncoder(nn.Module):
 
     # construction ------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> GridEncoder:
-        """Random weights in the shape of ``cfg``'s vision tower; ``cfg["checkpoint"]`` (a file) is loaded."""
-        model_cfg = clip_model_config(cfg)
-        encoder = cls(model_cfg["vision_cfg"], **_norm(cfg))
-        if cfg.get("checkpoint"):
-            load_clip_weights(encoder, cfg["checkpoint"])
+    def from_config(cls, config: ClipConfig) -> GridEncoder:
+        """Random weights in the shape of the config's vision tower; ``config.checkpoint`` (a file) is loaded."""
+        config = expect_section(config, ClipConfig, "GridEncoder.from_config(config)")
+        encoder = cls(clip_vision_config(config.model), **_norm(config))
+        if config.checkpoint:
+            load_clip_weights(encoder, config.checkpoint)
         return encoder
 
     @classmethod
-    def from_clip(cls, clip: nn.Module, cfg: dict[str, Any]) -> GridEncoder:
+    def from_clip(cls, clip: nn.Module, config: ClipConfig) -> GridEncoder:
         """Share no memory with ``clip``: copies its visual trunk's weights."""
-        encoder = cls(clip_model_config(cfg)["vision_cfg"], **_norm(cfg))
+        config = expect_section(config, ClipConfig, "GridEncoder.from_clip(config)")
+        encoder = cls(clip_vision_config(config.model), **_norm(config))
         encoder.load_clip_state_dict(clip.state_dict(), source="CLIP model")
         return encoder
 
@@ -425,9 +437,8 @@ class PilToTensor:
         return hash(("PilToTensor", self.size))
 
 
-def _norm(cfg: dict[str, Any]) -> dict[str, Any]:
-    image = cfg.get("image", {}) or {}
-    return {"mean": tuple(image.get("mean", OPENAI_MEAN)), "std": tuple(image.get("std", OPENAI_STD))}
+def _norm(config: ClipConfig) -> dict[str, Any]:
+    return {"mean": tuple(config.image.mean), "std": tuple(config.image.std)}
 
 
 def pil_to_tensor(image: Any, size: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioning.config_schema import AlignCfg, ConceptsConfig, ConceptsVocabulary, expect_section
 from captioning.errors import ConfigError
 from captioning.inference import Concept, counts, group_concepts
 from captioning.models.lightcap.clip_encoder import GridEncoder, pil_to_tensor, resize_batch
@@ -81,7 +82,7 @@ def read_concept_list(path: str | Path) -> tuple[list[str], list[str | None]]:
     return words, labels
 
 
-def concept_words(cfg: dict[str, Any]) -> tuple[list[str], list[str | None]]:
+def concept_words(vocabulary: ConceptsVocabulary) -> tuple[list[str], list[str | None]]:
     """The concept words (and the label each maps to) of a concepts config's ``vocabulary`` section.
 
     ``source: synthetic``: every concept of the synthetic grammar (objects and surfaces, with their labels) plus
@@ -90,8 +91,8 @@ def concept_words(cfg: dict[str, Any]) -> tuple[list[str], list[str | None]]:
     """
     from captioning.config import CONFIG_DIR
 
-    section = cfg.get("vocabulary", {}) or {}
-    source = section.get("source", "file")
+    section = expect_section(vocabulary, ConceptsVocabulary, "concept_words(vocabulary)")
+    source = section.source
     if source == "synthetic":
         from captioning.data import LABELS
         from captioning.data.synth.concepts import CONCEPTS
@@ -104,9 +105,9 @@ def concept_words(cfg: dict[str, Any]) -> tuple[list[str], list[str | None]]:
                 labels.append(label)
         return words, labels
     if source == "file":
-        if not section.get("file"):
+        if not section.file:
             raise ConfigError("concepts config: vocabulary.source is 'file' but vocabulary.file is not set")
-        path = Path(section["file"])
+        path = Path(section.file)
         if not path.is_absolute() and not path.is_file():
             path = CONFIG_DIR / "concepts" / path
         return read_concept_list(path)
@@ -245,9 +246,10 @@ class RegionAligner(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
     @classmethod
-    def from_config(cls, channels: int, align_cfg: dict[str, Any], out_dim: int) -> RegionAligner:
-        in_dim = channels * (2 if align_cfg.get("context", False) else 1)
-        return cls(in_dim, int(align_cfg["hidden"]), out_dim, input_norm=bool(align_cfg.get("input_norm", False)))
+    def from_config(cls, channels: int, align: AlignCfg, out_dim: int) -> RegionAligner:
+        align = expect_section(align, AlignCfg, "RegionAligner.from_config(align)")
+        in_dim = channels * (2 if align.context else 1)
+        return cls(in_dim, align.hidden, out_dim, input_norm=align.input_norm)
 
     def forward(self, regions: torch.Tensor) -> torch.Tensor:
         """regions [R, C] -> L2-normalised embeddings [R, D]."""
@@ -299,7 +301,7 @@ class ConceptExtractor(nn.Module):
         detector: ProposalDetector,
         aligner: RegionAligner,
         vocab: ConceptVocabulary,
-        cfg: dict[str, Any],
+        cfg: ConceptsConfig,
     ):
         super().__init__()
         self.encoder = encoder.freeze()
@@ -307,26 +309,29 @@ class ConceptExtractor(nn.Module):
         self.aligner = aligner.eval()
         self.vocab = vocab
         self.register_buffer("vocab_embeddings", vocab.embeddings.float(), persistent=False)  # [V, D]
-        align = cfg.get("align", {})
-        extract = cfg.get("extract", {})
-        self.image_size = int(cfg.get("image_size") or encoder.image_size)
-        self.encoder_size = int(cfg.get("encoder_size") or encoder.image_size)
-        self.roi_size = int(align.get("roi_size", 2))
-        self.context = bool(align.get("context", False))
-        self.top_k = int(extract.get("top_k", 20))
-        self.min_score = float(extract.get("min_score", 0.0))
-        self.proposal_conf = float(extract.get("proposal_conf", detector.conf))
-        self.max_proposals = int(extract.get("max_proposals", detector.max_det))
+        cfg = expect_section(cfg, ConceptsConfig, "ConceptExtractor(cfg)")
+        align = cfg.align
+        extract = cfg.extract
+        self.image_size = int(cfg.image_size or encoder.image_size)
+        self.encoder_size = int(cfg.encoder_size or encoder.image_size)
+        self.roi_size = align.roi_size
+        self.context = align.context
+        self.top_k = extract.top_k
+        self.min_score = float(extract.min_score)
+        self.proposal_conf = float(detector.conf if extract.proposal_conf is None else extract.proposal_conf)
+        self.max_proposals = int(detector.max_det if extract.max_proposals is None else extract.max_proposals)
         # instances (every object, issue 15): per-concept NMS IoU, a per-instance score and objectness floor.
         # The published configs predate them, so the defaults here are the values chosen on val (docs/concepts.md);
         # a config with min_score 0 asks for every proposal (random-weight test models), and so do its instances
         keep_all = self.min_score <= 0.0
-        self.instance_iou = float(extract.get("instance_iou", DEFAULT_INSTANCE_IOU))
+        self.instance_iou = float(DEFAULT_INSTANCE_IOU if extract.instance_iou is None else extract.instance_iou)
         self.instance_min_score = float(
-            extract.get("instance_min_score", self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE)
+            (self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE)
+            if extract.instance_min_score is None else extract.instance_min_score
         )
         self.instance_conf = float(
-            extract.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF)
+            (self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF)
+            if extract.instance_conf is None else extract.instance_conf
         )
         if not 0.0 < self.instance_iou <= 1.0:
             raise ConfigError(f"concepts config: extract.instance_iou {self.instance_iou} must be in (0, 1]")

@@ -6,7 +6,8 @@
   memory; decoding TIFFs every epoch would cost more than the training step).
 * ``box_split(corpus, split, size)``: images plus their ground-truth boxes (scaled to ``size``) and concept words.
 * ``augment_views``: random flips and 90-degree turns of overhead images, boxes moved with them.
-* ``save_tensors`` / ``load_tensors``: ``captioning.weights.save_state`` / ``load_state`` under their old names.
+
+Weights files are read and written by ``captioning.weights`` (``save_state`` / ``load_state``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from captioning.data import CaptionCorpus, ImageRecord
 from captioning.data.images import load_image
 from captioning.errors import DataError
-from captioning.weights import load_state, save_state
 
 
 # ---------------------------------------------------------------------------------------------- captions
@@ -128,9 +128,3 @@ def augment_views(
         moved.append(b)
     return out if boxes is None else (out, moved)
 
-
-# ---------------------------------------------------------------------------------------------- publishing
-# the weights I/O is captioning.weights; these names stay for the modules that import them from here
-# (captioning/models/lightcap/runtime.py: load_tensors; service/testing.py and tests: save_tensors)
-save_tensors = save_state
-load_tensors = load_state

@@ -5,7 +5,8 @@ The network is ultralytics' own ``DetectionModel`` built from ``yolov5n.yaml`` w
 its tensors (``detector.safetensors``); loading rebuilds the network from the yaml and loads them, so no
 pickle is ever read from the store.
 
-``ProposalDetector(cfg)``: ``cfg`` is the ``detector`` section of a concepts config::
+``ProposalDetector(detector)``: ``detector`` is the typed ``detector`` section of a concepts config
+(``captioning.config_schema.DetectorCfg``)::
 
     yaml: yolov5n.yaml   # ultralytics model config
     imgsz: 256           # side the network runs at (multiple of 32)
@@ -23,11 +24,11 @@ import contextlib
 import io
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from captioning.config_schema import DetectorCfg, expect_section
 from captioning.errors import ConfigError
 
 WEIGHTS_FILE = "detector.safetensors"
@@ -54,20 +55,20 @@ def keep_pil_open() -> None:
 
 
 class ProposalDetector(nn.Module):
-    def __init__(self, cfg: dict[str, Any]):
+    def __init__(self, detector: DetectorCfg):
         super().__init__()
+        self.cfg = expect_section(detector, DetectorCfg, "ProposalDetector(detector)")
         _quiet_ultralytics()
         from ultralytics.nn.tasks import DetectionModel
 
-        self.cfg = dict(cfg)
-        self.imgsz = int(cfg.get("imgsz", 640))
+        self.imgsz = self.cfg.imgsz
         if self.imgsz % 32:
             raise ConfigError(f"concepts config: detector.imgsz {self.imgsz} must be a multiple of 32")
-        self.conf = float(cfg.get("conf", 0.25))
-        self.iou = float(cfg.get("iou", 0.6))
-        self.max_det = int(cfg.get("max_det", 50))
+        self.conf = self.cfg.conf
+        self.iou = self.cfg.iou
+        self.max_det = self.cfg.max_det
         with contextlib.redirect_stdout(io.StringIO()):
-            self.model = DetectionModel(str(cfg.get("yaml", "yolov5n.yaml")), nc=1, verbose=False)
+            self.model = DetectionModel(self.cfg.yaml, nc=1, verbose=False)
         self.model.eval()
 
     # weights ---------------------------------------------------------------------------------------------
@@ -86,7 +87,7 @@ class ProposalDetector(nn.Module):
         wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
         if missing or unexpected or wrong:
             raise ConfigError(
-                f"{source}: detector weights do not fit {self.cfg.get('yaml')} with one class "
+                f"{source}: detector weights do not fit {self.cfg.yaml} with one class "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]})"
             )
         self.model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

@@ -20,33 +20,31 @@ feeds one caption token per call against the cache. Both give exactly the hidden
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
+from captioning.config_schema import FusionCfg, expect_section
 from captioning.errors import ConfigError
 
 PREFIX_TYPE, CAPTION_TYPE = 1, 0
 
 
-def bert_config(cfg: dict[str, Any], vocab_size: int):
-    """``BertConfig`` from a fusion config section (layers, hidden, heads, intermediate, ...)."""
+def bert_config(fusion: FusionCfg, vocab_size: int):
+    """``BertConfig`` from a ``fusion`` config section (the schema checked that heads divide hidden)."""
     from transformers import BertConfig
 
-    hidden, heads = int(cfg["hidden"]), int(cfg["heads"])
-    if hidden % heads:
-        raise ConfigError(f"fusion.hidden {hidden} is not a multiple of fusion.heads {heads}")
+    fusion = expect_section(fusion, FusionCfg, "bert_config(fusion)")
     return BertConfig(
         vocab_size=int(vocab_size),
-        hidden_size=hidden,
-        num_hidden_layers=int(cfg["layers"]),
-        num_attention_heads=heads,
-        intermediate_size=int(cfg["intermediate"]),
-        max_position_embeddings=int(cfg.get("max_positions", 512)),
+        hidden_size=fusion.hidden,
+        num_hidden_layers=fusion.layers,
+        num_attention_heads=fusion.heads,
+        intermediate_size=fusion.intermediate,
+        max_position_embeddings=fusion.max_positions,
         type_vocab_size=2,
-        hidden_dropout_prob=float(cfg.get("dropout", 0.1)),
-        attention_probs_dropout_prob=float(cfg.get("attention_dropout", 0.1)),
+        hidden_dropout_prob=fusion.dropout,
+        attention_probs_dropout_prob=fusion.attention_dropout,
         pad_token_id=0,
     )
 
@@ -73,10 +71,11 @@ def key_mask(key_valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PrefixLMFusion(nn.Module):
-    def __init__(self, cfg: dict[str, Any], vocab_size: int, *, pretrained_dir: str | Path | None = None) -> None:
+    def __init__(self, fusion: FusionCfg, vocab_size: int, *, pretrained_dir: str | Path | None = None) -> None:
         super().__init__()
         from transformers import BertModel
 
+        fusion = expect_section(fusion, FusionCfg, "PrefixLMFusion(fusion)")
         if pretrained_dir:
             pretrained_dir = Path(pretrained_dir)
             if not (pretrained_dir / "config.json").is_file():
@@ -90,8 +89,8 @@ class PrefixLMFusion(nn.Module):
                     f"the tokenizer needs {vocab_size}"
                 )
         else:
-            self.bert = BertModel(bert_config(cfg, vocab_size), add_pooling_layer=False)
-        self.bert.set_attn_implementation(str(cfg.get("attention", "sdpa")))
+            self.bert = BertModel(bert_config(fusion, vocab_size), add_pooling_layer=False)
+        self.bert.set_attn_implementation(fusion.attention)
 
     # ------------------------------------------------------------------ shapes
     @property

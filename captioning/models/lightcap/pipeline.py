@@ -1,7 +1,8 @@
 """LightCap end to end: concept extractor (frozen CLIP grid + concepts) -> captioner -> text.
 
-* ``build_captioner(model_cfg, ...)``: a new ``LightCapCaptioner`` from a profile's ``model``/``teacher`` section,
-  loading a local (Tiny)BERT directory into the fusion module when ``fusion.pretrained`` is set.
+* ``build_captioner(config.model, ...)``: a new ``LightCapCaptioner`` from a profile's typed ``model``/``teacher``
+  section (``captioning.config_schema.CaptionerCfg``), loading a local (Tiny)BERT directory into the fusion module
+  when ``fusion.pretrained`` is set.
 * ``save_captioner(folder, ...)`` / ``load_captioner_folder(folder)``: the files of a published captioner::
 
       captioner.safetensors   weights (tied word embedding stored once; fp16 for the tiny defaults)
@@ -16,10 +17,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from captioning.config_schema import (
+    CaptionerCfg,
+    DecodingConfig,
+    FusionCfg,
+    LightCapTokenizerCfg,
+    expect_section,
+)
 from captioning.errors import ConfigError, StoreError
 from captioning.models.lightcap.captioner import ConceptInputs, ConceptPacker, LightCapCaptioner, build_arch
 from captioning.models.lightcap.tokenizer import TOKENIZER_FILE, CaptionTokenizer
@@ -28,30 +36,37 @@ WEIGHTS_FILE = "captioner.safetensors"
 ARCH_FILE = "model.json"
 TIED_PREFIX = "head.word_embeddings."  # the head's view of fusion.bert.embeddings.word_embeddings
 
+if TYPE_CHECKING:  # pragma: no cover
+    from captioning.decoding import DecodeOptions
+
 
 # ---------------------------------------------------------------------------------------------- building
-def make_tokenizer(tok_cfg: dict[str, Any], model_cfg: dict[str, Any], captions: list[str] | None) -> CaptionTokenizer:
-    kind = tok_cfg.get("type", "word-level")
-    if kind == "word-level":
+def make_tokenizer(
+    tokenizer: LightCapTokenizerCfg, model: CaptionerCfg, captions: list[str] | None
+) -> CaptionTokenizer:
+    """The caption tokenizer of a config's ``tokenizer`` section (``model.fusion.pretrained`` is the BERT
+    directory of ``bert-dir``); a word-level one is trained on ``captions``."""
+    tokenizer = expect_section(tokenizer, LightCapTokenizerCfg, "make_tokenizer(tokenizer)")
+    model = expect_section(model, CaptionerCfg, "make_tokenizer(model)")
+    if tokenizer.type == "word-level":
         if captions is None:
             raise ConfigError("tokenizer.type word-level needs the training captions")
-        return CaptionTokenizer.train(
-            captions, vocab_size=int(tok_cfg["vocab_size"]), min_frequency=int(tok_cfg.get("min_frequency", 1))
-        )
-    if kind == "bert-dir":
-        folder = model_cfg["fusion"].get("pretrained") or tok_cfg.get("path")
-        if not folder:
-            raise ConfigError("tokenizer.type bert-dir needs model.fusion.pretrained (or tokenizer.path): a BERT directory")
-        return CaptionTokenizer.from_bert_dir(folder)
-    raise ConfigError(f"tokenizer.type {kind!r} is not one of word-level, bert-dir")
+        assert tokenizer.vocab_size is not None  # the schema requires it for word-level
+        return CaptionTokenizer.train(captions, vocab_size=tokenizer.vocab_size, min_frequency=tokenizer.min_frequency)
+    folder = model.fusion.pretrained or tokenizer.path  # bert-dir (the schema allows no other type)
+    if not folder:
+        raise ConfigError("tokenizer.type bert-dir needs model.fusion.pretrained (or tokenizer.path): a BERT directory")
+    return CaptionTokenizer.from_bert_dir(folder)
 
 
 def build_captioner(
-    model_cfg: dict[str, Any], *, grid_channels: int, concept_dim: int, tokenizer: CaptionTokenizer
+    model: CaptionerCfg, *, grid_channels: int, concept_dim: int, tokenizer: CaptionTokenizer
 ) -> LightCapCaptioner:
-    """A fresh captioner; ``model_cfg["fusion"]["pretrained"]`` (a local BERT directory) is loaded when set."""
-    fusion = dict(model_cfg["fusion"])
-    pretrained = fusion.pop("pretrained", None)
+    """A fresh captioner of a ``model`` / ``teacher`` section; ``fusion.pretrained`` (a local BERT directory) is
+    loaded when set."""
+    model = expect_section(model, CaptionerCfg, "build_captioner(model)")
+    fusion = model.fusion.to_dict()
+    pretrained = fusion.get("pretrained")
     vocab_size = max(tokenizer.vocab_size, int(fusion.get("vocab_size", 0) or 0))
     if pretrained:
         from transformers import BertConfig
@@ -70,9 +85,8 @@ def build_captioner(
         )
         vocab_size = bert.vocab_size
     fusion["vocab_size"] = vocab_size
-    arch = build_arch(
-        {**model_cfg, "fusion": fusion}, grid_channels=grid_channels, concept_dim=concept_dim, vocab_size=vocab_size
-    )
+    sized = model.model_copy(update={"fusion": FusionCfg.model_validate(fusion)})
+    arch = build_arch(sized, grid_channels=grid_channels, concept_dim=concept_dim, vocab_size=vocab_size)
     return LightCapCaptioner(arch, pretrained_dir=pretrained)
 
 
@@ -83,16 +97,20 @@ def save_captioner(
     tokenizer: CaptionTokenizer,
     *,
     dtype: str = "float32",
-    decoding: dict[str, Any] | None = None,
+    decoding: DecodingConfig | None = None,
 ) -> list[Path]:
+    """Write the published captioner's files; ``decoding`` (the config's section) goes into ``model.json``."""
     from captioning.weights import save_state
 
+    if decoding is not None:
+        expect_section(decoding, DecodingConfig, "save_captioner(decoding=...)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(TIED_PREFIX)}
     weights = save_state(state, folder / WEIGHTS_FILE, dtype)
     arch_path = folder / ARCH_FILE
-    arch_path.write_text(json.dumps({"arch": model.arch, "decoding": decoding or {}, "dtype": dtype}, indent=1))
+    meta = {"arch": model.arch, "decoding": decoding.to_dict() if decoding else {}, "dtype": dtype}
+    arch_path.write_text(json.dumps(meta, indent=1))
     tok_path = tokenizer.save(folder / TOKENIZER_FILE)
     return [weights, arch_path, tok_path]
 
@@ -139,7 +157,7 @@ class LightCapPipeline:
         model: LightCapCaptioner,
         tokenizer: CaptionTokenizer,
         *,
-        decoding: Any = None,
+        decoding: DecodeOptions | None = None,
         name: str = "lightcap",
         version: int | None = None,
         manifest: dict[str, Any] | None = None,
@@ -148,12 +166,14 @@ class LightCapPipeline:
         from captioning.decoding import DecodeOptions
         from captioning.models.lightcap.clip_encoder import PilToTensor
 
+        if decoding is not None and not isinstance(decoding, DecodeOptions):
+            raise TypeError(f"LightCapPipeline(decoding=...) takes a DecodeOptions, got {type(decoding).__name__}")
         self.extractor = extractor
         self.device = getattr(extractor, "device", torch.device("cpu"))
         self.dtype = getattr(extractor, "dtype", torch.float32)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
-        self.decoding = decoding if isinstance(decoding, DecodeOptions) else DecodeOptions.from_dict(decoding)
+        self.decoding = decoding if decoding is not None else DecodeOptions()
         self.name = name
         self.version = version
         self.manifest = manifest or {}
@@ -231,6 +251,17 @@ class LightCapPipeline:
         return outs
 
 
+def published_decoding(meta: dict[str, Any], *, where: str) -> DecodeOptions:
+    """The ``decoding`` of a captioner's ``model.json`` (its config's section as published), checked by the same
+    schema as the YAML profiles."""
+    from pydantic import ValidationError
+
+    try:
+        return DecodingConfig.model_validate(meta.get("decoding") or {}).options()
+    except ValidationError as exc:
+        raise StoreError(f"{where}: decoding does not fit the config schema: {exc}") from None
+
+
 def concepts_parent(version) -> dict[str, Any]:
     """The concept extractor a LightCap version was trained on (``extra.concepts``, else its ``concepts`` parent)."""
     used = (version.manifest.get("extra") or {}).get("concepts")
@@ -256,6 +287,6 @@ def load_lightcap(
                                        vision_runtime=vision_runtime)
     model, tokenizer, meta = load_captioner_folder(version.path)
     return LightCapPipeline(
-        extractor, model, tokenizer, decoding=meta.get("decoding"),
+        extractor, model, tokenizer, decoding=published_decoding(meta, where=f"{version.spec}: {ARCH_FILE}"),
         name=version.name, version=version.version, manifest=version.manifest, fast=fast,
     )

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from captioning.config import manifest_config
+from captioning.config_schema import ClipConfig, ConceptsConfig
 from captioning.errors import StoreError
+from captioning.weights import load_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from captioning.store import ModelStore, ModelVersion
@@ -30,24 +33,19 @@ def parent_version(version: ModelVersion, store: ModelStore, name: str) -> Model
 def load_grid_encoder(clip_version: ModelVersion) -> Any:
     """The frozen CLIP grid encoder of a published ``clip`` version."""
     from captioning.models.lightcap.clip_encoder import GridEncoder
-    from captioning.models.lightcap.concepts_data import load_tensors
 
-    cfg = dict(clip_version.manifest.get("config") or {})
-    cfg["checkpoint"] = None  # the published weights, not the file it was trained from
+    cfg = manifest_config(clip_version, ClipConfig)
+    cfg.checkpoint = None  # the published weights, not the file it was trained from
     encoder = GridEncoder.from_config(cfg)
-    encoder.load_clip_state_dict(load_tensors(clip_version.file(CLIP_WEIGHTS)), source=clip_version.spec)
+    encoder.load_clip_state_dict(load_state(clip_version.file(CLIP_WEIGHTS)), source=clip_version.spec)
     return encoder.freeze()
 
 
 def load_detector(detector_version: ModelVersion) -> Any:
-    from captioning.models.lightcap.concepts_data import load_tensors
     from captioning.models.lightcap.detector import WEIGHTS_FILE, ProposalDetector
 
-    cfg = (detector_version.manifest.get("config") or {}).get("detector")
-    if not cfg:
-        raise StoreError(f"{detector_version.spec}: manifest config has no 'detector' section")
-    detector = ProposalDetector(cfg)
-    detector.load_tensors(load_tensors(detector_version.file(WEIGHTS_FILE)), source=detector_version.spec)
+    detector = ProposalDetector(manifest_config(detector_version, ConceptsConfig).detector)
+    detector.load_tensors(load_state(detector_version.file(WEIGHTS_FILE)), source=detector_version.spec)
     return detector
 
 
@@ -93,15 +91,14 @@ def load_concept_extractor(
         ConceptVocabulary,
         RegionAligner,
     )
-    from captioning.models.lightcap.concepts_data import load_tensors
 
     dev, dtype = runtime_placement(device, precision)
-    cfg = version.manifest.get("config") or {}
+    cfg = manifest_config(version, ConceptsConfig)
     encoder = load_grid_encoder(parent_version(version, store, "clip"))
     detector = load_detector(parent_version(version, store, "concepts-detector"))
     vocab = ConceptVocabulary.load(version.path)
-    aligner = RegionAligner.from_config(encoder.channels, cfg["align"], vocab.dim)
-    state = load_tensors(version.file(ALIGNER_FILE))
+    aligner = RegionAligner.from_config(encoder.channels, cfg.align, vocab.dim)
+    state = load_state(version.file(ALIGNER_FILE))
     try:
         aligner.load_state_dict(state)
     except RuntimeError as exc:

@@ -28,14 +28,27 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from captioning.config_schema import UCMImage, UCMText, expect_section
 from captioning.errors import ConfigError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
-def code_dim(text_cfg: dict[str, Any]) -> int:
+def code_dim(text: UCMText) -> int:
     """The text code is the final cell state of every LSTM layer: num_layers * hidden_dim."""
-    return int(text_cfg["num_layers"]) * int(text_cfg["hidden_dim"])
+    text = expect_section(text, UCMText, "code_dim(text)")
+    return text.num_layers * text.hidden_dim
+
+
+def _lstm_dims(vocab_size: int, text: UCMText) -> dict[str, Any]:
+    """The ``TextEncoder`` / ``TextDecoder`` sizes of a ``text`` section."""
+    return dict(
+        vocab_size=vocab_size,
+        embed_dim=text.embed_dim,
+        hidden_dim=text.hidden_dim,
+        num_layers=text.num_layers,
+        dropout=text.dropout,
+    )
 
 
 # ============================================================================================== text side
@@ -175,15 +188,9 @@ class TextDecoder(nn.Module):
 
 
 class TextAutoencoder(nn.Module):
-    def __init__(self, vocab_size: int, text_cfg: dict[str, Any]):
+    def __init__(self, vocab_size: int, text: UCMText):
         super().__init__()
-        dims = dict(
-            vocab_size=vocab_size,
-            embed_dim=int(text_cfg["embed_dim"]),
-            hidden_dim=int(text_cfg["hidden_dim"]),
-            num_layers=int(text_cfg["num_layers"]),
-            dropout=float(text_cfg.get("dropout", 0.0)),
-        )
+        dims = _lstm_dims(vocab_size, expect_section(text, UCMText, "TextAutoencoder(text)"))
         self.encoder = TextEncoder(**dims)
         self.decoder = TextDecoder(**dims)
 
@@ -203,28 +210,21 @@ class ResNetTrunk(nn.Module):
     architecture loads straight in (``load_pretrained``).
     """
 
-    def __init__(self, image_cfg: dict[str, Any]):
+    def __init__(self, image: UCMImage):
         super().__init__()
-        block_name = image_cfg.get("block", "bottleneck")
-        if block_name not in BLOCKS:
-            raise ConfigError(f"image.block must be one of {sorted(BLOCKS)}, got {block_name!r}")
-        block = BLOCKS[block_name]
-        layers = list(image_cfg.get("layers", [3, 4, 6, 3]))
-        stages = int(image_cfg.get("stages", 4))
-        if len(layers) != 4 or not 1 <= stages <= 4:
-            raise ConfigError(f"image.layers must list 4 stage depths and image.stages be 1-4, got {layers}, {stages}")
-        resnet = ResNet(block, layers)
+        image = expect_section(image, UCMImage, "ResNetTrunk(image)")
+        # the schema checked block (basic / bottleneck), 4 stage depths and stages 1-4
+        block = BLOCKS[image.block]
+        stages = image.stages
+        resnet = ResNet(block, list(image.layers))
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.stages = stages
         for i in range(1, stages + 1):
             setattr(self, f"layer{i}", getattr(resnet, f"layer{i}"))
         self.feature_dim = 64 * 2 ** (stages - 1) * block.expansion
         # speed only (shapes and weights are unchanged): NHWC convolutions and bf16/fp16 autocast
-        self.channels_last = bool(image_cfg.get("channels_last", False))
-        autocast = image_cfg.get("autocast")
-        if autocast not in (None, "bfloat16", "float16"):
-            raise ConfigError(f"image.autocast must be null, bfloat16 or float16, got {autocast!r}")
-        self.autocast_dtype = getattr(torch, autocast) if autocast else None
+        self.channels_last = image.channels_last
+        self.autocast_dtype = getattr(torch, image.autocast) if image.autocast else None
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -305,10 +305,11 @@ class ResNetTrunk(nn.Module):
 
 
 class MultiLabelClassifier(nn.Module):
-    def __init__(self, image_cfg: dict[str, Any], num_labels: int):
+    def __init__(self, image: UCMImage, num_labels: int):
         super().__init__()
-        self.trunk = ResNetTrunk(image_cfg)
-        self.dropout = nn.Dropout(float(image_cfg.get("dropout", 0.0)))
+        image = expect_section(image, UCMImage, "MultiLabelClassifier(image)")
+        self.trunk = ResNetTrunk(image)
+        self.dropout = nn.Dropout(image.dropout)
         self.head = nn.Linear(self.trunk.feature_dim, num_labels)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -322,9 +323,9 @@ class MultiLabelClassifier(nn.Module):
 class ImageEncoder(nn.Module):
     """Trunk + a linear code head sized like the text code."""
 
-    def __init__(self, image_cfg: dict[str, Any], code_dim: int):
+    def __init__(self, image: UCMImage, code_dim: int):
         super().__init__()
-        self.trunk = ResNetTrunk(image_cfg)
+        self.trunk = ResNetTrunk(expect_section(image, UCMImage, "ImageEncoder(image)"))
         self.code_head = nn.Linear(self.trunk.feature_dim, code_dim)
 
     @property
@@ -341,16 +342,11 @@ class ImageEncoder(nn.Module):
 class DistillPair(nn.Module):
     """Stage 3: the image encoder (classifier trunk + new code head) and the pre-trained text encoder."""
 
-    def __init__(self, vocab_size: int, text_cfg: dict[str, Any], image_cfg: dict[str, Any]):
+    def __init__(self, vocab_size: int, text: UCMText, image: UCMImage):
         super().__init__()
-        self.image = ImageEncoder(image_cfg, code_dim(text_cfg))
-        self.text = TextEncoder(
-            vocab_size,
-            int(text_cfg["embed_dim"]),
-            int(text_cfg["hidden_dim"]),
-            int(text_cfg["num_layers"]),
-            float(text_cfg.get("dropout", 0.0)),
-        )
+        text = expect_section(text, UCMText, "DistillPair(text)")
+        self.image = ImageEncoder(expect_section(image, UCMImage, "DistillPair(image)"), code_dim(text))
+        self.text = TextEncoder(**_lstm_dims(vocab_size, text))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor):
         """-> image codes [B, D], text codes of the captions [M, D]."""
@@ -360,15 +356,13 @@ class DistillPair(nn.Module):
 class Captioner(nn.Module):
     """Distilled image encoder + pre-trained text decoder; a ``StepModel`` over image batches."""
 
-    def __init__(self, vocab_size: int, text_cfg: dict[str, Any], image_cfg: dict[str, Any], attention_dim: int = 0):
+    def __init__(self, vocab_size: int, text: UCMText, image: UCMImage, attention_dim: int = 0):
+        """``attention_dim``: the ``captioner.attention_dim`` of the config (0: the plain decoder)."""
         super().__init__()
-        self.encoder = ImageEncoder(image_cfg, code_dim(text_cfg))
+        text = expect_section(text, UCMText, "Captioner(text)")
+        self.encoder = ImageEncoder(expect_section(image, UCMImage, "Captioner(image)"), code_dim(text))
         self.decoder = TextDecoder(
-            vocab_size=vocab_size,
-            embed_dim=int(text_cfg["embed_dim"]),
-            hidden_dim=int(text_cfg["hidden_dim"]),
-            num_layers=int(text_cfg["num_layers"]),
-            dropout=float(text_cfg.get("dropout", 0.0)),
+            **_lstm_dims(vocab_size, text),
             attention_dim=int(attention_dim),
             feature_dim=self.encoder.feature_dim,
         )

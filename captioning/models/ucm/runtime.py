@@ -20,13 +20,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from captioning.config import manifest_config
+from captioning.config_schema import UCMConfig
 from captioning.data.vocab import BOS_ID, EOS_ID, Vocabulary
 from captioning.decoding import DecodeOptions, decode
 from captioning.errors import StoreError
 from captioning.inference import CaptionOut
 from captioning.models.ucm.data import preprocess
 from captioning.models.ucm.model import Captioner, MultiLabelClassifier
-from captioning.models.ucm.store_io import VOCAB, WEIGHTS, load_into
+from captioning.models.ucm.store_io import VOCAB, WEIGHTS
+from captioning.weights import load_into
 
 if TYPE_CHECKING:  # pragma: no cover
     from captioning.store import ModelStore, ModelVersion
@@ -137,11 +140,9 @@ class UCMCaptioner(_Runtime):
         return out
 
 
-def _config(version: ModelVersion) -> dict[str, Any]:
-    config = version.manifest.get("config")
-    if not isinstance(config, dict) or "text" not in config or "image" not in config:
-        raise StoreError(f"{version.name}@{version.version}: manifest has no UCM config (text / image sections)")
-    return config
+def _config(version: ModelVersion) -> UCMConfig:
+    """The manifest's config as the typed ``UCMConfig`` (the same schema as the YAML profiles)."""
+    return manifest_config(version, UCMConfig)
 
 
 def load_classifier(
@@ -153,10 +154,10 @@ def load_classifier(
         info = json.loads(version.file(CLASSIFIER_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise StoreError(f"{version.name}@{version.version}: cannot read {CLASSIFIER_JSON} ({exc})") from None
-    model = MultiLabelClassifier(config["image"], len(info["labels"]))
+    model = MultiLabelClassifier(config.image, len(info["labels"]))
     load_into(model, version.file(WEIGHTS))
     return UCMClassifier(
-        version, model, info["labels"], info["threshold"], config["image"]["input_size"],
+        version, model, info["labels"], info["threshold"], config.image.input_size,
         device=device, precision=precision, fast=fast, vision_runtime=vision_runtime,
     )
 
@@ -167,12 +168,10 @@ def load_captioner(
 ) -> UCMCaptioner:
     config = _config(version)
     vocab = Vocabulary.load(version.file(VOCAB))
-    model = Captioner(
-        len(vocab), config["text"], config["image"], attention_dim=int(config["captioner"].get("attention_dim", 0))
-    )
+    model = Captioner(len(vocab), config.text, config.image, attention_dim=config.captioner.attention_dim)
     load_into(model, version.file(WEIGHTS))
-    decoding = DecodeOptions.from_dict(config.get("decoding"))
+    decoding = config.decoding.options()
     return UCMCaptioner(
-        version, model, vocab, decoding, config["image"]["input_size"], device=device, precision=precision, fast=fast,
+        version, model, vocab, decoding, config.image.input_size, device=device, precision=precision, fast=fast,
         vision_runtime=vision_runtime,
     )

@@ -1,7 +1,5 @@
 """Weights files and prerequisites of the UCM stages.
 
-* ``save_weights`` / ``load_into``: a module's weights as safetensors (``captioning.weights``: fp16 for the
-  tiny profile's published weights, loaded back to fp32 for compute);
 * ``prerequisite``: the store version a stage builds on (``--text-ae ucm-text-ae@3``, or by default the newest
   of that name in the same profile); a missing one raises ``PrerequisiteError`` naming the stage to run;
 * ``check_architecture``: a prerequisite built with other sizes than this run's config is a ``ConfigError``.
@@ -9,19 +7,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from captioning.errors import ConfigError, PrerequisiteError, StoreError
-from captioning.weights import load_into, save_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from captioning.config_schema import UCMConfig
     from captioning.store import ModelStore, ModelVersion
 
-__all__ = ["VOCAB", "WEIGHTS", "check_architecture", "load_into", "parent_record", "prerequisite", "save_weights"]
+__all__ = ["VOCAB", "WEIGHTS", "check_architecture", "parent_record", "prerequisite"]
 
 WEIGHTS = "model.safetensors"
 VOCAB = "vocab.json"
@@ -31,11 +25,6 @@ ARCHITECTURE_KEYS = {
     "text": ("embed_dim", "hidden_dim", "num_layers"),
     "image": ("block", "layers", "stages", "input_size"),
 }
-
-
-def save_weights(module: torch.nn.Module, path: str | Path, dtype: str = "float32") -> Path:
-    """The module's state dict as safetensors, floating tensors cast to ``dtype`` (``captioning.weights``)."""
-    return save_state(module.state_dict(), path, dtype)
 
 
 def prerequisite(
@@ -71,12 +60,14 @@ def prerequisite(
 
 def check_architecture(version: ModelVersion, config: UCMConfig, section: str) -> None:
     """The prerequisite's ``section`` sizes must be this run's (the weights would not fit otherwise)."""
+    from captioning.config import manifest_config
+    from captioning.config_schema import UCMConfig
+
     ours = getattr(config, section)
-    fields = type(ours).model_fields
-    theirs = (version.manifest.get("config") or {}).get(section) or {}
+    theirs = getattr(manifest_config(version, UCMConfig), section)  # keys it lacks read the schema's defaults
     diffs = []
     for key in ARCHITECTURE_KEYS[section]:
-        there = theirs.get(key, fields[key].get_default(call_default_factory=True))
+        there = getattr(theirs, key)
         here = getattr(ours, key)
         if there != here:
             diffs.append(f"{section}.{key}: {there!r} there, {here!r} here")
