@@ -26,6 +26,8 @@ import importlib.util
 import os
 import threading
 import warnings
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -57,6 +59,23 @@ def resolve_vision_runtime(value: str | None, device: torch.device | str = "cpu"
     return choice
 
 
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_net(key: tuple, build: Callable[[], OpenVinoNet]) -> OpenVinoNet:
+    """One converted network per ``key`` (a published version's network, precision and input size) while any
+    runtime holds it: LightCap's runtime and the concepts runtime of the same concepts version share their CLIP
+    and YOLO networks instead of converting and holding them twice (a network is read-only; each calling thread
+    has its own infer request)."""
+    with _SHARED_LOCK:
+        net = _SHARED.get(key)
+        if net is None:
+            net = build()
+            _SHARED[key] = net
+        return net
+
+
 class OpenVinoNet:
     """``module`` (eval, any weight dtype) converted with ``openvino.convert_model`` and compiled for the CPU.
 
@@ -85,7 +104,6 @@ class OpenVinoNet:
         self._compiled: dict[int, object] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self.compiled_for(torch.get_num_threads())
 
     def compiled_for(self, threads: int):
         """The network compiled for ``threads`` inference threads (compiled on first use)."""

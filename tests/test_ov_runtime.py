@@ -74,3 +74,21 @@ def test_a_converted_network_computes_what_the_module_computes_at_any_batch_size
             torch.testing.assert_close(outputs[i], net(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="precision 'fp16'"):
         OpenVinoNet(net, torch.rand(1, 3, 16, 16), precision="fp16")
+
+
+@needs_openvino
+def test_lightcap_and_the_concepts_runtime_of_one_version_share_their_converted_networks():
+    from pathlib import Path
+
+    from captioning.inference import load_model
+    from captioning.store import ModelStore
+
+    store = ModelStore(Path(__file__).resolve().parents[1] / "model_store")
+    lightcap = load_model(store, "lightcap@production", precision="fp32", vision_runtime="openvino")
+    parent = next(p for p in lightcap.manifest["parents"] if p["name"] == "concepts")
+    concepts = load_model(store, f"concepts@{parent['version']}", precision="fp32", vision_runtime="openvino")
+    assert lightcap.extractor is not concepts  # separate runtimes (their settings may differ) ...
+    assert lightcap.extractor.encoder.accelerated is concepts.encoder.accelerated  # ... one CLIP network
+    assert lightcap.extractor.detector.accelerated is concepts.detector.accelerated  # ... one YOLO network
+    other = load_model(store, f"concepts@{parent['version']}", precision="bf16", vision_runtime="openvino")
+    assert other.encoder.accelerated is not concepts.encoder.accelerated  # another precision, another network

@@ -371,13 +371,17 @@ class GridEncoder(nn.Module):
 
     accelerated = None  # an OpenVinoNet running the trunk (``use_openvino``), else the torch trunk runs
 
-    def use_openvino(self, precision: str, size: int) -> None:
+    def use_openvino(self, precision: str, size: int, *, share: str | None = None) -> None:
         """Run the (folded) trunk on OpenVINO in ``precision`` for CPU batches of ``size`` x ``size`` pixels
-        (what ``ConceptExtractor.grid`` feeds); other inputs keep the torch trunk."""
-        from captioning.ov_runtime import OpenVinoNet
+        (what ``ConceptExtractor.grid`` feeds); other inputs keep the torch trunk. ``share``: the published
+        version these weights come from; encoders of the same one share one converted network."""
+        from captioning.ov_runtime import OpenVinoNet, shared_net
 
-        self.accelerated = OpenVinoNet(TrunkToGrid(self.trunk), torch.zeros(1, 3, size, size), precision=precision,
-                                       name="CLIP trunk")
+        def build() -> OpenVinoNet:
+            return OpenVinoNet(TrunkToGrid(self.trunk), torch.zeros(1, 3, size, size), precision=precision,
+                               name="CLIP trunk")
+
+        self.accelerated = build() if share is None else shared_net(("CLIP trunk", share, precision, size), build)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on any device (moved to the encoder's); returns float32 whatever the compute dtype."""

@@ -130,22 +130,26 @@ class ProposalDetector(nn.Module):
 
     accelerated = None  # an OpenVinoNet running the network (``use_openvino``), else the torch network runs
 
-    def use_openvino(self, precision: str) -> None:
+    def use_openvino(self, precision: str, *, share: str | None = None) -> None:
         """Run the (fused) network on OpenVINO in ``precision`` for CPU batches at ``imgsz``: a copy with its
         Detect head in ultralytics' export mode (one output tensor, anchors made for the input's size), the
-        same decoded boxes and scores the eval-mode network returns first."""
+        same decoded boxes and scores the eval-mode network returns first. ``share``: the published version
+        these weights come from; detectors of the same one share one converted network."""
         import copy
 
         from ultralytics.nn.modules import Detect
 
-        from captioning.ov_runtime import OpenVinoNet
+        from captioning.ov_runtime import OpenVinoNet, shared_net
 
-        network = copy.deepcopy(self.model)
-        for module in network.modules():
-            if isinstance(module, Detect):
-                module.export, module.format, module.dynamic = True, "openvino", True
-        self.accelerated = OpenVinoNet(_FirstOutput(network), torch.zeros(1, 3, self.imgsz, self.imgsz),
-                                       precision=precision, name="YOLO")
+        def build() -> OpenVinoNet:
+            network = copy.deepcopy(self.model)
+            for module in network.modules():
+                if isinstance(module, Detect):
+                    module.export, module.format, module.dynamic = True, "openvino", True
+            return OpenVinoNet(_FirstOutput(network), torch.zeros(1, 3, self.imgsz, self.imgsz),
+                               precision=precision, name="YOLO")
+
+        self.accelerated = build() if share is None else shared_net(("YOLO", share, precision, self.imgsz), build)
 
     def train(self, mode: bool = True) -> ProposalDetector:  # inference-only module: the network stays in eval
         super().train(False)

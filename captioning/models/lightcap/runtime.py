@@ -38,6 +38,7 @@ def load_grid_encoder(clip_version: ModelVersion) -> Any:
     cfg.checkpoint = None  # the published weights, not the file it was trained from
     encoder = GridEncoder.from_config(cfg)
     encoder.load_clip_state_dict(load_state(clip_version.file(CLIP_WEIGHTS)), source=clip_version.spec)
+    encoder.source = str(clip_version.path)  # what its converted network is shared by (ov_runtime.shared_net)
     return encoder.freeze()
 
 
@@ -46,6 +47,7 @@ def load_detector(detector_version: ModelVersion) -> Any:
 
     detector = ProposalDetector(manifest_config(detector_version, ConceptsConfig).detector)
     detector.load_tensors(load_state(detector_version.file(WEIGHTS_FILE)), source=detector_version.spec)
+    detector.source = str(detector_version.path)
     return detector
 
 
@@ -69,8 +71,9 @@ def prepare_extractor(extractor: Any, *, device: Any, dtype: Any, fast: bool = T
         extractor.detector.optimize_for_inference(dtype, channels_last=True)
         if resolve_vision_runtime(vision_runtime, device) == "openvino":
             precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-            extractor.encoder.use_openvino(precision, extractor.encoder_size)
-            extractor.detector.use_openvino(precision)
+            extractor.encoder.use_openvino(precision, extractor.encoder_size,
+                                           share=getattr(extractor.encoder, "source", None))
+            extractor.detector.use_openvino(precision, share=getattr(extractor.detector, "source", None))
     elif dtype != torch.float32:
         extractor.encoder.to(dtype=dtype)
         extractor.detector.model.to(dtype=dtype)
