@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-TRAINING_ONLY = ("training", "matplotlib", "pycocoevalcap", "ray", "playwright", "schemathesis")
+TRAINING_ONLY = ("training", "matplotlib", "pycocoevalcap", "ray", "playwright", "schemathesis", "onnxruntime", "onnx")
 
 SCRIPT = """
 import json, sys
