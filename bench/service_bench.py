@@ -216,6 +216,37 @@ async def run_cell(url: str, path: str, params: dict, images: list[bytes], concu
     }
 
 
+def compare_vision_runtimes(store: Path, work: Path, served: list[str], images: list[bytes], routes: list[tuple],
+                            args) -> dict:
+    """The served routes at 1 and 32 clients on two servers side by side, one running the convolutional
+    networks on torch and one on OpenVINO (CAPTIONER_VISION_RUNTIME), each cell measured on both one right after
+    the other; start-up time and idle / peak memory of each server."""
+    out: dict = {"cells": [], "startup_s": {}, "idle_rss_mib": {}, "peak_rss_mib": {}}
+    servers = {}
+    try:
+        for runtime in ("torch", "openvino"):
+            env = server_env(store, work, f"vision-{runtime}", served, 8, args, CAPTIONER_VISION_RUNTIME=runtime)
+            started = time.perf_counter()
+            servers[runtime] = ServerProcess(env, log_path=work / f"server-vision-{runtime}.log").start()
+            out["startup_s"][runtime] = round(time.perf_counter() - started, 1)
+        time.sleep(1.0)
+        out["idle_rss_mib"] = {k: rss_mib(s.proc.pid, "VmRSS") for k, s in servers.items()}
+        for label, path, params, _model in routes:
+            for concurrency in (1, 32):
+                for runtime, server in servers.items():
+                    cell = asyncio.run(run_cell(server.url, path, params, images, concurrency, args.duration,
+                                                args.warmup))
+                    cell.update(route=label, concurrency=concurrency, vision_runtime=runtime)
+                    out["cells"].append(cell)
+                    print(f"vision {runtime:8s} {label:14s} c={concurrency:<3d} {cell['throughput_rps']:7.2f} req/s "
+                          f"p50 {cell['p50_ms']} ms", flush=True)
+        out["peak_rss_mib"] = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
+    finally:
+        for server in servers.values():
+            server.terminate(60)
+    return out
+
+
 def run_wrk(url: str, path: str, image: bytes, concurrency: int, duration: float, warmup: float, work: Path) -> dict:
     """``wrk`` closed loop (each connection sends its next request as soon as the last is answered, 429 or
     not), one thread: -> answered (2xx) per second and the status split."""
@@ -255,6 +286,8 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. smoke)")
     parser.add_argument("--precision", default="", help="CAPTIONER_PRECISION for the servers (default: theirs, auto)")
     parser.add_argument("--skip-overload", action="store_true", help="skip the overload and 49 MP memory runs")
+    parser.add_argument("--skip-vision", action="store_true",
+                        help="skip the torch vs OpenVINO comparison of the convolutional networks")
     parser.add_argument("--only-overload", action="store_true",
                         help="run only the overload and 49 MP memory runs, updating the recorded results")
     args = parser.parse_args()
@@ -295,6 +328,7 @@ def main() -> int:
         "machine": machine(), "store": str(store.root), "models": versions, "concurrency": levels,
         "duration_s": args.duration, "warmup_s": args.warmup, "image": "256x256 PNG synthetic scene",
         "settings": {"torch_threads": args.threads or "cores", "replicas": 1, "max_wait_ms": args.max_wait_ms,
+                     "vision_runtime": "auto (OpenVINO on this CPU)", "malloc_arenas": 2,
                      "queue_size": 256, "intake_threads": "default"},
         "loadavg_before": loadavg(), "cells": [],
     }
@@ -325,6 +359,8 @@ def main() -> int:
                 server.terminate(60)
             except Exception:  # noqa: BLE001
                 server.kill()
+    if not args.skip_vision:
+        result["vision_runtimes"] = compare_vision_runtimes(store.root, work, served, images, routes, args)
     if not args.skip_overload:
         result.update(overload_and_memory(store.root, work, served, images, args))
     result["loadavg_after"] = loadavg()
@@ -365,6 +401,22 @@ def markdown(result: dict) -> str:
     idle = result.get("idle_rss_mib", {})
     lines += ["", "Server memory: idle (VmRSS after start) " + ", ".join(f"{k}: {v} MiB" for k, v in idle.items())
               + "; peak under this load (VmHWM) " + ", ".join(f"{k}: {v} MiB" for k, v in peak.items()), ""]
+    if "vision_runtimes" in result:
+        v = result["vision_runtimes"]
+        lines += ["CAPTIONER_VISION_RUNTIME, the same routes on two servers side by side (batching on; OpenVINO is "
+                  f"what `auto` picks on this CPU): start-up {v['startup_s']} s, idle {v['idle_rss_mib']} MiB, "
+                  f"peak {v['peak_rss_mib']} MiB.", "",
+                  "| route | clients | torch req/s | openvino req/s | ratio | torch p50 ms | openvino p50 ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in v["cells"]:
+            if c["vision_runtime"] != "torch":
+                continue
+            o = next(x for x in v["cells"] if x["vision_runtime"] == "openvino" and x["route"] == c["route"]
+                     and x["concurrency"] == c["concurrency"])
+            ratio = f"{o['throughput_rps'] / c['throughput_rps']:.2f}x" if c["throughput_rps"] else ""
+            lines.append(f"| {c['route']} | {c['concurrency']} | {c['throughput_rps']:.2f} | {o['throughput_rps']:.2f} | "
+                         f"{ratio} | {c['p50_ms']} | {o['p50_ms']} |")
+        lines.append("")
     if "overload" in result and "modes" in result["overload"]:
         o = result["overload"]
         lines += [f"Overload (caption route, queue of {o['queue_size']} images, batching on; goodput = answered/s at "

@@ -12,8 +12,8 @@ on the CPU, and torch.compile needs a C++ compiler on the serving machine and co
   ``CAPTIONER_VISION_RUNTIME`` (default ``auto``); ``auto`` is ``openvino`` on the CPU when the package is
   installed, else ``torch`` (a GPU keeps torch); an unusable choice is a ValueError naming it.
 * ``OpenVinoNet(module, example, precision=...)``: the compiled network, called like the module on a float32
-  CPU batch ``[B, ...]`` of the example's per-image shape (any batch size); one infer request per calling
-  thread, so pool replicas can share it, each with torch's thread count of the calling thread. Its outputs match the torch module's to float rounding in fp32
+  CPU batch ``[B, ...]`` of the example's per-image shape (any batch size), with torch's thread count of the
+  calling thread; callers (pool replicas, runtimes sharing the network) take turns on one infer request. Its outputs match the torch module's to float rounding in fp32
   (tests/test_ov_runtime.py); in bf16 OpenVINO rounds differently from torch's bf16 kernels, so the captions
   are checked instead (CIDEr-D within 0.02 in the bench's quality table).
 """
@@ -82,7 +82,8 @@ class OpenVinoNet:
     example: one input batch ``[b, ...]``; the batch dimension stays dynamic, the rest is fixed.
     precision: ``fp32`` | ``bf16`` (OpenVINO's inference precision hint).
     Threads follow torch: a call uses as many inference threads as ``torch.get_num_threads()`` in the calling
-    thread (a pool replica sets its own), compiling once per thread count (a fraction of a second)."""
+    thread (a pool replica sets its own), compiling once per thread count (a fraction of a second). Thread-safe:
+    calls take turns on one infer request per thread count."""
 
     def __init__(self, module: nn.Module, example: torch.Tensor, *, precision: str = "fp32", name: str = "network"):
         import openvino as ov
@@ -103,7 +104,7 @@ class OpenVinoNet:
         self._core = ov.Core()
         self._compiled: dict[int, object] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._requests: dict[int, tuple] = {}
 
     def compiled_for(self, threads: int):
         """The network compiled for ``threads`` inference threads (compiled on first use)."""
@@ -123,14 +124,21 @@ class OpenVinoNet:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, *sample_shape] -> the module's (first) output as a float32 CPU tensor."""
         threads = torch.get_num_threads()
-        requests = getattr(self._local, "requests", None)
-        if requests is None:
-            requests = self._local.requests = {}
-        request = requests.get(threads)
-        if request is None:
-            request = requests[threads] = self.compiled_for(threads).create_infer_request()
-        request.infer({0: x.detach().float().contiguous().numpy()})
-        return torch.from_numpy(request.get_output_tensor(0).data.copy())  # the request reuses its buffer
+        request, lock = self._requests.get(threads) or self._request_for(threads)
+        feed = x.detach().float().contiguous().numpy()
+        with lock:  # callers of one network take turns: on a CPU they would only share its cores anyway
+            request.infer({0: feed})
+            return torch.from_numpy(request.get_output_tensor(0).data.copy())  # the request reuses its buffer
+
+    def _request_for(self, threads: int):
+        """One infer request per thread count, shared by every calling thread: OpenVINO keeps a request's
+        intermediate buffers (sized for the largest batch it ran) for the request's life, so a request per
+        calling thread would hold them once per pool replica and per runtime sharing this network."""
+        compiled = self.compiled_for(threads)
+        with self._lock:
+            if threads not in self._requests:
+                self._requests[threads] = (compiled.create_infer_request(), threading.Lock())
+            return self._requests[threads]
 
     def __repr__(self) -> str:
         return f"OpenVinoNet({self.name}, {self.sample_shape}, {self.precision})"
