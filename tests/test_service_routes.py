@@ -233,9 +233,10 @@ def test_health_ready_metrics_and_openapi(server):
                  "captioner_inference_seconds_bucket", "captioner_batch_size_bucket", "captioner_queue_depth",
                  "captioner_http_requests_total", "captioner_jobs_total", "captioner_model_info"):
         assert name in text, name
-    precision = app.state.settings.precision_name
+    precision, vision = app.state.settings.precision_name, app.state.settings.vision_runtime_name
     assert ('captioner_model_info{alias="production",device="cpu",name="ucm-captioner",'
-            f'precision="{precision}",profile="tiny",task="ucm-captioner",version="1"}} 1.0') in text
+            f'precision="{precision}",profile="tiny",task="ucm-captioner",version="1",'
+            f'vision_runtime="{vision}"}} 1.0') in text
     assert metric(url, "captioner_http_requests_total", {"route": "/v1/labels", "status": "200"}) >= 1
     spec = httpx.get(f"{url}/openapi.json").json()
     body = spec["paths"]["/v1/caption"]["post"]["requestBody"]["content"]
