@@ -542,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{ms:8.2f} ms/img  {flops / 1e9:6.3f} GFLOP  {gflops:6.1f} GFLOP/s", flush=True,
                     )
 
+    borrow_torch_flops(rows, peaks)
+
     blip = []
     if not args.no_blip:
         blip_threads = max(threads_list)
@@ -583,6 +585,7 @@ def rerender(source: Path, out: Path) -> int:
     result = json.loads(source.read_text())
     quality = {(q["model"], q["path"], q["precision"], q["decode"]): {"test": q.get("test"), "unseen": q.get("unseen")}
                for q in result["quality"]}
+    borrow_torch_flops(result["rows"], {int(k): v for k, v in result["matmul_peak"].items()})
     result["summary"] = summarise(result["rows"], result["blip"], result["matmul_peak"], quality)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
@@ -595,6 +598,30 @@ def _find(rows, **match) -> dict[str, Any] | None:
         if all(row.get(k) == v for k, v in match.items()):
             return row
     return None
+
+
+def borrow_torch_flops(rows: list[dict[str, Any]], peaks: dict) -> None:
+    """torch's flop counter does not see the networks OpenVINO or ONNX Runtime run: an ``openvino`` row takes
+    the FLOPs of the same row of the ``fast`` path (the same networks on torch), a ``net[runtime]`` row those of
+    ``net[eager]``, and their derived columns are recomputed."""
+    for row in rows:
+        stage = row["stage"]
+        if stage.endswith("]") and not stage.endswith("[eager]"):
+            twin_stage, twin_path = stage.split("[")[0] + "[eager]", row["path"]
+        elif row["path"] == "openvino":
+            twin_stage, twin_path = stage, "fast"
+        else:
+            continue
+        twin = _find(rows, model=row["model"], stage=twin_stage, path=twin_path, precision=row["precision"],
+                     threads=row["threads"], batch=row["batch"], decode=row["decode"])
+        if not twin:
+            continue
+        flops = twin["flops_per_image"]
+        peak, cpu_peak = peaks[row["threads"]]["fp32_gflops"], peaks[row["threads"]]["fp32_gflop_per_cpu_s"]
+        gflops = flops / (row["ms_per_image"] / 1000) / 1e9
+        row.update(flops_per_image=flops, gflops_per_s=round(gflops, 1), fraction_of_fp32_peak=round(gflops / peak, 3),
+                   floor_ms_per_image=round(flops / (peak * 1e9) * 1000, 2),
+                   cpu_floor_ms_per_image=round(flops / (cpu_peak * 1e9) * 1000, 2))
 
 
 def summarise(rows, blip, peaks, quality) -> dict[str, Any]:
