@@ -14,12 +14,12 @@ embedded model store's manifests validate against the same models (``validate_ma
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+import dataclasses
+from typing import Annotated, Any, Literal, TypeVar, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-if TYPE_CHECKING:  # pragma: no cover
-    from captioning.decoding import DecodeOptions
+from captioning.decode_options import DecodeOptions
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -60,29 +60,25 @@ def expect_section(value: object, kind: type[S], what: str) -> S:
 
 
 # ================================================================================================ shared
-class DecodingConfig(Section):
-    """``decoding``: the published captioner's defaults (``captioning.decoding.DecodeOptions``)."""
-
-    beam_size: int = 1
-    max_length: int = 20
-    min_length: int = 1
-    length_penalty: float = 0.0
-    no_repeat_ngram_size: int = 0
-    repetition_penalty: float = 1.0
-    max_repeat_run: int = 0
+class _DecodingSection(Section):
+    """``decoding``: the published captioner's defaults, field for field ``DecodeOptions``'s."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> DecodingConfig:
-        from captioning.decoding import DecodeOptions
-
+    def _consistent(self) -> _DecodingSection:
         DecodeOptions(**self.model_dump())  # its range checks (min_length <= max_length ...) raise ValueError
         return self
 
     def options(self, **overrides: Any) -> DecodeOptions:
         """These defaults as a frozen ``DecodeOptions``, with the non-None ``overrides`` applied."""
-        from captioning.decoding import DecodeOptions
-
         return DecodeOptions.from_dict(self.to_dict(), **overrides)
+
+
+# the fields (names, types, defaults) are DecodeOptions' own: one definition of the search options
+DecodingConfig = create_model(
+    "DecodingConfig", __base__=_DecodingSection, __module__=__name__,
+    **{f.name: (get_type_hints(DecodeOptions)[f.name], f.default) for f in dataclasses.fields(DecodeOptions)},
+)
+DecodingConfig.__doc__ = _DecodingSection.__doc__
 
 
 # ================================================================================================ ucm

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from captioning.config import (
     CONFIG_DIR,
@@ -345,3 +346,17 @@ def test_a_prerequisite_built_with_other_sizes_is_named_from_its_typed_manifest_
         check_architecture(version, other, "text")
     with pytest.raises(ConfigError, match=r"image\.input_size: 128 there, 96 here"):
         check_architecture(version, other, "image")
+
+
+def test_the_decoding_section_is_decode_options_field_for_field():
+    import dataclasses
+
+    from captioning.config_schema import DecodingConfig
+    from captioning.decode_options import DecodeOptions
+
+    fields = {f.name: f.default for f in dataclasses.fields(DecodeOptions)}
+    assert {name: info.default for name, info in DecodingConfig.model_fields.items()} == fields
+    section = DecodingConfig.model_validate({"beam_size": 3, "min_length": 3})
+    assert section.options(max_length=9) == DecodeOptions(beam_size=3, min_length=3, max_length=9)
+    with pytest.raises(ValidationError, match="min_length must be in"):
+        DecodingConfig.model_validate({"min_length": 30})  # DecodeOptions' own range checks
