@@ -102,7 +102,7 @@ def test_instances_are_every_object_after_nms_per_word(extractor, pictures):
     with torch.inference_mode():
         instances = extractor.extract(images)
         words = extractor.extract_words(images)
-        loose = extractor.instance_tensors(images, iou=1.0, min_score=0.0, min_objectness=0.0)
+        loose = extractor.instance_tensors(images, iou=1.0, min_score=0.0, min_objectness=0.0, merge_ios=None)
     assert len(instances) == len(images)
     for inst, distinct, everything in zip(instances, words, loose, strict=True):
         assert all(isinstance(c, Concept) and c.concept in extractor.vocab.words for c in inst)

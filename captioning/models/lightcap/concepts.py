@@ -9,7 +9,9 @@
     at training time and stored) -> each region takes its most similar concept
     score = objectness * softmax(logit_scale * cos)[best]
     instances (``extract``): NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
-    ``score >= instance_min_score`` and ``objectness >= instance_conf``: every object, e.g. 29 houses
+    ``score >= instance_min_score`` and ``objectness >= instance_conf``, then optionally a merge of the concept's
+    boxes that cover each other (intersection over the smaller box > ``instance_merge_ios``: SAHI's greedy NMM);
+    each of the four can differ per word (``extract.instance_concepts``): every object, e.g. 29 houses
     LightCap's words (``extract_tensors``, derived from the instances): per concept its best instance, drop scores
     below ``min_score``, keep the top K (K = 20 in the paper) -- exactly what the captioner was trained on.
 
@@ -43,6 +45,12 @@ DEFAULT_TEMPLATE = "a photo of a {}"
 DEFAULT_INSTANCE_IOU = 0.5
 DEFAULT_INSTANCE_MIN_SCORE = 0.22
 DEFAULT_INSTANCE_CONF = 0.35
+DEFAULT_INSTANCE_MERGE_IOS: float | None = None  # no merge unless a word asks for one
+# per-word settings (``extract.instance_concepts``) when a config has none: chosen on seed 1's val split by
+# ``captioner eval concepts --tune-instances`` (a word keeps its own setting only where it lowers that word's
+# counting error on both halves of val; docs/concepts.md "Instance figures")
+DEFAULT_INSTANCE_CONCEPTS: dict[str, dict[str, float | None]] = {}
+INSTANCE_CONCEPT_KEYS = ("iou", "min_score", "conf", "merge_ios")
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -328,8 +336,13 @@ class ConceptExtractor(nn.Module):
         self.instance_conf = float(
             extract.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF)
         )
+        self.instance_merge_ios = extract.get("instance_merge_ios", DEFAULT_INSTANCE_MERGE_IOS)
+        self.instance_concepts = instance_concept_settings(
+            extract.get("instance_concepts", {} if keep_all else DEFAULT_INSTANCE_CONCEPTS), vocab.words
+        )
         if not 0.0 < self.instance_iou <= 1.0:
             raise ConfigError(f"concepts config: extract.instance_iou {self.instance_iou} must be in (0, 1]")
+        self.instance_merge_ios = _fraction_or_none(self.instance_merge_ios, "extract.instance_merge_ios")
         if self.image_size % 32:
             raise ConfigError(f"concepts config: image_size {self.image_size} must be a multiple of 32")
         self.name = "concepts"
@@ -365,33 +378,43 @@ class ConceptExtractor(nn.Module):
         counts = [len(b) for b in boxes]
         return list(best_id.split(counts)), list(best_prob.split(counts))
 
+    def instance_thresholds(self) -> dict[str, torch.Tensor]:
+        """The instance settings per concept id, as ``[V]`` tensors ``iou``, ``min_score``, ``min_objectness``,
+        ``merge_ios`` (NaN: no merge): the extractor's ``instance_*`` values, with ``instance_concepts``' words
+        overriding theirs."""
+        v = len(self.vocab)
+        merge = math.nan if self.instance_merge_ios is None else float(self.instance_merge_ios)
+        out = {
+            "iou": torch.full((v,), float(self.instance_iou)),
+            "min_score": torch.full((v,), float(self.instance_min_score)),
+            "min_objectness": torch.full((v,), float(self.instance_conf)),
+            "merge_ios": torch.full((v,), merge),
+        }
+        names = {"iou": "iou", "min_score": "min_score", "conf": "min_objectness", "merge_ios": "merge_ios"}
+        for word, settings in self.instance_concepts.items():
+            for key, value in settings.items():
+                out[names[key]][self.vocab.index[word]] = math.nan if value is None else float(value)
+        return out
+
     @torch.no_grad()
     def instance_tensors(
-        self,
-        images: torch.Tensor,
-        grid: torch.Tensor | None = None,
-        *,
-        iou: float | None = None,
-        min_score: float | None = None,
-        min_objectness: float | None = None,
+        self, images: torch.Tensor, grid: torch.Tensor | None = None, **overrides: float | torch.Tensor | None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every kept proposal per image, as CPU tensors ``(concept_ids [N], scores [N], boxes [N, 4])``, best first.
 
         Each proposal takes its most similar concept (``classify_boxes``) and the score objectness x probability;
         proposals are ordered by score (``torch.argsort(score, descending=True)``, the order ``extract_tensors``
-        always used), then non-maximum suppression runs per concept (``torchvision.ops.batched_nms`` at IoU
-        ``iou``, default the extractor's ``instance_iou``) in exactly that order, and what survives is filtered by
-        ``score >= min_score`` (default ``instance_min_score``) and ``objectness >= min_objectness`` (default
-        ``instance_conf``). The best proposal of each concept is never suppressed (nothing of its concept comes
-        before it), which is why the distinct words derived from these instances are the trained top-K words.
+        always used), then ``select_instances`` with the settings of ``instance_thresholds()``: non-maximum
+        suppression per concept (``torchvision.ops.batched_nms``) in exactly that order, the score and objectness
+        floors, and the merge of a concept's boxes that cover each other (where its ``merge_ios`` is set).
+        ``overrides`` (``iou``, ``min_score``, ``min_objectness``, ``merge_ios``) replace a setting for every word.
         """
-        iou = self.instance_iou if iou is None else float(iou)
-        min_score = self.instance_min_score if min_score is None else float(min_score)
-        min_objectness = self.instance_conf if min_objectness is None else float(min_objectness)
-        return [
-            select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness)
-            for row in self.classified_proposals(images, grid)
-        ]
+        settings: dict[str, Any] = self.instance_thresholds()
+        unknown = sorted(set(overrides) - set(settings))
+        if unknown:
+            raise TypeError(f"instance_tensors: unknown setting {unknown[0]!r} (one of {', '.join(settings)})")
+        settings.update(overrides)
+        return [select_instances(*row, **settings) for row in self.classified_proposals(images, grid)]
 
     @torch.no_grad()
     def classified_proposals(
@@ -419,12 +442,13 @@ class ConceptExtractor(nn.Module):
         Returns ``concept_ids [B, K]`` (-1 = padding), ``scores [B, K]`` (0 for padding), ``boxes [B, K, 4]``.
         ``vocab_embeddings[concept_ids.clamp(min=0)]`` gives their CLIP text embeddings.
         ``grid``: the images' CLIP grid when the caller already has it (the LightCap captioner reuses it).
-        Derived from the instances (``instance_tensors`` without the instance filters): per concept its best
-        instance, scores ``>= min_score``, best first, at most K -- bit for bit what one box per concept over the
-        raw proposals gave before instances existed (tests/test_concept_instances.py checks this).
+        Derived from the instances without the instance floors and merges (NMS per concept at ``instance_iou``
+        only): per concept its best instance, scores ``>= min_score``, best first, at most K -- bit for bit what
+        one box per concept over the raw proposals gave before instances existed (tests/test_concept_instances.py
+        checks this). No instance setting can change it: NMS never suppresses a concept's best proposal.
         """
         k = self.top_k if top_k is None else int(top_k)
-        instances = self.instance_tensors(images, grid, min_score=-math.inf, min_objectness=-math.inf)
+        instances = [select_instances(*row, iou=self.instance_iou) for row in self.classified_proposals(images, grid)]
         batch = images.shape[0]
         out_ids = torch.full((batch, k), -1, dtype=torch.long)
         out_scores = torch.zeros((batch, k))
@@ -446,7 +470,8 @@ class ConceptExtractor(nn.Module):
         """``images [B,3,S,S]`` -> per image every object instance, best first.
 
         One ``Concept(word, score, box, label)`` per kept proposal (``instance_tensors`` with the extractor's
-        ``instance_iou``, ``instance_min_score``, ``instance_conf``), boxes in the preprocessed image's pixels.
+        ``instance_*`` settings and ``instance_concepts``), boxes in the preprocessed image's pixels (a merged
+        instance: the union of its parts' boxes, with the best part's score).
         ``counts(instances)`` counts them per word; ``self.concept_words(instances)`` or ``extract_words`` give
         the distinct words (best box each) that the captioner uses.
         """
@@ -461,8 +486,9 @@ class ConceptExtractor(nn.Module):
     def concept_words(self, instances: list[Concept], top_k: int | None = None) -> list[Concept]:
         """The distinct words of one image's instances as the captioner sees them: best instance per word with
         ``score >= min_score``, best first, at most ``top_k`` (default the model's K). On ``extract``'s answer it
-        equals ``extract_words`` whenever ``instance_min_score <= min_score`` and ``instance_conf <=
-        proposal_conf`` (the defaults), since then no instance the words need was filtered out."""
+        equals ``extract_words`` whenever no word's instance floors are above the word floors (``min_score``,
+        ``proposal_conf``) and no word merges boxes, since then no instance the words need was filtered out or
+        reshaped."""
         k = self.top_k if top_k is None else int(top_k)
         return group_concepts([c for c in instances if c.score >= self.min_score])[:k]
 
@@ -473,20 +499,127 @@ def select_instances(
     boxes: torch.Tensor,
     objectness: torch.Tensor,
     *,
-    iou: float,
-    min_score: float = -math.inf,
-    min_objectness: float = -math.inf,
+    iou: float | torch.Tensor,
+    min_score: float | torch.Tensor = -math.inf,
+    min_objectness: float | torch.Tensor = -math.inf,
+    merge_ios: float | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's classified proposals (best first) -> its instances ``(ids, scores, boxes)``, best first:
     NMS per concept at ``iou`` in the given order, then ``score >= min_score`` and ``objectness >=
-    min_objectness``. The NMS ranks by position (``torchvision.ops.batched_nms`` on strictly decreasing
-    surrogate scores), so ties and batched_nms's own sort cannot reorder what the caller's order decided."""
+    min_objectness``, then (``merge_ios`` set) ``merge_instances``. The NMS ranks by position
+    (``torchvision.ops.batched_nms`` on strictly decreasing surrogate scores), so ties and batched_nms's own sort
+    cannot reorder what the caller's order decided.
+
+    Each setting is one number for every concept or a ``[V]`` tensor indexed by concept id (per-word settings;
+    a NaN ``merge_ios`` means no merge for that word)."""
     from torchvision.ops import batched_nms
 
     rank = torch.arange(len(ids), 0, -1, dtype=torch.float32)
-    keep = batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
-    keep = keep[(scores[keep] >= min_score) & (objectness[keep] >= min_objectness)]
-    return ids[keep], scores[keep], boxes[keep]
+    if isinstance(iou, torch.Tensor):  # per concept: one batched_nms per distinct IoU (NMS is per concept anyway)
+        row_iou = iou.float()[ids]
+        kept = torch.zeros(len(ids), dtype=torch.bool)
+        for value in row_iou.unique().tolist():
+            rows = (row_iou == value).nonzero().flatten()
+            kept[rows[batched_nms(boxes[rows].float(), rank[rows], ids[rows], value)]] = True
+        keep = kept.nonzero().flatten()  # positions, best first
+    else:
+        keep = batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
+    above = (scores[keep] >= _per_row(min_score, ids[keep])) & (objectness[keep] >= _per_row(min_objectness, ids[keep]))
+    keep = keep[above]
+    ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+    if merge_ios is None or (isinstance(merge_ios, torch.Tensor) and bool(merge_ios.isnan().all())):
+        return ids, scores, boxes
+    rows, boxes = merge_instances(ids, boxes, _per_row(merge_ios, ids))
+    return ids[rows], scores[rows], boxes
+
+
+def _per_row(value: float | torch.Tensor, ids: torch.Tensor) -> torch.Tensor | float:
+    return value.float()[ids] if isinstance(value, torch.Tensor) else float(value)
+
+
+def box_ios(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Intersection over the smaller box ``[N, M]`` (SAHI's ``IOS`` match metric) of xyxy boxes; 0 for an empty box."""
+    from torchvision.ops import box_area
+
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    smaller = torch.min(box_area(boxes1)[:, None], box_area(boxes2)[None, :])
+    return torch.where(smaller > 0, inter / smaller.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def merge_instances(
+    ids: torch.Tensor, boxes: torch.Tensor, ios: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy non-maximum merging (SAHI's ``GREEDYNMM`` with ``match_metric="IOS"``) of one image's instances,
+    best first: walking down the list, each instance still standing takes every later standing instance of its
+    own concept whose intersection over the smaller box (``box_ios``) with it is above ``ios`` (one number, or
+    per row; NaN: never) and becomes the union box of them; its score stays (it is the best of them). Returns
+    the rows that stand (positions, best first) and their boxes. Two part boxes of one plane (a fuselage box that
+    contains most of a wing box) become one plane; separate objects (IOS 0) and other concepts never merge."""
+    n = len(ids)
+    rows = torch.arange(n)
+    if n < 2:
+        return rows, boxes.clone()
+    threshold = ios.float() if isinstance(ios, torch.Tensor) else torch.full((n,), float(ios))
+    later = torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)
+    match = later & (ids[:, None] == ids[None, :]) & (box_ios(boxes.float(), boxes.float()) > threshold[:, None])
+    standing = torch.ones(n, dtype=torch.bool)
+    merged = boxes.clone()
+    for i in match.any(dim=1).nonzero().flatten().tolist():  # only rows with a candidate can merge
+        if not standing[i]:
+            continue
+        parts = match[i] & standing
+        if parts.any():
+            group = torch.cat([boxes[i : i + 1], boxes[parts]])
+            merged[i] = torch.cat([group[:, :2].min(dim=0).values, group[:, 2:].max(dim=0).values])
+            standing &= ~parts
+    return rows[standing], merged[standing]
+
+
+def _fraction_or_none(value: Any, key: str) -> float | None:
+    """A setting in (0, 1] or null (off), else a ConfigError naming ``key``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"concepts config: {key} {value!r} must be a number in (0, 1] or null")
+    return float(value)
+
+
+def instance_concept_settings(section: Any, words: list[str]) -> dict[str, dict[str, float | None]]:
+    """``extract.instance_concepts``: ``{word: {iou, min_score, conf, merge_ios}}`` (any subset of the keys) ->
+    the same, checked: every word in the vocabulary, ``iou`` in (0, 1], ``merge_ios`` in (0, 1] or null (no
+    merge), ``min_score`` / ``conf`` numbers. A wrong one is a ConfigError naming its key."""
+    base = "extract.instance_concepts"
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"concepts config: {base} must be a mapping word -> settings, got {type(section).__name__}")
+    known = set(words)
+    out: dict[str, dict[str, float | None]] = {}
+    for word, settings in section.items():
+        key = f"{base}.{word}"
+        if word not in known:
+            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"concepts config: {key} must be a mapping of {', '.join(INSTANCE_CONCEPT_KEYS)}")
+        unknown = sorted(set(settings) - set(INSTANCE_CONCEPT_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"concepts config: {key}.{unknown[0]} is not a setting (one of {', '.join(INSTANCE_CONCEPT_KEYS)})"
+            )
+        checked: dict[str, float | None] = {}
+        for name, value in settings.items():
+            if name in ("iou", "merge_ios"):
+                checked[name] = _fraction_or_none(value, f"{key}.{name}")
+                if name == "iou" and checked[name] is None:
+                    raise ConfigError(f"concepts config: {key}.iou must be a number in (0, 1], not null")
+            elif isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)):
+                raise ConfigError(f"concepts config: {key}.{name} {value!r} must be a number")
+            else:
+                checked[name] = float(value)
+        out[word] = checked
+    return out
 
 
 def top_concept_rows(ids: torch.Tensor, scores: torch.Tensor, k: int, min_score: float) -> list[int]:
