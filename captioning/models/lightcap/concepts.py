@@ -329,16 +329,18 @@ class ConceptExtractor(nn.Module):
         # The published configs predate them, so the defaults here are the values chosen on val (docs/concepts.md);
         # a config with min_score 0 asks for every proposal (random-weight test models), and so do its instances
         keep_all = self.min_score <= 0.0
-        self.instance_iou = float(extract.get("instance_iou", DEFAULT_INSTANCE_IOU))
-        self.instance_min_score = float(
-            extract.get("instance_min_score", self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE)
+        given = {key: value for key, value in extract.items() if value is not None}  # null: the default
+        self.instance_iou = _number(given.get("instance_iou", DEFAULT_INSTANCE_IOU), "extract.instance_iou")
+        self.instance_min_score = _number(
+            given.get("instance_min_score", self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE),
+            "extract.instance_min_score",
         )
-        self.instance_conf = float(
-            extract.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF)
+        self.instance_conf = _number(
+            given.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF), "extract.instance_conf"
         )
-        self.instance_merge_ios = extract.get("instance_merge_ios", DEFAULT_INSTANCE_MERGE_IOS)
+        self.instance_merge_ios = given.get("instance_merge_ios", DEFAULT_INSTANCE_MERGE_IOS)
         self.instance_concepts = instance_concept_settings(
-            extract.get("instance_concepts", {} if keep_all else DEFAULT_INSTANCE_CONCEPTS), vocab.words
+            given.get("instance_concepts", {} if keep_all else DEFAULT_INSTANCE_CONCEPTS), vocab.words
         )
         if not 0.0 < self.instance_iou <= 1.0:
             raise ConfigError(f"concepts config: extract.instance_iou {self.instance_iou} must be in (0, 1]")
@@ -512,18 +514,7 @@ def select_instances(
 
     Each setting is one number for every concept or a ``[V]`` tensor indexed by concept id (per-word settings;
     a NaN ``merge_ios`` means no merge for that word)."""
-    from torchvision.ops import batched_nms
-
-    rank = torch.arange(len(ids), 0, -1, dtype=torch.float32)
-    if isinstance(iou, torch.Tensor):  # per concept: one batched_nms per distinct IoU (NMS is per concept anyway)
-        row_iou = iou.float()[ids]
-        kept = torch.zeros(len(ids), dtype=torch.bool)
-        for value in row_iou.unique().tolist():
-            rows = (row_iou == value).nonzero().flatten()
-            kept[rows[batched_nms(boxes[rows].float(), rank[rows], ids[rows], value)]] = True
-        keep = kept.nonzero().flatten()  # positions, best first
-    else:
-        keep = batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
+    keep = nms_per_concept(ids, boxes, iou)
     above = (scores[keep] >= _per_row(min_score, ids[keep])) & (objectness[keep] >= _per_row(min_objectness, ids[keep]))
     keep = keep[above]
     ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
@@ -531,6 +522,23 @@ def select_instances(
         return ids, scores, boxes
     rows, boxes = merge_instances(ids, boxes, _per_row(merge_ios, ids))
     return ids[rows], scores[rows], boxes
+
+
+def nms_per_concept(ids: torch.Tensor, boxes: torch.Tensor, iou: float | torch.Tensor) -> torch.Tensor:
+    """Positions (ascending = best first) of the rows that survive non-maximum suppression per concept, rows
+    ranked by position (``torchvision.ops.batched_nms`` on strictly decreasing surrogate scores). ``iou``: one
+    number, or a ``[V]`` tensor of per-concept IoUs (one batched_nms per distinct value)."""
+    from torchvision.ops import batched_nms
+
+    rank = torch.arange(len(ids), 0, -1, dtype=torch.float32)
+    if not isinstance(iou, torch.Tensor):
+        return batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
+    row_iou = iou.float()[ids]
+    kept = torch.zeros(len(ids), dtype=torch.bool)
+    for value in row_iou.unique().tolist():
+        rows = (row_iou == value).nonzero().flatten()
+        kept[rows[batched_nms(boxes[rows].float(), rank[rows], ids[rows], value)]] = True
+    return kept.nonzero().flatten()
 
 
 def _per_row(value: float | torch.Tensor, ids: torch.Tensor) -> torch.Tensor | float:
@@ -577,6 +585,13 @@ def merge_instances(
     return rows[standing], merged[standing]
 
 
+def _number(value: Any, key: str) -> float:
+    """A real number setting, else a ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)):
+        raise ConfigError(f"concepts config: {key} {value!r} must be a number")
+    return float(value)
+
+
 def _fraction_or_none(value: Any, key: str) -> float | None:
     """A setting in (0, 1] or null (off), else a ConfigError naming ``key``."""
     if value is None:
@@ -588,8 +603,9 @@ def _fraction_or_none(value: Any, key: str) -> float | None:
 
 def instance_concept_settings(section: Any, words: list[str]) -> dict[str, dict[str, float | None]]:
     """``extract.instance_concepts``: ``{word: {iou, min_score, conf, merge_ios}}`` (any subset of the keys) ->
-    the same, checked: every word in the vocabulary, ``iou`` in (0, 1], ``merge_ios`` in (0, 1] or null (no
-    merge), ``min_score`` / ``conf`` numbers. A wrong one is a ConfigError naming its key."""
+    the same, checked: every word in the vocabulary, ``iou`` in (0, 1], ``merge_ios`` in (0, 1] or null (this
+    word does not merge), ``min_score`` / ``conf`` numbers; a null ``iou`` / ``min_score`` / ``conf`` is the
+    extract section's value. A wrong one is a ConfigError naming its key (``extract.instance_concepts.car.iou``)."""
     base = "extract.instance_concepts"
     if section is None:
         return {}
@@ -610,15 +626,16 @@ def instance_concept_settings(section: Any, words: list[str]) -> dict[str, dict[
             )
         checked: dict[str, float | None] = {}
         for name, value in settings.items():
-            if name in ("iou", "merge_ios"):
+            if name == "merge_ios":  # null: this word does not merge, whatever instance_merge_ios says
                 checked[name] = _fraction_or_none(value, f"{key}.{name}")
-                if name == "iou" and checked[name] is None:
-                    raise ConfigError(f"concepts config: {key}.iou must be a number in (0, 1], not null")
-            elif isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)):
-                raise ConfigError(f"concepts config: {key}.{name} {value!r} must be a number")
+            elif value is None:  # null: the extract section's setting
+                continue
+            elif name == "iou":
+                checked[name] = _fraction_or_none(value, f"{key}.{name}")
             else:
-                checked[name] = float(value)
-        out[word] = checked
+                checked[name] = _number(value, f"{key}.{name}")
+        if checked:
+            out[word] = checked
     return out
 
 
