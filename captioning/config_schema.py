@@ -301,6 +301,8 @@ class ExtractCfg(Section):
     instance_conf: float | None = None  # objectness floor of an instance
     instance_merge_ios: Fraction | None = None  # merge a concept's boxes above this intersection over the smaller
     instance_concepts: dict[str, InstanceConceptCfg] | None = None  # per word; words checked against the vocabulary
+    # per word [min, max] of its box's longer side (pixels; max null: none): proposals outside are no instance of it
+    instance_sizes: dict[str, Annotated[list[float | None], Field(min_length=2, max_length=2)]] | None = None
 
 
 class ConceptsConfig(Section):

@@ -14,7 +14,9 @@ from captioning.config import load_config
 from captioning.errors import ConfigError
 from captioning.models.lightcap.concepts import (
     box_ios,
+    fit_sizes,
     instance_concept_settings,
+    instance_size_settings,
     merge_instances,
     select_instances,
 )
@@ -97,6 +99,31 @@ def test_per_concept_iou_and_floors():
 WORDS = ["house", "car", "airplane"]
 
 
+def test_a_proposal_whose_word_does_not_fit_its_size_is_no_instance():
+    # a 28 px "car" is a mobile home read as a car; a 16 px car fits; words without a range (inf) keep all
+    ids = torch.tensor([1, 1, 0])
+    boxes = torch.tensor([[0.0, 0.0, 12.0, 28.0], [50.0, 50.0, 66.0, 58.0], [100.0, 100.0, 190.0, 130.0]])
+    scores, objectness = torch.tensor([0.9, 0.8, 0.7]), torch.ones(3)
+    sizes = torch.tensor([[0.0, math.inf], [10.0, 23.0], [32.0, 100.0]])
+    kept = fit_sizes(ids, scores, boxes, objectness, sizes)
+    assert kept[0].tolist() == [1, 0] and kept[2][0].tolist() == [50.0, 50.0, 66.0, 58.0]
+    served = select_instances(ids, scores, boxes, objectness, iou=0.5, sizes=sizes)
+    assert served[0].tolist() == [1, 0] and served[1].tolist() == pytest.approx([0.8, 0.7])
+    # the same without sizes keeps all three
+    assert len(select_instances(ids, scores, boxes, objectness, iou=0.5)[0]) == 3
+    assert instance_size_settings({"car": [10, 23.5], "airplane": [32, None]}, WORDS) == {
+        "car": (10.0, 23.5), "airplane": (32.0, None)}
+    for section, message in [
+        ({"boat": [1, 2]}, r"extract\.instance_sizes\.boat: 'boat' is not a concept word"),
+        ({"car": [23, 10]}, r"extract\.instance_sizes\.car \[23, 10\] needs 0 <= min < max"),
+        ({"car": [10]}, r"extract\.instance_sizes\.car \[10\] must be \[min, max\]"),
+        ({"car": ["small", 10]}, r"extract\.instance_sizes\.car 'small' must be a number"),
+        ({"car": [-1, 10]}, r"extract\.instance_sizes\.car"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            instance_size_settings(section, WORDS)
+
+
 def test_instance_concepts_are_read_and_checked():
     settings = instance_concept_settings(
         {"car": {"iou": 0.6, "min_score": 0.18, "conf": 0.25}, "airplane": {"merge_ios": 0.3, "iou": None},
@@ -147,22 +174,37 @@ def _extractor(parts, **extract):
 
 def test_extractor_reads_per_word_settings_from_its_config(random_parts):
     extractor = _extractor(random_parts, min_score=0.3, instance_iou=0.5, instance_min_score=0.2, instance_conf=0.3,
-                           instance_merge_ios=0.6,
+                           instance_merge_ios=0.6, instance_sizes={},
                            instance_concepts={"car": {"min_score": 0.1, "iou": 0.7}, "airplane": {"merge_ios": None}})
     t = extractor.instance_thresholds()
     assert t["iou"].tolist() == pytest.approx([0.5, 0.7, 0.5])
     assert t["min_score"].tolist() == pytest.approx([0.2, 0.1, 0.2])
     assert t["min_objectness"].tolist() == pytest.approx([0.3, 0.3, 0.3])
     assert t["merge_ios"][:2].tolist() == pytest.approx([0.6, 0.6]) and math.isnan(t["merge_ios"][2])
+    assert "sizes" not in t
+    sized = _extractor(random_parts, min_score=0.3, instance_sizes={"car": [10, 23], "airplane": [32, None]})
+    assert sized.instance_thresholds()["sizes"].tolist() == [[0.0, math.inf], [10.0, 23.0], [32.0, math.inf]]
     # without the keys: the code's defaults (a model that keeps every proposal keeps every instance, no word's own)
     plain = _extractor(random_parts, min_score=0.0)
-    assert plain.instance_concepts == {} and plain.instance_merge_ios is None
+    assert plain.instance_concepts == {} and plain.instance_merge_ios is None and plain.instance_sizes == {}
+    # the per-word defaults (chosen for the synthetic grammar's words) apply to a synthetic vocabulary only,
+    # and only to its words that the model has
+    from captioning.models.lightcap.concepts import DEFAULT_INSTANCE_CONCEPTS, DEFAULT_INSTANCE_SIZES
+
+    tuned = _extractor(random_parts, min_score=0.3)
+    assert tuned.instance_sizes == {w: tuple(v) for w, v in DEFAULT_INSTANCE_SIZES.items() if w in WORDS}
+    assert tuned.instance_concepts == {w: v for w, v in DEFAULT_INSTANCE_CONCEPTS.items() if w in WORDS}
+    encoder, detector, aligner, vocab, cfg = random_parts
+    other = _extractor((encoder, detector, aligner, vocab, {**cfg, "vocabulary": {"source": "file", "file": "x"}}),
+                       min_score=0.3)
+    assert other.instance_sizes == {} and other.instance_concepts == {}
     for extract, message in [
         ({"instance_concepts": {"car": {"iou": 2.0}}}, r"extract\.instance_concepts\.car\.iou"),
         ({"instance_concepts": {"ship": {"iou": 0.5}}}, r"extract\.instance_concepts\.ship"),
         ({"instance_merge_ios": 1.5}, r"extract\.instance_merge_ios 1\.5"),
         ({"instance_iou": "wide"}, r"extract\.instance_iou 'wide' must be a number"),
         ({"instance_min_score": [0.2]}, r"extract\.instance_min_score"),
+        ({"instance_sizes": {"car": [30, 20]}}, r"extract\.instance_sizes\.car"),
     ]:
         with pytest.raises(ConfigError, match=message):
             _extractor(random_parts, **extract)
@@ -173,12 +215,14 @@ def test_profile_schema_takes_the_instance_keys_and_names_a_bad_one(tmp_path):
 
     text = (CONFIG_DIR / "concepts" / "tiny.yaml").read_text()
     good = text.replace("extract:\n", "extract:\n  instance_merge_ios: 0.5\n"
-                        "  instance_concepts:\n    car: {iou: 0.6, min_score: 0.18}\n    airplane: {merge_ios: 0.3}\n")
+                        "  instance_concepts:\n    car: {iou: 0.6, min_score: 0.18}\n    airplane: {merge_ios: 0.3}\n"
+                        "  instance_sizes:\n    car: [10.1, 23.2]\n    airplane: [32, null]\n")
     path = tmp_path / "good.yaml"
     path.write_text(good)
     cfg = load_config("concepts", path=path).to_dict()
     assert cfg["extract"]["instance_concepts"] == {"car": {"iou": 0.6, "min_score": 0.18}, "airplane": {"merge_ios": 0.3}}
     assert cfg["extract"]["instance_merge_ios"] == 0.5
+    assert cfg["extract"]["instance_sizes"] == {"car": [10.1, 23.2], "airplane": [32, None]}
     path.write_text(good.replace("car: {iou: 0.6", "car: {iou: 1.6"))
     with pytest.raises(ConfigError, match=r"extract\.instance_concepts\.car\.iou"):
         load_config("concepts", path=path)

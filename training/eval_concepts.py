@@ -110,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
             elif key == "tuning":
                 for row in value["global"]:
                     print(f"tuning global {row}")
-                for name in ("count_relative_error_global", "count_relative_error_per_word"):
-                    print(f"tuning {name:25s} {value[name]}")
+                for name in ("count_relative_error_without_sizes", "count_relative_error_with_sizes",
+                             "count_relative_error_global", "count_relative_error_per_word"):
+                    if name in value:
+                        print(f"tuning {name:36s} {value[name]}")
+                print(f"tuning instance_sizes (extract.instance_sizes): {value.get('instance_sizes')}")
                 print("tuning instance_concepts (extract.instance_concepts):")
                 for word, settings in value["instance_concepts"].items():
                     print(f"  {word}: {settings}")
@@ -233,13 +236,11 @@ def evaluate_extractor(
     figures["instance_settings"] = {
         "iou": extractor.instance_iou, "min_score": extractor.instance_min_score,
         "min_objectness": extractor.instance_conf, "merge_ios": extractor.instance_merge_ios,
-        "instance_concepts": extractor.instance_concepts,
+        "instance_concepts": extractor.instance_concepts, "instance_sizes": extractor.instance_sizes,
     }
     if tune:
-        top = choose_instance_settings(raw, data.boxes, data.concepts, vocab.words)
-        best = {k: top[0][k] for k in ("iou", "min_score", "min_objectness")}
-        chosen = choose_word_settings(raw, data.concepts, vocab.words, best)
-        figures["tuning"] = {"global": top, **chosen}
+        figures["tuning"] = tune_instances(raw, data.boxes, data.concepts, vocab.words,
+                                           instance_sizes(corpus, extractor.image_size, vocab.words))
     if candidates:
         figures["_candidates"] = cand
         figures["_true_concepts"] = true_concepts
@@ -269,11 +270,13 @@ def choose_min_score(candidates: list[list[tuple[int, float]]], true_concepts: n
 Setting = float | torch.Tensor | None  # one value for every word, or a [V] tensor per concept id
 
 
-def _instances(raw, iou: Setting, min_score: Setting, min_objectness: Setting, merge_ios: Setting = None):
+def _instances(raw, iou: Setting, min_score: Setting, min_objectness: Setting, merge_ios: Setting = None,
+               sizes: torch.Tensor | None = None):
     from captioning.models.lightcap.concepts import select_instances
 
     return [
-        select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness, merge_ios=merge_ios)
+        select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness, merge_ios=merge_ios,
+                         sizes=sizes)
         for row in raw
     ]
 
@@ -296,14 +299,16 @@ def instance_figures(
     min_score: Setting,
     min_objectness: Setting,
     merge_ios: Setting = None,
+    sizes: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Instance AP per word and counting error of one setting (each one value, or a ``[V]`` tensor per concept
-    id), from the cached ``classified_proposals``. The AP curve is the served instances without the floors."""
+    id; ``sizes`` ``[V, 2]``), from the cached ``classified_proposals``. The AP curve is the served instances
+    without the floors."""
     from captioning.metrics import count_errors, per_concept_ap
 
     truth = [{"boxes": b, "labels": list(w)} for b, w in zip(true_boxes, true_words, strict=True)]
-    curve = _instances(raw, iou, -float("inf"), -float("inf"), merge_ios)
-    served = _instances(raw, iou, min_score, min_objectness, merge_ios)
+    curve = _instances(raw, iou, -float("inf"), -float("inf"), merge_ios, sizes)
+    served = _instances(raw, iou, min_score, min_objectness, merge_ios, sizes)
     ap = per_concept_ap(
         [{"boxes": b, "scores": s, "labels": [words[i] for i in ids.tolist()]} for ids, s, b in curve], truth
     )
@@ -354,6 +359,52 @@ INSTANCE_GRID = {
     "min_objectness": tuple(round(0.15 + 0.05 * i, 2) for i in range(8)),  # 0.15 .. 0.50
 }
 MERGE_GRID = (0.3, 0.5, 0.7)  # intersection over the smaller box above which a word's boxes merge
+
+
+SIZE_MARGIN = 0.1  # instance_sizes: the smallest / largest true box of a word, widened by this fraction
+
+
+def instance_sizes(corpus, image_size: int, words: list[str], split: str = "train",
+                   margin: float = SIZE_MARGIN) -> dict[str, list[float]]:
+    """Each word's plausible box size from a split's ``boxes.json`` (default the train split, what the models
+    learnt from): ``[min * (1 - margin), max * (1 + margin)]`` of the longer box side, in ``image_size`` pixels,
+    as ``extract.instance_sizes`` wants it. Words without boxes there get none (no limit)."""
+    from captioning.models.lightcap.concepts_data import box_split
+
+    if not corpus.split(split):
+        return {}
+    data = box_split(corpus, split, None)
+    sides: dict[str, list[float]] = {}
+    for boxes, concepts, (width, height) in zip(data.boxes, data.concepts, data.original_sizes, strict=True):
+        if not len(boxes):
+            continue
+        scale = torch.tensor([image_size / width, image_size / height] * 2)
+        long_side = ((boxes * scale)[:, 2:] - (boxes * scale)[:, :2]).max(dim=1).values
+        for word, side in zip(concepts, long_side.tolist(), strict=True):
+            if word in words:
+                sides.setdefault(word, []).append(side)
+    return {w: [round(min(v) * (1 - margin), 1), round(max(v) * (1 + margin), 1)] for w, v in sorted(sides.items())}
+
+
+def tune_instances(raw, true_boxes, true_words, words: list[str], sizes: dict[str, list[float]]) -> dict[str, Any]:
+    """``--tune-instances``: the global settings (``choose_instance_settings``), with and without the words' size
+    ranges ``sizes`` (kept when they lower the error), then each word's own (``choose_word_settings``)."""
+    from captioning.models.lightcap.concepts import fit_sizes
+
+    top = choose_instance_settings(raw, true_boxes, true_words, words)
+    out: dict[str, Any] = {"count_relative_error_without_sizes": top[0]["count_relative_error"]}
+    if sizes:
+        limits = torch.tensor([[0.0, float("inf")]] * len(words))
+        for word, (low, high) in sizes.items():
+            limits[words.index(word)] = torch.tensor([low, float("inf") if high is None else high])
+        sized = [fit_sizes(*row, limits) for row in raw]
+        top_sized = choose_instance_settings(sized, true_boxes, true_words, words)
+        out["count_relative_error_with_sizes"] = top_sized[0]["count_relative_error"]
+        if top_sized[0]["count_relative_error"] < top[0]["count_relative_error"]:
+            raw, top = sized, top_sized
+            out["instance_sizes"] = sizes
+    best = {k: top[0][k] for k in ("iou", "min_score", "min_objectness")}
+    return {"global": top, **out, **choose_word_settings(raw, true_words, words, best)}
 
 
 class _CountTable:

@@ -41,16 +41,35 @@ VOCAB_WORDS_FILE = "concepts.json"
 ALIGNER_FILE = "aligner.safetensors"
 DEFAULT_TEMPLATE = "a photo of a {}"
 # instance settings when a config's extract section has none (the published ones predate instances): chosen on
-# seed 1's val split for the lowest counting error (docs/concepts.md "Instances and counts")
-DEFAULT_INSTANCE_IOU = 0.5
-DEFAULT_INSTANCE_MIN_SCORE = 0.22
-DEFAULT_INSTANCE_CONF = 0.35
+# seed 1's val split for the lowest counting error by `captioner eval concepts --data data/synth-seed1 --split val
+# --tune-instances` (docs/concepts.md "Instances and counts"), with DEFAULT_INSTANCE_SIZES applied
+DEFAULT_INSTANCE_IOU = 0.6
+DEFAULT_INSTANCE_MIN_SCORE = 0.18
+DEFAULT_INSTANCE_CONF = 0.3
 DEFAULT_INSTANCE_MERGE_IOS: float | None = None  # no merge unless a word asks for one
 # per-word settings (``extract.instance_concepts``) when a config has none: chosen on seed 1's val split by
 # ``captioner eval concepts --tune-instances`` (a word keeps its own setting only where it lowers that word's
 # counting error on both halves of val; docs/concepts.md "Instance figures")
-DEFAULT_INSTANCE_CONCEPTS: dict[str, dict[str, float | None]] = {}
+DEFAULT_INSTANCE_CONCEPTS: dict[str, dict[str, float | None]] = {
+    "airplane": {"iou": 0.3, "min_score": 0.1, "conf": 0.15},
+    "car": {"min_score": 0.14, "conf": 0.25},
+    "boat": {"iou": 0.4, "min_score": 0.14, "conf": 0.15},
+    "building": {"iou": 0.3, "min_score": 0.1, "conf": 0.15},
+    "house": {"iou": 0.4, "min_score": 0.34, "conf": 0.15},
+    "tree": {"iou": 0.5, "min_score": 0.34, "conf": 0.4},
+    "diamond": {"iou": 0.3, "min_score": 0.1, "conf": 0.15},
+}
 INSTANCE_CONCEPT_KEYS = ("iou", "min_score", "conf", "merge_ios")
+# the plausible size of each word's box (its longer side, in the preprocessed image's pixels) when a config's
+# extract section has no ``instance_sizes``: a proposal whose word does not fit it is no instance of that word
+# (a 28 px "car" is a mobile home read as a car). The smallest and largest box of each word in seed 1's train
+# split, widened by 10 % (``captioner eval concepts --tune-instances`` derives them; docs/concepts.md).
+DEFAULT_INSTANCE_SIZES: dict[str, tuple[float, float | None]] = {
+    "airplane": (32.0, 101.4), "boat": (11.2, 37.3), "building": (19.7, 200.1), "bunker": (11.7, 46.9),
+    "car": (10.1, 23.2), "court": (31.1, 72.4), "diamond": (48.2, 121.4), "dock": (51.3, 184.3),
+    "house": (12.3, 46.1), "mobile home": (15.8, 36.5), "pond": (40.7, 281.2), "pool": (12.4, 27.2),
+    "ship": (39.0, 115.8), "tank": (16.1, 52.8), "tree": (9.1, 30.7), "truck": (21.5, 37.4),
+}
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -339,8 +358,13 @@ class ConceptExtractor(nn.Module):
             given.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF), "extract.instance_conf"
         )
         self.instance_merge_ios = given.get("instance_merge_ios", DEFAULT_INSTANCE_MERGE_IOS)
+        # the per-word defaults were chosen for the synthetic grammar's words and pixel sizes: only for its models
+        synthetic = not keep_all and (cfg.get("vocabulary") or {}).get("source") == "synthetic"
         self.instance_concepts = instance_concept_settings(
-            given.get("instance_concepts", {} if keep_all else DEFAULT_INSTANCE_CONCEPTS), vocab.words
+            given.get("instance_concepts", _known(DEFAULT_INSTANCE_CONCEPTS, vocab) if synthetic else {}), vocab.words
+        )
+        self.instance_sizes = instance_size_settings(
+            given.get("instance_sizes", _known(DEFAULT_INSTANCE_SIZES, vocab) if synthetic else {}), vocab.words
         )
         if not 0.0 < self.instance_iou <= 1.0:
             raise ConfigError(f"concepts config: extract.instance_iou {self.instance_iou} must be in (0, 1]")
@@ -383,7 +407,7 @@ class ConceptExtractor(nn.Module):
     def instance_thresholds(self) -> dict[str, torch.Tensor]:
         """The instance settings per concept id, as ``[V]`` tensors ``iou``, ``min_score``, ``min_objectness``,
         ``merge_ios`` (NaN: no merge): the extractor's ``instance_*`` values, with ``instance_concepts``' words
-        overriding theirs."""
+        overriding theirs; and ``sizes`` ``[V, 2]`` (each word's box size range) when ``instance_sizes`` is set."""
         v = len(self.vocab)
         merge = math.nan if self.instance_merge_ios is None else float(self.instance_merge_ios)
         out = {
@@ -396,6 +420,11 @@ class ConceptExtractor(nn.Module):
         for word, settings in self.instance_concepts.items():
             for key, value in settings.items():
                 out[names[key]][self.vocab.index[word]] = math.nan if value is None else float(value)
+        if self.instance_sizes:
+            sizes = torch.tensor([[0.0, math.inf]] * v)
+            for word, (low, high) in self.instance_sizes.items():
+                sizes[self.vocab.index[word]] = torch.tensor([low, math.inf if high is None else high])
+            out["sizes"] = sizes
         return out
 
     @torch.no_grad()
@@ -409,10 +438,10 @@ class ConceptExtractor(nn.Module):
         always used), then ``select_instances`` with the settings of ``instance_thresholds()``: non-maximum
         suppression per concept (``torchvision.ops.batched_nms``) in exactly that order, the score and objectness
         floors, and the merge of a concept's boxes that cover each other (where its ``merge_ios`` is set).
-        ``overrides`` (``iou``, ``min_score``, ``min_objectness``, ``merge_ios``) replace a setting for every word.
+        ``overrides`` (``iou``, ``min_score``, ``min_objectness``, ``merge_ios``, ``sizes``) replace a setting.
         """
         settings: dict[str, Any] = self.instance_thresholds()
-        unknown = sorted(set(overrides) - set(settings))
+        unknown = sorted(set(overrides) - {*settings, "sizes"})
         if unknown:
             raise TypeError(f"instance_tensors: unknown setting {unknown[0]!r} (one of {', '.join(settings)})")
         settings.update(overrides)
@@ -505,15 +534,18 @@ def select_instances(
     min_score: float | torch.Tensor = -math.inf,
     min_objectness: float | torch.Tensor = -math.inf,
     merge_ios: float | torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's classified proposals (best first) -> its instances ``(ids, scores, boxes)``, best first:
-    NMS per concept at ``iou`` in the given order, then ``score >= min_score`` and ``objectness >=
-    min_objectness``, then (``merge_ios`` set) ``merge_instances``. The NMS ranks by position
-    (``torchvision.ops.batched_nms`` on strictly decreasing surrogate scores), so ties and batched_nms's own sort
-    cannot reorder what the caller's order decided.
+    (``sizes`` set) the proposals whose word fits their size (``fit_sizes``), NMS per concept at ``iou`` in the
+    given order, then ``score >= min_score`` and ``objectness >= min_objectness``, then (``merge_ios`` set)
+    ``merge_instances``. The NMS ranks by position (``torchvision.ops.batched_nms`` on strictly decreasing
+    surrogate scores), so ties and batched_nms's own sort cannot reorder what the caller's order decided.
 
     Each setting is one number for every concept or a ``[V]`` tensor indexed by concept id (per-word settings;
     a NaN ``merge_ios`` means no merge for that word)."""
+    if sizes is not None:
+        ids, scores, boxes, objectness = fit_sizes(ids, scores, boxes, objectness, sizes)
     keep = nms_per_concept(ids, boxes, iou)
     above = (scores[keep] >= _per_row(min_score, ids[keep])) & (objectness[keep] >= _per_row(min_objectness, ids[keep]))
     keep = keep[above]
@@ -522,6 +554,16 @@ def select_instances(
         return ids, scores, boxes
     rows, boxes = merge_instances(ids, boxes, _per_row(merge_ios, ids))
     return ids[rows], scores[rows], boxes
+
+
+def fit_sizes(
+    ids: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor, objectness: torch.Tensor, sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows (order kept) whose box's longer side lies in its word's range ``sizes[id] = (min, max)``."""
+    side = (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values if len(boxes) else boxes.new_zeros(0)
+    limits = sizes.float()[ids]
+    fits = (side >= limits[:, 0]) & (side <= limits[:, 1])
+    return ids[fits], scores[fits], boxes[fits], objectness[fits]
 
 
 def nms_per_concept(ids: torch.Tensor, boxes: torch.Tensor, iou: float | torch.Tensor) -> torch.Tensor:
@@ -585,6 +627,10 @@ def merge_instances(
     return rows[standing], merged[standing]
 
 
+def _known(defaults: dict[str, Any], vocab: ConceptVocabulary) -> dict[str, Any]:
+    return {word: value for word, value in defaults.items() if word in vocab.index}
+
+
 def _number(value: Any, key: str) -> float:
     """A real number setting, else a ConfigError naming ``key``."""
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)):
@@ -599,6 +645,31 @@ def _fraction_or_none(value: Any, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
         raise ConfigError(f"concepts config: {key} {value!r} must be a number in (0, 1] or null")
     return float(value)
+
+
+def instance_size_settings(section: Any, words: list[str]) -> dict[str, tuple[float, float | None]]:
+    """``extract.instance_sizes``: ``{word: [min, max]}`` (the longer side of the word's box, in the preprocessed
+    image's pixels; ``max`` null: no upper bound) -> ``{word: (min, max)}``, checked; a wrong one is a ConfigError
+    naming its key (``extract.instance_sizes.car``)."""
+    base = "extract.instance_sizes"
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"concepts config: {base} must be a mapping word -> [min, max], got {type(section).__name__}")
+    known = set(words)
+    out: dict[str, tuple[float, float | None]] = {}
+    for word, limits in section.items():
+        key = f"{base}.{word}"
+        if word not in known:
+            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+        if not isinstance(limits, list | tuple) or len(limits) != 2:
+            raise ConfigError(f"concepts config: {key} {limits!r} must be [min, max] (pixels of the box's longer side)")
+        low = _number(limits[0], key)
+        high = None if limits[1] is None else _number(limits[1], key)
+        if low < 0 or (high is not None and high <= low):
+            raise ConfigError(f"concepts config: {key} {list(limits)!r} needs 0 <= min < max")
+        out[word] = (low, high)
+    return out
 
 
 def instance_concept_settings(section: Any, words: list[str]) -> dict[str, dict[str, float | None]]:
