@@ -83,7 +83,7 @@ def test_captioner_input_is_bit_identical_to_the_trained_algorithm(extractor, pi
         # the instance settings play no part in the captioner's input, whatever they are: global floors, a merge
         # of every word's boxes, per-word IoUs, floors and merges
         saved = (extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf,
-                 extractor.instance_merge_ios, extractor.instance_concepts)
+                 extractor.instance_merge_ios, extractor.instance_concepts, extractor.instance_sizes)
         try:
             extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf = 0.1, 0.9, 0.9
             extractor.instance_merge_ios = 0.05
@@ -92,12 +92,13 @@ def test_captioner_input_is_bit_identical_to_the_trained_algorithm(extractor, pi
                 w: {"iou": 0.2 + 0.1 * (i % 7), "min_score": 0.05 * (i % 9), "conf": 0.6, "merge_ios": 0.01}
                 for i, w in enumerate(extractor.vocab.words)
             }
+            extractor.instance_sizes = {w: (100.0, 101.0) for w in extractor.vocab.words}  # no box fits
             assert _bitwise_equal(extractor.extract_tensors(images), old_extract_tensors(extractor, images))
             assert _bitwise_equal(extractor.extract_tensors(images, grid=grid),
                                   old_extract_tensors(extractor, images, grid=grid))
         finally:
             (extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf,
-             extractor.instance_merge_ios, extractor.instance_concepts) = saved
+             extractor.instance_merge_ios, extractor.instance_concepts, extractor.instance_sizes) = saved
         # and at another word floor: min_score 0 keeps more words, still the same ones
         saved_min = extractor.min_score
         try:
@@ -176,16 +177,16 @@ def test_top_k_rows_counts_and_grouping():
 
 def test_concept_words_of_instances_equal_the_captioners_words(extractor, pictures):
     images, _, _ = pictures
-    saved = extractor.instance_min_score, extractor.instance_conf, extractor.instance_concepts
-    try:  # floors no higher than the word floors, no merge: grouping the instances gives the captioner's words
+    saved = extractor.instance_min_score, extractor.instance_conf, extractor.instance_concepts, extractor.instance_sizes
+    try:  # floors no higher than the word floors, no sizes or merges: grouping the instances gives the captioner's words
         extractor.instance_min_score, extractor.instance_conf = extractor.min_score, extractor.proposal_conf
-        extractor.instance_concepts = {}
+        extractor.instance_concepts, extractor.instance_sizes = {}, {}
         with torch.inference_mode():
             instances, words = extractor.extract(images), extractor.extract_words(images)
         assert [extractor.concept_words(i) for i in instances] == words
         assert [extractor.concept_words(i, top_k=1) for i in instances] == [w[:1] for w in words]
     finally:
-        extractor.instance_min_score, extractor.instance_conf, extractor.instance_concepts = saved
+        extractor.instance_min_score, extractor.instance_conf, extractor.instance_concepts, extractor.instance_sizes = saved
 
 
 def test_drawing_many_instances_has_a_legend_with_counts_and_keeps_the_size():

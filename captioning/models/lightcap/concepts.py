@@ -518,8 +518,8 @@ class ConceptExtractor(nn.Module):
         """The distinct words of one image's instances as the captioner sees them: best instance per word with
         ``score >= min_score``, best first, at most ``top_k`` (default the model's K). On ``extract``'s answer it
         equals ``extract_words`` whenever no word's instance floors are above the word floors (``min_score``,
-        ``proposal_conf``) and no word merges boxes, since then no instance the words need was filtered out or
-        reshaped."""
+        ``proposal_conf``), no size range is set and no word merges boxes, since then no instance the words need
+        was filtered out or reshaped."""
         k = self.top_k if top_k is None else int(top_k)
         return group_concepts([c for c in instances if c.score >= self.min_score])[:k]
 
