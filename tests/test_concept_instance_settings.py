@@ -272,3 +272,22 @@ def test_per_word_search_keeps_only_settings_that_help_on_both_halves():
     assert choose_word_settings(cars, truth, WORDS, base, grid, merge_grid=())["instance_concepts"] == {
         "car": {"min_score": 0.4}
     }
+
+
+def test_detector_keeps_every_image_of_a_busy_batch(monkeypatch):
+    """ultralytics' NMS stops after 2 s + 50 ms per image and answers nothing for the batch's remaining images;
+    on a busy CPU that silently dropped proposals. The detector runs it without that limit: with a clock that
+    jumps 10 s per reading, the second of two identical images still gets the first one's boxes."""
+    import ultralytics.utils.nms as nms
+
+    from captioning.models.lightcap.detector import ProposalDetector
+
+    torch.manual_seed(0)
+    cfg = load_config("concepts", "tiny").to_dict()["detector"]
+    detector = ProposalDetector(cfg)
+    image = torch.rand(1, 3, 256, 256)
+    batch = torch.cat([image, image])
+    clock = iter(range(0, 10**6, 10))
+    monkeypatch.setattr(nms.time, "time", lambda: float(next(clock)))
+    (boxes_a, scores_a), (boxes_b, scores_b) = detector(batch, conf=0.0, max_det=20)
+    assert len(boxes_a) > 0 and torch.equal(boxes_a, boxes_b) and torch.equal(scores_a, scores_b)

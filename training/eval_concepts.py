@@ -29,7 +29,8 @@ floors, then its own merge of boxes that cover each other (intersection over the
 own setting only where it lowers that word's error on both halves of the split (even and odd pictures), so a
 rare word's lucky setting does not stay. It prints the settings as ``extract.instance_concepts`` wants them.
 ``--instance-iou``, ``--instance-min-score``, ``--instance-conf`` and ``--instance-merge-ios`` evaluate other
-settings for every word than the model's (``--no-instance-concepts`` drops its per-word settings).
+settings for every word than the model's (``--no-instance-concepts`` drops its per-word settings,
+``--no-instance-sizes`` its size ranges).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="merge a word's boxes whose intersection over the smaller box is above this")
     parser.add_argument("--no-instance-concepts", action="store_true",
                         help="ignore the model's per-word instance settings (every word: the global ones)")
+    parser.add_argument("--no-instance-sizes", action="store_true",
+                        help="ignore the model's per-word box size ranges")
     parser.add_argument("--tune-instances", action="store_true",
                         help="search the instance settings for the lowest counting error on this split (use val)")
 
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             setattr(extractor, attr, float(value))
     if args.no_instance_concepts:
         extractor.instance_concepts = {}
+    if args.no_instance_sizes:
+        extractor.instance_sizes = {}
     result = evaluate_extractor(
         extractor, corpus, args.split, top_k=args.top_k, batch_size=args.batch_size, tune=args.tune_instances
     )
