@@ -23,7 +23,8 @@ Instances (every object, ``ConceptExtractor.extract``; per concept word, against
   of those pairs counted exactly); ``per_concept`` holds the same per word with its AP.
 
 ``--tune-instances`` (use it on val) searches the instance settings for the lowest relative counting error, on
-the proposals cached once (minutes on 2 cores): first one setting for every word (NMS IoU, instance min score,
+the proposals cached once (minutes on 2 cores): each word's box size range from the dataset's train split
+(``instance_sizes``, kept when it lowers the error), one setting for every word (NMS IoU, instance min score,
 instance objectness floor: ``choose_instance_settings``), then per word (``choose_word_settings``) its own IoU and
 floors, then its own merge of boxes that cover each other (intersection over the smaller box); a word keeps its
 own setting only where it lowers that word's error on both halves of the split (even and odd pictures), so a
