@@ -8,7 +8,8 @@
     similarity with the concept vocabulary [V, D] (CLIP text embeddings of "a photo of a [object]", computed once
     at training time and stored) -> each region takes its most similar concept
     score = objectness * softmax(logit_scale * cos)[best]
-    instances (``extract``): NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
+    instances (``extract``): proposals whose box does not fit their concept's size dropped
+    (``extract.instance_sizes``), NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
     ``score >= instance_min_score`` and ``objectness >= instance_conf``, then optionally a merge of the concept's
     boxes that cover each other (intersection over the smaller box > ``instance_merge_ios``: SAHI's greedy NMM);
     each of the four can differ per word (``extract.instance_concepts``): every object, e.g. 29 houses
