@@ -299,16 +299,32 @@ class AlignCfg(Section):
     box_jitter: float = 0.0
 
 
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class InstanceConceptCfg(Section):
+    """``extract.instance_concepts.<word>``: one concept word's own instance settings (null or absent: the
+    extract section's; ``merge_ios: null`` given: this word does not merge)."""
+
+    iou: Fraction | None = None
+    min_score: float | None = None
+    conf: float | None = None
+    merge_ios: Fraction | None = None
+
+
 class ExtractCfg(Section):
     top_k: int = 20
     proposal_conf: float | None = None  # None: detector.conf
     max_proposals: int | None = None  # None: detector.max_det
     min_score: float = 0.0
-    # instances (docs/concepts.md "Instances and counts"); None: the extractor's defaults (concepts.py
-    # DEFAULT_INSTANCE_*, or every proposal when min_score <= 0)
-    instance_iou: float | None = None
-    instance_min_score: float | None = None
-    instance_conf: float | None = None
+    # instances (every object): None = the code's defaults (DEFAULT_INSTANCE_* in models/lightcap/concepts.py)
+    instance_iou: Fraction | None = None  # NMS IoU per concept
+    instance_min_score: float | None = None  # score floor of an instance
+    instance_conf: float | None = None  # objectness floor of an instance
+    instance_merge_ios: Fraction | None = None  # merge a concept's boxes above this intersection over the smaller
+    instance_concepts: dict[str, InstanceConceptCfg] | None = None  # per word; words checked against the vocabulary
+    # per word [min, max] of its box's longer side (pixels; max null: none): proposals outside are no instance of it
+    instance_sizes: dict[str, Annotated[list[float | None], Field(min_length=2, max_length=2)]] | None = None
 
 
 class ConceptsConfig(Section):

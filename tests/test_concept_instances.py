@@ -80,13 +80,25 @@ def test_captioner_input_is_bit_identical_to_the_trained_algorithm(extractor, pi
         for top_k in (None, 3, 1):
             assert _bitwise_equal(extractor.extract_tensors(images, top_k), old_extract_tensors(extractor, images, top_k))
         assert _bitwise_equal(extractor.extract_tensors(images, grid=grid), old_extract_tensors(extractor, images, grid=grid))
-        # the instance settings play no part in the captioner's input, whatever they are
-        saved = extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf
+        # the instance settings play no part in the captioner's input, whatever they are: global floors, a merge
+        # of every word's boxes, per-word IoUs, floors and merges
+        saved = (extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf,
+                 extractor.instance_merge_ios, extractor.instance_concepts, extractor.instance_sizes)
         try:
             extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf = 0.1, 0.9, 0.9
+            extractor.instance_merge_ios = 0.05
             assert _bitwise_equal(extractor.extract_tensors(images), old_extract_tensors(extractor, images))
+            extractor.instance_concepts = {
+                w: {"iou": 0.2 + 0.1 * (i % 7), "min_score": 0.05 * (i % 9), "conf": 0.6, "merge_ios": 0.01}
+                for i, w in enumerate(extractor.vocab.words)
+            }
+            extractor.instance_sizes = {w: (100.0, 101.0) for w in extractor.vocab.words}  # no box fits
+            assert _bitwise_equal(extractor.extract_tensors(images), old_extract_tensors(extractor, images))
+            assert _bitwise_equal(extractor.extract_tensors(images, grid=grid),
+                                  old_extract_tensors(extractor, images, grid=grid))
         finally:
-            extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf = saved
+            (extractor.instance_iou, extractor.instance_min_score, extractor.instance_conf,
+             extractor.instance_merge_ios, extractor.instance_concepts, extractor.instance_sizes) = saved
         # and at another word floor: min_score 0 keeps more words, still the same ones
         saved_min = extractor.min_score
         try:
@@ -102,18 +114,23 @@ def test_instances_are_every_object_after_nms_per_word(extractor, pictures):
     with torch.inference_mode():
         instances = extractor.extract(images)
         words = extractor.extract_words(images)
-        loose = extractor.instance_tensors(images, iou=1.0, min_score=0.0, min_objectness=0.0)
+        loose = extractor.instance_tensors(images, iou=1.0, min_score=0.0, min_objectness=0.0, merge_ios=None)
+    settings = extractor.instance_thresholds()
+    index = extractor.vocab.index
     assert len(instances) == len(images)
     for inst, distinct, everything in zip(instances, words, loose, strict=True):
         assert all(isinstance(c, Concept) and c.concept in extractor.vocab.words for c in inst)
         scores = [c.score for c in inst]
         assert scores == sorted(scores, reverse=True)
-        assert all(c.score >= extractor.instance_min_score - 1e-6 for c in inst)
-        # NMS per word: no two instances of one word overlap more than instance_iou
+        assert all(c.score >= float(settings["min_score"][index[c.concept]]) - 1e-6 for c in inst)
+        # NMS per word: no two instances of one word overlap more than its IoU (a word that merges its boxes may
+        # hold a union box that overlaps another one more)
         for word in {c.concept for c in inst}:
+            if not settings["merge_ios"][index[word]].isnan():
+                continue
             boxes = torch.tensor([c.box for c in inst if c.concept == word])
             iou = box_iou(boxes, boxes).fill_diagonal_(0)
-            assert float(iou.max()) <= extractor.instance_iou + 0.01, word
+            assert float(iou.max()) <= float(settings["iou"][index[word]]) + 0.01, word
         assert len(inst) <= len(everything[0])
         assert [c.label for c in inst] == [extractor.vocab.labels[extractor.vocab.index[c.concept]] for c in inst]
         assert distinct == group_concepts(distinct)  # the words are distinct, best first
@@ -160,15 +177,16 @@ def test_top_k_rows_counts_and_grouping():
 
 def test_concept_words_of_instances_equal_the_captioners_words(extractor, pictures):
     images, _, _ = pictures
-    saved = extractor.instance_min_score, extractor.instance_conf
-    try:  # floors no higher than the word floors: grouping the instances gives exactly the captioner's words
+    saved = extractor.instance_min_score, extractor.instance_conf, extractor.instance_concepts, extractor.instance_sizes
+    try:  # floors no higher than the word floors, no sizes or merges: grouping the instances gives the captioner's words
         extractor.instance_min_score, extractor.instance_conf = extractor.min_score, extractor.proposal_conf
+        extractor.instance_concepts, extractor.instance_sizes = {}, {}
         with torch.inference_mode():
             instances, words = extractor.extract(images), extractor.extract_words(images)
         assert [extractor.concept_words(i) for i in instances] == words
         assert [extractor.concept_words(i, top_k=1) for i in instances] == [w[:1] for w in words]
     finally:
-        extractor.instance_min_score, extractor.instance_conf = saved
+        extractor.instance_min_score, extractor.instance_conf, extractor.instance_concepts, extractor.instance_sizes = saved
 
 
 def test_drawing_many_instances_has_a_legend_with_counts_and_keeps_the_size():

@@ -202,6 +202,7 @@ def test_eval_cli_reports_figures_and_draws(random_store, synth_data, tmp_path, 
     assert figures["instances_per_image"] >= figures["concepts_per_image"]  # every instance, not one per word
     assert 0.0 <= figures["instance_map@0.5"] <= 1.0 and 0.0 <= figures["count_exact"] <= 1.0
     assert figures["count_relative_error"] == pytest.approx(figures["count_mae"] / figures["count_mean_true"], abs=1e-3)
-    assert set(figures["instance_settings"]) == {"iou", "min_score", "min_objectness"}
+    assert set(figures["instance_settings"]) == {"iou", "min_score", "min_objectness", "merge_ios", "instance_concepts",
+                                              "instance_sizes"}
     with Image.open(drawing) as sheet:
         assert sheet.width == 2 * 512 + 8 and sheet.height == 512

@@ -22,9 +22,16 @@ Instances (every object, ``ConceptExtractor.extract``; per concept word, against
   the same pairs), ``count_relative_error`` = their ratio (sum |error| / sum true count), ``count_exact`` (share
   of those pairs counted exactly); ``per_concept`` holds the same per word with its AP.
 
-``--tune-instances`` (use it on val) searches the instance settings (NMS IoU, instance min score, instance
-objectness floor) for the lowest relative counting error and prints the best; ``--instance-iou``,
-``--instance-min-score`` and ``--instance-conf`` evaluate other settings than the model's.
+``--tune-instances`` (use it on val) searches the instance settings for the lowest relative counting error, on
+the proposals cached once (minutes on 2 cores): each word's box size range from the dataset's train split
+(``instance_sizes``, kept when it lowers the error), one setting for every word (NMS IoU, instance min score,
+instance objectness floor: ``choose_instance_settings``), then per word (``choose_word_settings``) its own IoU and
+floors, then its own merge of boxes that cover each other (intersection over the smaller box); a word keeps its
+own setting only where it lowers that word's error on both halves of the split (even and odd pictures), so a
+rare word's lucky setting does not stay. It prints the settings as ``extract.instance_concepts`` wants them.
+``--instance-iou``, ``--instance-min-score``, ``--instance-conf`` and ``--instance-merge-ios`` evaluate other
+settings for every word than the model's (``--no-instance-concepts`` drops its per-word settings,
+``--no-instance-sizes`` its size ranges).
 """
 
 from __future__ import annotations
@@ -57,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score floor of an instance (default: the model's)")
     parser.add_argument("--instance-conf", type=float, default=None,
                         help="objectness floor of an instance (default: the model's; below proposal_conf is moot)")
+    parser.add_argument("--instance-merge-ios", type=float, default=None,
+                        help="merge a word's boxes whose intersection over the smaller box is above this")
+    parser.add_argument("--no-instance-concepts", action="store_true",
+                        help="ignore the model's per-word instance settings (every word: the global ones)")
+    parser.add_argument("--no-instance-sizes", action="store_true",
+                        help="ignore the model's per-word box size ranges")
     parser.add_argument("--tune-instances", action="store_true",
                         help="search the instance settings for the lowest counting error on this split (use val)")
 
@@ -75,9 +88,13 @@ def run(args: argparse.Namespace) -> int:
     if getattr(extractor, "vocab", None) is None:
         raise UsageError(f"{args.model}: not a concept extractor (task {extractor.manifest.get('task')!r})")
     for attr, value in (("instance_iou", args.instance_iou), ("instance_min_score", args.instance_min_score),
-                        ("instance_conf", args.instance_conf)):
+                        ("instance_conf", args.instance_conf), ("instance_merge_ios", args.instance_merge_ios)):
         if value is not None:
             setattr(extractor, attr, float(value))
+    if args.no_instance_concepts:
+        extractor.instance_concepts = {}
+    if args.no_instance_sizes:
+        extractor.instance_sizes = {}
     result = evaluate_extractor(
         extractor, corpus, args.split, top_k=args.top_k, batch_size=args.batch_size, tune=args.tune_instances
     )
@@ -97,8 +114,16 @@ def run(args: argparse.Namespace) -> int:
                           f"{_fmt(row['count_mae']):>6s} {_fmt(row['count_mean_true']):>6s} "
                           f"{_fmt(row['count_relative_error']):>6s} {_fmt(row['count_exact']):>6s}")
             elif key == "tuning":
-                for row in value:
-                    print(f"tuning {row}")
+                for row in value["global"]:
+                    print(f"tuning global {row}")
+                for name in ("count_relative_error_without_sizes", "count_relative_error_with_sizes",
+                             "count_relative_error_global", "count_relative_error_per_word"):
+                    if name in value:
+                        print(f"tuning {name:36s} {value[name]}")
+                print(f"tuning instance_sizes (extract.instance_sizes): {value.get('instance_sizes')}")
+                print("tuning instance_concepts (extract.instance_concepts):")
+                for word, settings in value["instance_concepts"].items():
+                    print(f"  {word}: {settings}")
             else:
                 print(f"{key:32s} {value}")
     return 0
@@ -213,12 +238,15 @@ def evaluate_extractor(
         figures["label_f1_vs_multilabels"] = round(multilabel_prf(corpus.labels[rows], pred_labels, 0.5)["f1_micro"], 4)
     figures["top_k"] = int(top_k or extractor.top_k)
     figures["min_score"] = float(extractor.min_score)
-    settings = {"iou": extractor.instance_iou, "min_score": extractor.instance_min_score,
-                "min_objectness": extractor.instance_conf}
-    figures.update(instance_figures(raw, data.boxes, data.concepts, vocab.words, **settings))
-    figures["instance_settings"] = {k: round(float(v), 4) for k, v in settings.items()}
+    figures.update(instance_figures(raw, data.boxes, data.concepts, vocab.words, **extractor.instance_thresholds()))
+    figures["instance_settings"] = {
+        "iou": extractor.instance_iou, "min_score": extractor.instance_min_score,
+        "min_objectness": extractor.instance_conf, "merge_ios": extractor.instance_merge_ios,
+        "instance_concepts": extractor.instance_concepts, "instance_sizes": extractor.instance_sizes,
+    }
     if tune:
-        figures["tuning"] = choose_instance_settings(raw, data.boxes, data.concepts, vocab.words)
+        figures["tuning"] = tune_instances(raw, data.boxes, data.concepts, vocab.words,
+                                           instance_sizes(corpus, extractor.image_size, vocab.words))
     if candidates:
         figures["_candidates"] = cand
         figures["_true_concepts"] = true_concepts
@@ -245,10 +273,18 @@ def choose_min_score(candidates: list[list[tuple[int, float]]], true_concepts: n
 
 
 # ---------------------------------------------------------------------------------------------- instances
-def _instances(raw, iou: float, min_score: float, min_objectness: float):
+Setting = float | torch.Tensor | None  # one value for every word, or a [V] tensor per concept id
+
+
+def _instances(raw, iou: Setting, min_score: Setting, min_objectness: Setting, merge_ios: Setting = None,
+               sizes: torch.Tensor | None = None):
     from captioning.models.lightcap.concepts import select_instances
 
-    return [select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness) for row in raw]
+    return [
+        select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness, merge_ios=merge_ios,
+                         sizes=sizes)
+        for row in raw
+    ]
 
 
 def _count_words(ids: list[int] | list[str], words: list[str] | None = None) -> dict[str, int]:
@@ -260,14 +296,25 @@ def _count_words(ids: list[int] | list[str], words: list[str] | None = None) -> 
 
 
 def instance_figures(
-    raw, true_boxes, true_words, words: list[str], *, iou: float, min_score: float, min_objectness: float
+    raw,
+    true_boxes,
+    true_words,
+    words: list[str],
+    *,
+    iou: Setting,
+    min_score: Setting,
+    min_objectness: Setting,
+    merge_ios: Setting = None,
+    sizes: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Instance AP per word and counting error of one setting, from the cached ``classified_proposals``."""
+    """Instance AP per word and counting error of one setting (each one value, or a ``[V]`` tensor per concept
+    id; ``sizes`` ``[V, 2]``), from the cached ``classified_proposals``. The AP curve is the served instances
+    without the floors."""
     from captioning.metrics import count_errors, per_concept_ap
 
     truth = [{"boxes": b, "labels": list(w)} for b, w in zip(true_boxes, true_words, strict=True)]
-    curve = _instances(raw, iou, -float("inf"), -float("inf"))
-    served = _instances(raw, iou, min_score, min_objectness)
+    curve = _instances(raw, iou, -float("inf"), -float("inf"), merge_ios, sizes)
+    served = _instances(raw, iou, min_score, min_objectness, merge_ios, sizes)
     ap = per_concept_ap(
         [{"boxes": b, "scores": s, "labels": [words[i] for i in ids.tolist()]} for ids, s, b in curve], truth
     )
@@ -317,29 +364,192 @@ INSTANCE_GRID = {
     "min_score": tuple(round(0.1 + 0.02 * i, 2) for i in range(16)),  # 0.10 .. 0.40
     "min_objectness": tuple(round(0.15 + 0.05 * i, 2) for i in range(8)),  # 0.15 .. 0.50
 }
+MERGE_GRID = (0.3, 0.5, 0.7)  # intersection over the smaller box above which a word's boxes merge
+
+
+SIZE_MARGIN = 0.1  # instance_sizes: the smallest / largest true box of a word, widened by this fraction
+
+
+def instance_sizes(corpus, image_size: int, words: list[str], split: str = "train",
+                   margin: float = SIZE_MARGIN) -> dict[str, list[float]]:
+    """Each word's plausible box size from a split's ``boxes.json`` (default the train split, what the models
+    learnt from): ``[min * (1 - margin), max * (1 + margin)]`` of the longer box side, in ``image_size`` pixels,
+    as ``extract.instance_sizes`` wants it. Words without boxes there get none (no limit)."""
+    from captioning.models.lightcap.concepts_data import box_split
+
+    if not corpus.split(split):
+        return {}
+    data = box_split(corpus, split, None)
+    sides: dict[str, list[float]] = {}
+    for boxes, concepts, (width, height) in zip(data.boxes, data.concepts, data.original_sizes, strict=True):
+        if not len(boxes):
+            continue
+        scale = torch.tensor([image_size / width, image_size / height] * 2)
+        long_side = ((boxes * scale)[:, 2:] - (boxes * scale)[:, :2]).max(dim=1).values
+        for word, side in zip(concepts, long_side.tolist(), strict=True):
+            if word in words:
+                sides.setdefault(word, []).append(side)
+    return {w: [round(min(v) * (1 - margin), 1), round(max(v) * (1 + margin), 1)] for w, v in sorted(sides.items())}
+
+
+def tune_instances(raw, true_boxes, true_words, words: list[str], sizes: dict[str, list[float]]) -> dict[str, Any]:
+    """``--tune-instances``: the global settings (``choose_instance_settings``), with and without the words' size
+    ranges ``sizes`` (kept when they lower the error), then each word's own (``choose_word_settings``)."""
+    from captioning.models.lightcap.concepts import fit_sizes
+
+    top = choose_instance_settings(raw, true_boxes, true_words, words)
+    out: dict[str, Any] = {"count_relative_error_without_sizes": top[0]["count_relative_error"]}
+    if sizes:
+        limits = torch.tensor([[0.0, float("inf")]] * len(words))
+        for word, (low, high) in sizes.items():
+            limits[words.index(word)] = torch.tensor([low, float("inf") if high is None else high])
+        sized = [fit_sizes(*row, limits) for row in raw]
+        top_sized = choose_instance_settings(sized, true_boxes, true_words, words)
+        out["count_relative_error_with_sizes"] = top_sized[0]["count_relative_error"]
+        if top_sized[0]["count_relative_error"] < top[0]["count_relative_error"]:
+            raw, top = sized, top_sized
+            out["instance_sizes"] = sizes
+    best = {k: top[0][k] for k in ("iou", "min_score", "min_objectness")}
+    return {"global": top, **out, **choose_word_settings(raw, true_words, words, best)}
+
+
+class _CountTable:
+    """The cached proposals after NMS per word at one IoU, flattened over the pictures, so that the count of every
+    (picture, word) under any score / objectness floors is one masked ``bincount``."""
+
+    def __init__(self, raw, iou: Setting, n_words: int):
+        from captioning.models.lightcap.concepts import nms_per_concept
+
+        picture, ids, scores, objectness = [], [], [], []
+        for i, (cid, score, boxes, obj) in enumerate(raw):
+            keep = nms_per_concept(cid, boxes, iou)
+            picture.append(torch.full((len(keep),), i, dtype=torch.long))
+            ids.append(cid[keep])
+            scores.append(score[keep].float())
+            objectness.append(obj[keep].float())
+        self.n_pictures, self.n_words = len(raw), n_words
+        self.cell = torch.cat(picture) * n_words + torch.cat(ids) if raw else torch.zeros(0, dtype=torch.long)
+        self.ids = torch.cat(ids) if raw else torch.zeros(0, dtype=torch.long)
+        self.scores = torch.cat(scores) if raw else torch.zeros(0)
+        self.objectness = torch.cat(objectness) if raw else torch.zeros(0)
+
+    def counts(self, min_score: Setting, min_objectness: Setting) -> torch.Tensor:
+        """``[pictures, words]`` instance counts under these floors (one value or ``[V]`` per concept id)."""
+        ms = min_score.float()[self.ids] if isinstance(min_score, torch.Tensor) else float(min_score)
+        mo = min_objectness.float()[self.ids] if isinstance(min_objectness, torch.Tensor) else float(min_objectness)
+        kept = (self.scores >= ms) & (self.objectness >= mo)
+        size = self.n_pictures * self.n_words
+        return torch.bincount(self.cell[kept], minlength=size).reshape(self.n_pictures, self.n_words)
+
+
+def _true_counts(true_words, words: list[str]) -> torch.Tensor:
+    index = {w: j for j, w in enumerate(words)}
+    table = torch.zeros(len(true_words), len(words), dtype=torch.long)
+    for i, row in enumerate(true_words):
+        for word in row:
+            table[i, index[word]] += 1
+    return table
+
+
+def _overall(counts: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """(relative counting error, share counted exactly) over the (picture, word) pairs true or found, as
+    ``captioning.metrics.count_errors`` pools them."""
+    error = (counts - truth).abs()
+    pairs = (counts > 0) | (truth > 0)
+    return float(error.sum()) / max(1, int(truth.sum())), float(((error == 0) & pairs).sum()) / max(1, int(pairs.sum()))
 
 
 def choose_instance_settings(raw, true_boxes, true_words, words: list[str], grid: dict | None = None) -> list[dict]:
-    """Every setting of ``grid`` (default ``INSTANCE_GRID``) by its overall relative counting error, best first
-    (ties: the higher share counted exactly); the five best as ``{"iou", "min_score", "min_objectness",
-    "count_relative_error", "count_exact"}``."""
-    from captioning.metrics import count_errors
-
+    """Every setting of ``grid`` (default ``INSTANCE_GRID``), one for every word, by its overall relative counting
+    error, best first (ties: the higher share counted exactly); the five best as ``{"iou", "min_score",
+    "min_objectness", "count_relative_error", "count_exact"}``. Counted on the cached proposals with one NMS per
+    IoU and a masked bincount per floor pair."""
     grid = grid or INSTANCE_GRID
-    true_counts = [_count_words(w) for w in true_words]
+    truth = _true_counts(true_words, words)
     rows = []
     for iou in grid["iou"]:
+        table = _CountTable(raw, iou, len(words))
         for min_score in grid["min_score"]:
             for min_objectness in grid["min_objectness"]:
-                served = _instances(raw, iou, min_score, min_objectness)
-                overall = count_errors(
-                    [_count_words(ids.tolist(), words) for ids, _, _ in served], true_counts
-                )["overall"]
+                relative, exact = _overall(table.counts(min_score, min_objectness), truth)
                 rows.append({"iou": iou, "min_score": min_score, "min_objectness": min_objectness,
-                             "count_relative_error": round(overall["relative"], 4),
-                             "count_exact": round(overall["exact"], 4)})
+                             "count_relative_error": round(relative, 4), "count_exact": round(exact, 4)})
     rows.sort(key=lambda r: (r["count_relative_error"], -r["count_exact"]))
     return rows[:5]
+
+
+def choose_word_settings(
+    raw, true_words, words: list[str], base: dict[str, float], grid: dict | None = None,
+    merge_grid: tuple[float, ...] = MERGE_GRID,
+) -> dict[str, Any]:
+    """Per word its own instance settings on top of ``base`` (``{"iou", "min_score", "min_objectness"}`` for every
+    word). A word's count depends only on its own proposals and settings, so each word is chosen on its own:
+
+    1. its IoU and floors from ``grid`` with the lowest sum of absolute count errors of that word;
+    2. then, with those, a merge of its boxes (``merge_grid`` IOS thresholds) where that lowers its error.
+
+    A word keeps a setting of its own only where it lowers the word's error below the base's on both halves of
+    the pictures (even and odd positions), so a setting that fits a few pictures by chance is not kept. Returns
+    ``instance_concepts`` (``{word: {"iou", "min_score", "conf", "merge_ios"}}``, only the words that differ, in
+    the shape of ``extract.instance_concepts``) and the relative counting error with the base and with them."""
+    grid = grid or INSTANCE_GRID
+    truth = _true_counts(true_words, words)
+    halves = [torch.arange(len(raw)) % 2 == h for h in (0, 1)]
+    n_words = len(words)
+
+    def word_errors(counts: torch.Tensor) -> torch.Tensor:  # [2 halves, V] sum of absolute count errors
+        error = (counts - truth).abs()
+        return torch.stack([error[half].sum(dim=0) for half in halves])
+
+    base_table = _CountTable(raw, base["iou"], n_words)
+    base_error = word_errors(base_table.counts(base["min_score"], base["min_objectness"]))
+    best_error, best = base_error.clone(), [dict(base) for _ in range(n_words)]
+    best_total = base_error.sum(dim=0)
+    for iou in grid["iou"]:
+        table = _CountTable(raw, iou, n_words)
+        for min_score in grid["min_score"]:
+            for min_objectness in grid["min_objectness"]:
+                error = word_errors(table.counts(min_score, min_objectness))
+                better = (error.sum(dim=0) < best_total) & (error < base_error).all(dim=0)
+                for j in better.nonzero().flatten().tolist():
+                    best_total[j] = error[:, j].sum()
+                    best_error[:, j] = error[:, j]
+                    best[j] = {"iou": iou, "min_score": min_score, "min_objectness": min_objectness}
+    settings = {key: torch.tensor([float(b[key]) for b in best]) for key in ("iou", "min_score", "min_objectness")}
+
+    def served_errors(merge: Setting) -> torch.Tensor:
+        counts = torch.zeros(len(raw), n_words, dtype=torch.long)
+        for i, (ids, _, _) in enumerate(_instances(raw, settings["iou"], settings["min_score"],
+                                                   settings["min_objectness"], merge)):
+            counts[i] += torch.bincount(ids, minlength=n_words)
+        return word_errors(counts)
+
+    merge: list[float | None] = [None] * n_words
+    unmerged = served_errors(None)
+    merged_total = unmerged.sum(dim=0).clone()
+    for threshold in merge_grid:
+        error = served_errors(float(threshold))
+        better = (error.sum(dim=0) < merged_total) & (error < unmerged).all(dim=0)
+        for j in better.nonzero().flatten().tolist():
+            merge[j] = float(threshold)
+        merged_total[better] = error[:, better].sum(dim=0)
+
+    chosen: dict[str, dict[str, float | None]] = {}
+    for j, word in enumerate(words):
+        own = {key: best[j][name] for key, name in (("iou", "iou"), ("min_score", "min_score"),
+                                                    ("conf", "min_objectness"))
+               if best[j][name] != base[name]}
+        if merge[j] is not None:
+            own["merge_ios"] = merge[j]
+        if own:
+            chosen[word] = own
+    total = float(truth.sum())
+    return {
+        "base": dict(base),
+        "instance_concepts": chosen,
+        "count_relative_error_global": round(float(base_error.sum()) / max(1.0, total), 4),
+        "count_relative_error_per_word": round(float(merged_total.sum()) / max(1.0, total), 4),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- drawing

@@ -8,8 +8,11 @@
     similarity with the concept vocabulary [V, D] (CLIP text embeddings of "a photo of a [object]", computed once
     at training time and stored) -> each region takes its most similar concept
     score = objectness * softmax(logit_scale * cos)[best]
-    instances (``extract``): NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
-    ``score >= instance_min_score`` and ``objectness >= instance_conf``: every object, e.g. 29 houses
+    instances (``extract``): proposals whose box does not fit their concept's size dropped
+    (``extract.instance_sizes``), NMS per concept (``torchvision.ops.batched_nms``, ``extract.instance_iou``), then
+    ``score >= instance_min_score`` and ``objectness >= instance_conf``, then optionally a merge of the concept's
+    boxes that cover each other (intersection over the smaller box > ``instance_merge_ios``: SAHI's greedy NMM);
+    each of the four can differ per word (``extract.instance_concepts``): every object, e.g. 29 houses
     LightCap's words (``extract_tensors``, derived from the instances): per concept its best instance, drop scores
     below ``min_score``, keep the top K (K = 20 in the paper) -- exactly what the captioner was trained on.
 
@@ -40,10 +43,35 @@ VOCAB_WORDS_FILE = "concepts.json"
 ALIGNER_FILE = "aligner.safetensors"
 DEFAULT_TEMPLATE = "a photo of a {}"
 # instance settings when a config's extract section has none (the published ones predate instances): chosen on
-# seed 1's val split for the lowest counting error (docs/concepts.md "Instances and counts")
-DEFAULT_INSTANCE_IOU = 0.5
-DEFAULT_INSTANCE_MIN_SCORE = 0.22
-DEFAULT_INSTANCE_CONF = 0.35
+# seed 1's val split for the lowest counting error by `captioner eval concepts --data data/synth-seed1 --split val
+# --tune-instances` (docs/concepts.md "Instances and counts"), with DEFAULT_INSTANCE_SIZES applied
+DEFAULT_INSTANCE_IOU = 0.6
+DEFAULT_INSTANCE_MIN_SCORE = 0.18
+DEFAULT_INSTANCE_CONF = 0.3
+DEFAULT_INSTANCE_MERGE_IOS: float | None = None  # no merge unless a word asks for one
+# per-word settings (``extract.instance_concepts``) when a config has none: chosen on seed 1's val split by
+# ``captioner eval concepts --tune-instances`` (a word keeps its own setting only where it lowers that word's
+# counting error on both halves of val; docs/concepts.md "Instance figures")
+DEFAULT_INSTANCE_CONCEPTS: dict[str, dict[str, float | None]] = {
+    "airplane": {"iou": 0.3, "min_score": 0.1, "conf": 0.15},
+    "car": {"min_score": 0.14, "conf": 0.25},
+    "boat": {"iou": 0.4, "min_score": 0.14, "conf": 0.15},
+    "building": {"iou": 0.3, "min_score": 0.1, "conf": 0.15},
+    "house": {"iou": 0.4, "min_score": 0.34, "conf": 0.15},
+    "tree": {"iou": 0.5, "min_score": 0.34, "conf": 0.4},
+    "diamond": {"iou": 0.3, "min_score": 0.1, "conf": 0.15},
+}
+INSTANCE_CONCEPT_KEYS = ("iou", "min_score", "conf", "merge_ios")
+# the plausible size of each word's box (its longer side, in the preprocessed image's pixels) when a config's
+# extract section has no ``instance_sizes``: a proposal whose word does not fit it is no instance of that word
+# (a 28 px "car" is a mobile home read as a car). The smallest and largest box of each word in seed 1's train
+# split, widened by 10 % (``captioner eval concepts --tune-instances`` derives them; docs/concepts.md).
+DEFAULT_INSTANCE_SIZES: dict[str, tuple[float, float | None]] = {
+    "airplane": (32.0, 101.4), "boat": (11.2, 37.3), "building": (19.7, 200.1), "bunker": (11.7, 46.9),
+    "car": (10.1, 23.2), "court": (31.1, 72.4), "diamond": (48.2, 121.4), "dock": (51.3, 184.3),
+    "house": (12.3, 46.1), "mobile home": (15.8, 36.5), "pond": (40.7, 281.2), "pool": (12.4, 27.2),
+    "ship": (39.0, 115.8), "tank": (16.1, 52.8), "tree": (9.1, 30.7), "truck": (21.5, 37.4),
+}
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -324,17 +352,27 @@ class ConceptExtractor(nn.Module):
         # The published configs predate them, so the defaults here are the values chosen on val (docs/concepts.md);
         # a config with min_score 0 asks for every proposal (random-weight test models), and so do its instances
         keep_all = self.min_score <= 0.0
-        self.instance_iou = float(DEFAULT_INSTANCE_IOU if extract.instance_iou is None else extract.instance_iou)
-        self.instance_min_score = float(
-            (self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE)
-            if extract.instance_min_score is None else extract.instance_min_score
+        given = {key: value for key, value in extract.to_dict().items() if value is not None}  # null: the default
+        self.instance_iou = _number(given.get("instance_iou", DEFAULT_INSTANCE_IOU), "extract.instance_iou")
+        self.instance_min_score = _number(
+            given.get("instance_min_score", self.min_score if keep_all else DEFAULT_INSTANCE_MIN_SCORE),
+            "extract.instance_min_score",
         )
-        self.instance_conf = float(
-            (self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF)
-            if extract.instance_conf is None else extract.instance_conf
+        self.instance_conf = _number(
+            given.get("instance_conf", self.proposal_conf if keep_all else DEFAULT_INSTANCE_CONF), "extract.instance_conf"
+        )
+        self.instance_merge_ios = given.get("instance_merge_ios", DEFAULT_INSTANCE_MERGE_IOS)
+        # the per-word defaults were chosen for the synthetic grammar's words and pixel sizes: only for its models
+        synthetic = not keep_all and cfg.vocabulary.source == "synthetic"
+        self.instance_concepts = instance_concept_settings(
+            given.get("instance_concepts", _known(DEFAULT_INSTANCE_CONCEPTS, vocab) if synthetic else {}), vocab.words
+        )
+        self.instance_sizes = instance_size_settings(
+            given.get("instance_sizes", _known(DEFAULT_INSTANCE_SIZES, vocab) if synthetic else {}), vocab.words
         )
         if not 0.0 < self.instance_iou <= 1.0:
             raise ConfigError(f"concepts config: extract.instance_iou {self.instance_iou} must be in (0, 1]")
+        self.instance_merge_ios = _fraction_or_none(self.instance_merge_ios, "extract.instance_merge_ios")
         if self.image_size % 32:
             raise ConfigError(f"concepts config: image_size {self.image_size} must be a multiple of 32")
         self.name = "concepts"
@@ -370,33 +408,48 @@ class ConceptExtractor(nn.Module):
         counts = [len(b) for b in boxes]
         return list(best_id.split(counts)), list(best_prob.split(counts))
 
+    def instance_thresholds(self) -> dict[str, torch.Tensor]:
+        """The instance settings per concept id, as ``[V]`` tensors ``iou``, ``min_score``, ``min_objectness``,
+        ``merge_ios`` (NaN: no merge): the extractor's ``instance_*`` values, with ``instance_concepts``' words
+        overriding theirs; and ``sizes`` ``[V, 2]`` (each word's box size range) when ``instance_sizes`` is set."""
+        v = len(self.vocab)
+        merge = math.nan if self.instance_merge_ios is None else float(self.instance_merge_ios)
+        out = {
+            "iou": torch.full((v,), float(self.instance_iou)),
+            "min_score": torch.full((v,), float(self.instance_min_score)),
+            "min_objectness": torch.full((v,), float(self.instance_conf)),
+            "merge_ios": torch.full((v,), merge),
+        }
+        names = {"iou": "iou", "min_score": "min_score", "conf": "min_objectness", "merge_ios": "merge_ios"}
+        for word, settings in self.instance_concepts.items():
+            for key, value in settings.items():
+                out[names[key]][self.vocab.index[word]] = math.nan if value is None else float(value)
+        if self.instance_sizes:
+            sizes = torch.tensor([[0.0, math.inf]] * v)
+            for word, (low, high) in self.instance_sizes.items():
+                sizes[self.vocab.index[word]] = torch.tensor([low, math.inf if high is None else high])
+            out["sizes"] = sizes
+        return out
+
     @torch.no_grad()
     def instance_tensors(
-        self,
-        images: torch.Tensor,
-        grid: torch.Tensor | None = None,
-        *,
-        iou: float | None = None,
-        min_score: float | None = None,
-        min_objectness: float | None = None,
+        self, images: torch.Tensor, grid: torch.Tensor | None = None, **overrides: float | torch.Tensor | None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Every kept proposal per image, as CPU tensors ``(concept_ids [N], scores [N], boxes [N, 4])``, best first.
 
         Each proposal takes its most similar concept (``classify_boxes``) and the score objectness x probability;
         proposals are ordered by score (``torch.argsort(score, descending=True)``, the order ``extract_tensors``
-        always used), then non-maximum suppression runs per concept (``torchvision.ops.batched_nms`` at IoU
-        ``iou``, default the extractor's ``instance_iou``) in exactly that order, and what survives is filtered by
-        ``score >= min_score`` (default ``instance_min_score``) and ``objectness >= min_objectness`` (default
-        ``instance_conf``). The best proposal of each concept is never suppressed (nothing of its concept comes
-        before it), which is why the distinct words derived from these instances are the trained top-K words.
+        always used), then ``select_instances`` with the settings of ``instance_thresholds()``: non-maximum
+        suppression per concept (``torchvision.ops.batched_nms``) in exactly that order, the score and objectness
+        floors, and the merge of a concept's boxes that cover each other (where its ``merge_ios`` is set).
+        ``overrides`` (``iou``, ``min_score``, ``min_objectness``, ``merge_ios``, ``sizes``) replace a setting.
         """
-        iou = self.instance_iou if iou is None else float(iou)
-        min_score = self.instance_min_score if min_score is None else float(min_score)
-        min_objectness = self.instance_conf if min_objectness is None else float(min_objectness)
-        return [
-            select_instances(*row, iou=iou, min_score=min_score, min_objectness=min_objectness)
-            for row in self.classified_proposals(images, grid)
-        ]
+        settings: dict[str, Any] = self.instance_thresholds()
+        unknown = sorted(set(overrides) - {*settings, "sizes"})
+        if unknown:
+            raise TypeError(f"instance_tensors: unknown setting {unknown[0]!r} (one of {', '.join(settings)})")
+        settings.update(overrides)
+        return [select_instances(*row, **settings) for row in self.classified_proposals(images, grid)]
 
     @torch.no_grad()
     def classified_proposals(
@@ -424,12 +477,13 @@ class ConceptExtractor(nn.Module):
         Returns ``concept_ids [B, K]`` (-1 = padding), ``scores [B, K]`` (0 for padding), ``boxes [B, K, 4]``.
         ``vocab_embeddings[concept_ids.clamp(min=0)]`` gives their CLIP text embeddings.
         ``grid``: the images' CLIP grid when the caller already has it (the LightCap captioner reuses it).
-        Derived from the instances (``instance_tensors`` without the instance filters): per concept its best
-        instance, scores ``>= min_score``, best first, at most K -- bit for bit what one box per concept over the
-        raw proposals gave before instances existed (tests/test_concept_instances.py checks this).
+        Derived from the instances without the instance floors and merges (NMS per concept at ``instance_iou``
+        only): per concept its best instance, scores ``>= min_score``, best first, at most K -- bit for bit what
+        one box per concept over the raw proposals gave before instances existed (tests/test_concept_instances.py
+        checks this). No instance setting can change it: NMS never suppresses a concept's best proposal.
         """
         k = self.top_k if top_k is None else int(top_k)
-        instances = self.instance_tensors(images, grid, min_score=-math.inf, min_objectness=-math.inf)
+        instances = [select_instances(*row, iou=self.instance_iou) for row in self.classified_proposals(images, grid)]
         batch = images.shape[0]
         out_ids = torch.full((batch, k), -1, dtype=torch.long)
         out_scores = torch.zeros((batch, k))
@@ -451,7 +505,8 @@ class ConceptExtractor(nn.Module):
         """``images [B,3,S,S]`` -> per image every object instance, best first.
 
         One ``Concept(word, score, box, label)`` per kept proposal (``instance_tensors`` with the extractor's
-        ``instance_iou``, ``instance_min_score``, ``instance_conf``), boxes in the preprocessed image's pixels.
+        ``instance_*`` settings and ``instance_concepts``), boxes in the preprocessed image's pixels (a merged
+        instance: the union of its parts' boxes, with the best part's score).
         ``counts(instances)`` counts them per word; ``self.concept_words(instances)`` or ``extract_words`` give
         the distinct words (best box each) that the captioner uses.
         """
@@ -466,8 +521,9 @@ class ConceptExtractor(nn.Module):
     def concept_words(self, instances: list[Concept], top_k: int | None = None) -> list[Concept]:
         """The distinct words of one image's instances as the captioner sees them: best instance per word with
         ``score >= min_score``, best first, at most ``top_k`` (default the model's K). On ``extract``'s answer it
-        equals ``extract_words`` whenever ``instance_min_score <= min_score`` and ``instance_conf <=
-        proposal_conf`` (the defaults), since then no instance the words need was filtered out."""
+        equals ``extract_words`` whenever no word's instance floors are above the word floors (``min_score``,
+        ``proposal_conf``), no size range is set and no word merges boxes, since then no instance the words need
+        was filtered out or reshaped."""
         k = self.top_k if top_k is None else int(top_k)
         return group_concepts([c for c in instances if c.score >= self.min_score])[:k]
 
@@ -478,20 +534,184 @@ def select_instances(
     boxes: torch.Tensor,
     objectness: torch.Tensor,
     *,
-    iou: float,
-    min_score: float = -math.inf,
-    min_objectness: float = -math.inf,
+    iou: float | torch.Tensor,
+    min_score: float | torch.Tensor = -math.inf,
+    min_objectness: float | torch.Tensor = -math.inf,
+    merge_ios: float | torch.Tensor | None = None,
+    sizes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One image's classified proposals (best first) -> its instances ``(ids, scores, boxes)``, best first:
-    NMS per concept at ``iou`` in the given order, then ``score >= min_score`` and ``objectness >=
-    min_objectness``. The NMS ranks by position (``torchvision.ops.batched_nms`` on strictly decreasing
-    surrogate scores), so ties and batched_nms's own sort cannot reorder what the caller's order decided."""
+    (``sizes`` set) the proposals whose word fits their size (``fit_sizes``), NMS per concept at ``iou`` in the
+    given order, then ``score >= min_score`` and ``objectness >= min_objectness``, then (``merge_ios`` set)
+    ``merge_instances``. The NMS ranks by position (``torchvision.ops.batched_nms`` on strictly decreasing
+    surrogate scores), so ties and batched_nms's own sort cannot reorder what the caller's order decided.
+
+    Each setting is one number for every concept or a ``[V]`` tensor indexed by concept id (per-word settings;
+    a NaN ``merge_ios`` means no merge for that word)."""
+    if sizes is not None:
+        ids, scores, boxes, objectness = fit_sizes(ids, scores, boxes, objectness, sizes)
+    keep = nms_per_concept(ids, boxes, iou)
+    above = (scores[keep] >= _per_row(min_score, ids[keep])) & (objectness[keep] >= _per_row(min_objectness, ids[keep]))
+    keep = keep[above]
+    ids, scores, boxes = ids[keep], scores[keep], boxes[keep]
+    if merge_ios is None or (isinstance(merge_ios, torch.Tensor) and bool(merge_ios.isnan().all())):
+        return ids, scores, boxes
+    rows, boxes = merge_instances(ids, boxes, _per_row(merge_ios, ids))
+    return ids[rows], scores[rows], boxes
+
+
+def fit_sizes(
+    ids: torch.Tensor, scores: torch.Tensor, boxes: torch.Tensor, objectness: torch.Tensor, sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows (order kept) whose box's longer side lies in its word's range ``sizes[id] = (min, max)``."""
+    side = (boxes[:, 2:] - boxes[:, :2]).max(dim=1).values if len(boxes) else boxes.new_zeros(0)
+    limits = sizes.float()[ids]
+    fits = (side >= limits[:, 0]) & (side <= limits[:, 1])
+    return ids[fits], scores[fits], boxes[fits], objectness[fits]
+
+
+def nms_per_concept(ids: torch.Tensor, boxes: torch.Tensor, iou: float | torch.Tensor) -> torch.Tensor:
+    """Positions (ascending = best first) of the rows that survive non-maximum suppression per concept, rows
+    ranked by position (``torchvision.ops.batched_nms`` on strictly decreasing surrogate scores). ``iou``: one
+    number, or a ``[V]`` tensor of per-concept IoUs (one batched_nms per distinct value)."""
     from torchvision.ops import batched_nms
 
     rank = torch.arange(len(ids), 0, -1, dtype=torch.float32)
-    keep = batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
-    keep = keep[(scores[keep] >= min_score) & (objectness[keep] >= min_objectness)]
-    return ids[keep], scores[keep], boxes[keep]
+    if not isinstance(iou, torch.Tensor):
+        return batched_nms(boxes.float(), rank, ids, float(iou))  # indices, best rank first
+    row_iou = iou.float()[ids]
+    kept = torch.zeros(len(ids), dtype=torch.bool)
+    for value in row_iou.unique().tolist():
+        rows = (row_iou == value).nonzero().flatten()
+        kept[rows[batched_nms(boxes[rows].float(), rank[rows], ids[rows], value)]] = True
+    return kept.nonzero().flatten()
+
+
+def _per_row(value: float | torch.Tensor, ids: torch.Tensor) -> torch.Tensor | float:
+    return value.float()[ids] if isinstance(value, torch.Tensor) else float(value)
+
+
+def box_ios(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Intersection over the smaller box ``[N, M]`` (SAHI's ``IOS`` match metric) of xyxy boxes; 0 for an empty box."""
+    from torchvision.ops import box_area
+
+    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=2)
+    smaller = torch.min(box_area(boxes1)[:, None], box_area(boxes2)[None, :])
+    return torch.where(smaller > 0, inter / smaller.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def merge_instances(
+    ids: torch.Tensor, boxes: torch.Tensor, ios: float | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy non-maximum merging (SAHI's ``GREEDYNMM`` with ``match_metric="IOS"``) of one image's instances,
+    best first: walking down the list, each instance still standing takes every later standing instance of its
+    own concept whose intersection over the smaller box (``box_ios``) with it is above ``ios`` (one number, or
+    per row; NaN: never) and becomes the union box of them; its score stays (it is the best of them). Returns
+    the rows that stand (positions, best first) and their boxes. Two part boxes of one plane (a fuselage box that
+    contains most of a wing box) become one plane; separate objects (IOS 0) and other concepts never merge."""
+    n = len(ids)
+    rows = torch.arange(n)
+    if n < 2:
+        return rows, boxes.clone()
+    threshold = ios.float() if isinstance(ios, torch.Tensor) else torch.full((n,), float(ios))
+    later = torch.ones(n, n, dtype=torch.bool).triu(diagonal=1)
+    match = later & (ids[:, None] == ids[None, :]) & (box_ios(boxes.float(), boxes.float()) > threshold[:, None])
+    standing = torch.ones(n, dtype=torch.bool)
+    merged = boxes.clone()
+    for i in match.any(dim=1).nonzero().flatten().tolist():  # only rows with a candidate can merge
+        if not standing[i]:
+            continue
+        parts = match[i] & standing
+        if parts.any():
+            group = torch.cat([boxes[i : i + 1], boxes[parts]])
+            merged[i] = torch.cat([group[:, :2].min(dim=0).values, group[:, 2:].max(dim=0).values])
+            standing &= ~parts
+    return rows[standing], merged[standing]
+
+
+def _known(defaults: dict[str, Any], vocab: ConceptVocabulary) -> dict[str, Any]:
+    return {word: value for word, value in defaults.items() if word in vocab.index}
+
+
+def _number(value: Any, key: str) -> float:
+    """A real number setting, else a ConfigError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)):
+        raise ConfigError(f"concepts config: {key} {value!r} must be a number")
+    return float(value)
+
+
+def _fraction_or_none(value: Any, key: str) -> float | None:
+    """A setting in (0, 1] or null (off), else a ConfigError naming ``key``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(f"concepts config: {key} {value!r} must be a number in (0, 1] or null")
+    return float(value)
+
+
+def instance_size_settings(section: Any, words: list[str]) -> dict[str, tuple[float, float | None]]:
+    """``extract.instance_sizes``: ``{word: [min, max]}`` (the longer side of the word's box, in the preprocessed
+    image's pixels; ``max`` null: no upper bound) -> ``{word: (min, max)}``, checked; a wrong one is a ConfigError
+    naming its key (``extract.instance_sizes.car``)."""
+    base = "extract.instance_sizes"
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"concepts config: {base} must be a mapping word -> [min, max], got {type(section).__name__}")
+    known = set(words)
+    out: dict[str, tuple[float, float | None]] = {}
+    for word, limits in section.items():
+        key = f"{base}.{word}"
+        if word not in known:
+            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+        if not isinstance(limits, list | tuple) or len(limits) != 2:
+            raise ConfigError(f"concepts config: {key} {limits!r} must be [min, max] (pixels of the box's longer side)")
+        low = _number(limits[0], key)
+        high = None if limits[1] is None else _number(limits[1], key)
+        if low < 0 or (high is not None and high <= low):
+            raise ConfigError(f"concepts config: {key} {list(limits)!r} needs 0 <= min < max")
+        out[word] = (low, high)
+    return out
+
+
+def instance_concept_settings(section: Any, words: list[str]) -> dict[str, dict[str, float | None]]:
+    """``extract.instance_concepts``: ``{word: {iou, min_score, conf, merge_ios}}`` (any subset of the keys) ->
+    the same, checked: every word in the vocabulary, ``iou`` in (0, 1], ``merge_ios`` in (0, 1] or null (this
+    word does not merge), ``min_score`` / ``conf`` numbers; a null ``iou`` / ``min_score`` / ``conf`` is the
+    extract section's value. A wrong one is a ConfigError naming its key (``extract.instance_concepts.car.iou``)."""
+    base = "extract.instance_concepts"
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"concepts config: {base} must be a mapping word -> settings, got {type(section).__name__}")
+    known = set(words)
+    out: dict[str, dict[str, float | None]] = {}
+    for word, settings in section.items():
+        key = f"{base}.{word}"
+        if word not in known:
+            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+        if not isinstance(settings, dict):
+            raise ConfigError(f"concepts config: {key} must be a mapping of {', '.join(INSTANCE_CONCEPT_KEYS)}")
+        unknown = sorted(set(settings) - set(INSTANCE_CONCEPT_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"concepts config: {key}.{unknown[0]} is not a setting (one of {', '.join(INSTANCE_CONCEPT_KEYS)})"
+            )
+        checked: dict[str, float | None] = {}
+        for name, value in settings.items():
+            if name == "merge_ios":  # null: this word does not merge, whatever instance_merge_ios says
+                checked[name] = _fraction_or_none(value, f"{key}.{name}")
+            elif value is None:  # null: the extract section's setting
+                continue
+            elif name == "iou":
+                checked[name] = _fraction_or_none(value, f"{key}.{name}")
+            else:
+                checked[name] = _number(value, f"{key}.{name}")
+        if checked:
+            out[word] = checked
+    return out
 
 
 def top_concept_rows(ids: torch.Tensor, scores: torch.Tensor, k: int, min_score: float) -> list[int]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 from pathlib import Path
 
@@ -181,6 +182,9 @@ class ProposalDetector(nn.Module):
             iou_thres=self.iou,
             agnostic=True,
             max_det=self.max_det if max_det is None else int(max_det),
+            # no time limit: ultralytics otherwise stops after 2 s + 50 ms per image and returns nothing for the
+            # batch's remaining images, so a busy CPU silently lost proposals (and changed every figure)
+            max_time_img=math.inf,
         )  # B x [N, 6] (x1, y1, x2, y2, score, class)
         scale = torch.tensor([width / self.imgsz, height / self.imgsz] * 2, dtype=torch.float32, device=x.device)
         out = []
