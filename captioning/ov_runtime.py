@@ -13,9 +13,10 @@ on the CPU, and torch.compile needs a C++ compiler on the serving machine and co
   installed, else ``torch`` (a GPU keeps torch); an unusable choice is a ValueError naming it.
 * ``OpenVinoNet(module, example, precision=...)``: the compiled network, called like the module on a float32
   CPU batch ``[B, ...]`` of the example's per-image shape (any batch size), with torch's thread count of the
-  calling thread; callers (pool replicas, runtimes sharing the network) take turns on one infer request. Its outputs match the torch module's to float rounding in fp32
-  (tests/test_ov_runtime.py); in bf16 OpenVINO rounds differently from torch's bf16 kernels, so the captions
-  are checked instead (CIDEr-D within 0.02 in the bench's quality table).
+  calling thread; callers (pool replicas, runtimes sharing the network) take turns on one infer request. Its
+  outputs match the torch module's to float rounding in fp32 (tests/test_ov_runtime.py,
+  test_fast_inference.py); in bf16 OpenVINO rounds differently from torch's bf16 kernels, so the captions are
+  checked instead (CIDEr-D within 0.02: bench/results/inference-quality.md).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ _SHARED_LOCK = threading.Lock()
 def shared_net(key: tuple, build: Callable[[], OpenVinoNet]) -> OpenVinoNet:
     """One converted network per ``key`` (a published version's network, precision and input size) while any
     runtime holds it: LightCap's runtime and the concepts runtime of the same concepts version share their CLIP
-    and YOLO networks instead of converting and holding them twice (a network is read-only; each calling thread
-    has its own infer request)."""
+    and YOLO networks instead of converting and holding them twice (a network is read-only; its callers take
+    turns on its infer request)."""
     with _SHARED_LOCK:
         net = _SHARED.get(key)
         if net is None:
