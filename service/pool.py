@@ -110,7 +110,7 @@ class Reservation:
         pool = self.pool
         if extra <= 0:
             return True
-        if pool._closing or pool._queued[self.priority] + pool._reserved[self.priority] + extra > pool.capacity:
+        if pool._closing or not pool._has_room(self.priority, extra):
             return False
         pool._reserved[self.priority] += extra
         self.count += extra
@@ -223,10 +223,17 @@ class BatchPool:
         Raises :class:`Overloaded` (or :class:`PoolClosed`). Must be called on the pool's event loop."""
         if self._closing or self._batcher is None:
             raise PoolClosed(f"model {self.name!r} is not accepting work (shutting down)")
-        if self._queued[priority] + self._reserved[priority] + count > self.capacity:
-            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+        if not self._has_room(priority, count):
+            raise self._overloaded(priority)
         self._reserved[priority] += count
         return Reservation(self, priority, count)
+
+    def _has_room(self, priority: int, count: int) -> bool:
+        """Whether ``count`` more items fit the queue of ``priority`` (queued + reserved <= capacity)."""
+        return self._queued[priority] + self._reserved[priority] + count <= self.capacity
+
+    def _overloaded(self, priority: int) -> Overloaded:
+        return Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
 
     async def admit(self, count: int, priority: int = INTERACTIVE, wait_s: float = 0.0) -> Reservation:
         """``reserve``, but when the queue is full wait up to ``wait_s`` for room (first come, first served)
@@ -234,14 +241,15 @@ class BatchPool:
         paced by the queue instead of answered with a 429 they turn straight into another request. Nothing is
         decoded while waiting. Raises :class:`Overloaded` when the wait ends without room, when the waiting
         room is full, or when ``count`` could never fit; :class:`PoolClosed` if the pool closes meanwhile."""
+        may_wait = wait_s > 0 and count <= self.capacity and self._waiting + count <= self.max_waiting
         if not self._waiters:  # nobody is ahead: take the room now if there is some
             try:
                 return self.reserve(count, priority)
             except Overloaded:
-                if wait_s <= 0 or count > self.capacity or self._waiting + count > self.max_waiting:
+                if not may_wait:
                     raise
-        elif wait_s <= 0 or count > self.capacity or self._waiting + count > self.max_waiting:
-            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+        elif not may_wait:
+            raise self._overloaded(priority)
         waiter = _RoomWaiter(count, priority, self._loop.create_future())
         self._waiters.append(waiter)
         self._waiting += count
@@ -252,7 +260,7 @@ class BatchPool:
                 waiter.future.cancel()
                 self._remove_waiter(waiter)
         if not done:
-            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+            raise self._overloaded(priority)
         return waiter.future.result()
 
     def _remove_waiter(self, waiter: _RoomWaiter) -> None:
@@ -271,7 +279,7 @@ class BatchPool:
                 self._waiters.popleft()
                 self._waiting -= head.count
                 continue
-            if self._queued[head.priority] + self._reserved[head.priority] + head.count > self.capacity:
+            if not self._has_room(head.priority, head.count):
                 return
             self._waiters.popleft()
             self._waiting -= head.count
@@ -294,9 +302,9 @@ class BatchPool:
             reservation.release(grant=False)
         if self._closing or self._batcher is None:
             raise PoolClosed(f"model {self.name!r} is not accepting work (shutting down)")
-        if self._queued[priority] + self._reserved[priority] + len(payloads) > self.capacity:
+        if not self._has_room(priority, len(payloads)):
             self._grant_waiters()  # the reservation's room, if any, goes to whoever waits for it
-            raise Overloaded(self.name, self._queued[priority] + self._reserved[priority], self.retry_after())
+            raise self._overloaded(priority)
         now = time.monotonic()
         items = []
         for payload in payloads:

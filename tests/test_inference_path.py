@@ -104,10 +104,12 @@ def test_requests_with_equivalent_options_share_a_batch(store, tmp_path):
     assert count == 2  # two batches ran: the two equivalent requests together, the greedy one alone
 
 
-def test_overload_is_refused_before_the_image_is_decoded(store, tmp_path, monkeypatch):
+def count_decodes_and_slow_captions(monkeypatch, seconds: float) -> list[int]:
+    """Every caption batch takes ``seconds`` longer (so a queue surely builds up), and every image that is
+    decoded is recorded: -> the list of decoded images' indices, filled as the server runs."""
     from service import inference as path
 
-    decoded = []
+    decoded: list[int] = []
     real_prepare = path.prepare_one
 
     def counting(raw, *args, **kwargs):
@@ -117,11 +119,16 @@ def test_overload_is_refused_before_the_image_is_decoded(store, tmp_path, monkey
     real = inference.KINDS["caption"]
 
     def slow(runtime, options, images):
-        time.sleep(0.6)
+        time.sleep(seconds)
         return real.run(runtime, options, images)
 
     monkeypatch.setattr(path, "prepare_one", counting)
     monkeypatch.setitem(inference.KINDS, "caption", dataclasses.replace(real, run=slow))
+    return decoded
+
+
+def test_overload_is_refused_before_the_image_is_decoded(store, tmp_path, monkeypatch):
+    decoded = count_decodes_and_slow_captions(monkeypatch, 0.6)
     with LiveServer(create_app(settings_for(store, tmp_path, max_batch_size=1, max_wait_ms=0, queue_size=1,
                                                   admission_wait_ms=0))) as url:
         wait_ready(url)
@@ -145,23 +152,7 @@ def test_a_full_queue_lets_requests_wait_in_line_then_refuses_them_undecoded(sto
     """CAPTIONER_ADMISSION_WAIT_MS: a request that finds the queue full waits for room (nothing decoded
     meanwhile) and is answered; when the wait ends without room it gets its 429, still undecoded; a raw image
     refused before its body was read leaves the keep-alive connection usable."""
-    from service import inference as path
-
-    decoded = []
-    real_prepare = path.prepare_one
-
-    def counting(raw, *args, **kwargs):
-        decoded.append(raw.index)
-        return real_prepare(raw, *args, **kwargs)
-
-    real = inference.KINDS["caption"]
-
-    def slow(runtime, options, images):
-        time.sleep(0.3)
-        return real.run(runtime, options, images)
-
-    monkeypatch.setattr(path, "prepare_one", counting)
-    monkeypatch.setitem(inference.KINDS, "caption", dataclasses.replace(real, run=slow))
+    decoded = count_decodes_and_slow_captions(monkeypatch, 0.3)
 
     async def burst(url, n):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:

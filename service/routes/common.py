@@ -12,7 +12,6 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from service.inference import Ctx, Outcome, Plan, admit_early, infer
-from service.pool import Reservation
 from service.problems import Problem
 from service.reading import is_raw_image, parse_params, read_images
 
@@ -28,11 +27,15 @@ async def serve_images(request: Request, ctx: Ctx, route: str, request_model: ty
     ``service.inference.KEPT_SIDE`` pixels a side) for it to draw on."""
     started = time.monotonic()
     deadline = started + ctx.settings.request_timeout_s
-    held = await _admit_raw_image(request, ctx, request_model, plans_for, deadline)
+    early = _plan_raw_image(request, request_model, plans_for)
+    held = await admit_early(ctx, early[1], deadline=deadline) if early else []
     try:
         raws, params = await read_images(request, ctx.settings.max_images_per_request)
-        p = parse_params(request_model, params)
-        plans = plans_for(p)
+        if early:  # a raw image's parameters are the query: planned above
+            p, plans = early
+        else:
+            p = parse_params(request_model, params)
+            plans = plans_for(p)
         hook = after(p)
         outcomes = await infer(ctx, raws, plans, deadline=deadline, request=request, keep_image=hook is not None,
                                held=held)
@@ -55,19 +58,20 @@ async def serve_images(request: Request, ctx: Ctx, route: str, request_model: ty
     return {"results": results, "total_ms": round((time.monotonic() - started) * 1000.0, 3)}
 
 
-async def _admit_raw_image(request: Request, ctx: Ctx, request_model: type[BaseModel],
-                           plans_for: Callable[[Any], list[Plan]], deadline: float) -> list[Reservation]:
-    """A raw image body is one image whose parameters are all in the query, so its queue room can be taken
-    (or waited for, or refused) before the body is read. Other bodies, and queries that do not plan (their
-    error is reported after reading, as for every body), are admitted in ``infer``."""
+def _plan_raw_image(request: Request, request_model: type[BaseModel],
+                    plans_for: Callable[[Any], list[Plan]]) -> tuple[Any, list[Plan]] | None:
+    """A raw image body is one image whose parameters are all in the query, so it is planned, and its queue
+    room taken (or waited for, or refused: ``admit_early``), before the body is read. -> (parameters, plans),
+    or None for other bodies and for queries that do not plan (their error is reported after reading, as for
+    every body; they are admitted in ``infer``)."""
     if not is_raw_image(request):
-        return []
+        return None
     query = {k: v for k, v in request.query_params.items() if k != "filename"}
     try:
-        plans = plans_for(parse_params(request_model, query))
+        p = parse_params(request_model, query)
+        return p, plans_for(p)
     except Problem:
-        return []
-    return await admit_early(ctx, plans, deadline=deadline)
+        return None
 
 
 def image_body(params: type[BaseModel]) -> dict[str, Any]:
