@@ -207,46 +207,19 @@ def compiled_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict) ->
     return plans
 
 
-class _Trunk(torch.nn.Module):
-    """The CLIP ResNet trunk as GridEncoder.forward runs it, on an already normalised float batch."""
-
-    def __init__(self, trunk: torch.nn.Module):
-        super().__init__()
-        self.t = trunk
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.t
-        return t.layer4(t.layer3(t.layer2(t.layer1(t.stem(x)))))
-
-
-class _YoloNet(torch.nn.Module):
-    """The YOLO network with its Detect head in export mode (one tensor out, anchors made per call)."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        from ultralytics.nn.modules import Detect
-
-        for m in model.modules():
-            if isinstance(m, Detect):
-                m.export, m.format, m.dynamic = True, "openvino", True
-        self.m = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.m(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, runtimes: list[str]) -> list[tuple]:
-    """The CLIP trunk and the YOLO network of a fast LightCap runtime run by OpenVINO and / or ONNX Runtime
-    (converted from the same folded torch modules, fp32 weights; OpenVINO gets the runtime's precision as its
-    inference precision hint, ONNX Runtime runs fp32 only), against torch eager on the same inputs. Conversion
-    time goes into ``seconds``; the largest output difference from eager into ``seconds`` too (as ``diff``)."""
+    """The CLIP trunk and the YOLO network of a fast LightCap runtime run by OpenVINO and / or ONNX Runtime,
+    converted from the same folded modules the runtime converts (``TrunkToGrid``, ``export_network``):
+    OpenVINO as the runtime runs it (``captioning.ov_runtime.OpenVinoNet``, the runtime's precision), ONNX
+    Runtime in fp32 only; against torch eager on the same inputs. Conversion time goes into ``seconds``, and
+    the largest output difference from eager too (as ``diff``)."""
     import copy
 
     import numpy as np
 
     from captioning.accel import to_device
-    from captioning.models.lightcap.clip_encoder import resize_batch
+    from captioning.models.lightcap.clip_encoder import TrunkToGrid, resize_batch
+    from captioning.ov_runtime import OpenVinoNet
 
     ex = rt.extractor
     threads = torch.get_num_threads()
@@ -257,9 +230,9 @@ def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, run
     size = ex.detector.imgsz
     yolo_in = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
     nets = {
-        "grid": (lambda: _Trunk(copy.deepcopy(enc.trunk).float().to(memory_format=torch.contiguous_format)), grid_norm),
-        "yolo-net": (lambda: _YoloNet(copy.deepcopy(ex.detector.model).float().to(memory_format=torch.contiguous_format)),
-                     yolo_in),
+        "grid": (lambda: TrunkToGrid(copy.deepcopy(enc.trunk).float().to(memory_format=torch.contiguous_format)),
+                 grid_norm),
+        "yolo-net": (lambda: ex.detector.export_network().float().to(memory_format=torch.contiguous_format), yolo_in),
     }
     plans: list[tuple] = []
     bf16 = rt.dtype == torch.bfloat16
@@ -267,7 +240,6 @@ def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, run
         eager = make().eval()
         with torch.no_grad():
             expected = eager(example).float().numpy()
-        feed = example.numpy()
         for name in runtimes:
             if name == "onnxruntime" and bf16:
                 continue
@@ -275,13 +247,9 @@ def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, run
             if key not in cache:
                 t0 = time.perf_counter()
                 if name == "openvino":
-                    import openvino as ov
-
-                    model = ov.convert_model(eager, example_input=example[:1], input=[(-1, *example.shape[1:])])
-                    compiled = ov.Core().compile_model(model, "CPU", {
-                        "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32", "INFERENCE_NUM_THREADS": threads,
-                        "PERFORMANCE_HINT": "LATENCY"})
-                    cache[key] = lambda a, c=compiled: c(a)[0]
+                    ov_net = OpenVinoNet(eager, example, precision="bf16" if bf16 else "fp32", name=net)
+                    ov_net.compiled_for(threads)
+                    cache[key] = ov_net
                 elif name == "onnxruntime":
                     import io
 
@@ -293,16 +261,15 @@ def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, run
                     options = ort.SessionOptions()
                     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
                     session = ort.InferenceSession(buf.getvalue(), options, providers=["CPUExecutionProvider"])
-                    cache[key] = lambda a, s=session: s.run(None, {"x": a})[0]
+                    cache[key] = lambda a, s=session: torch.from_numpy(s.run(None, {"x": a.numpy()})[0])
                 else:
                     raise SystemExit(f"--runtimes: unknown runtime {name!r} (openvino, onnxruntime)")
-                label = f"{net}[{name}] {rt.dtype} threads {threads}"
-                seconds[label] = round(time.perf_counter() - t0, 1)
+                seconds[f"{net}[{name}] {rt.dtype} threads {threads}"] = round(time.perf_counter() - t0, 1)
             run = cache[key]
-            got = np.asarray(run(feed), dtype=np.float32)
-            seconds[f"{net}[{name}] {rt.dtype} batch {feed.shape[0]} max abs diff vs eager (of max {float(np.abs(expected).max()):.3g})"] = float(
-                np.abs(got - expected).max())
-            plans.append((f"{net}[{name}]", "greedy", lambda run=run, feed=feed: run(feed)))
+            got = run(example).float().numpy()
+            seconds[f"{net}[{name}] {rt.dtype} batch {example.shape[0]} max abs diff vs eager (of max "
+                    f"{float(np.abs(expected).max()):.3g})"] = float(np.abs(got - expected).max())
+            plans.append((f"{net}[{name}]", "greedy", lambda run=run, example=example: run(example)))
     grid_eager = ex.encoder
     yolo_eager = ex.detector.model
     y = yolo_in.to(rt.dtype)

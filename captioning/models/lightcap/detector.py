@@ -131,24 +131,29 @@ class ProposalDetector(nn.Module):
 
     accelerated = None  # an OpenVinoNet running the network (``use_openvino``), else the torch network runs
 
-    def use_openvino(self, precision: str, *, share: str | None = None) -> None:
-        """Run the (fused) network on OpenVINO in ``precision`` for CPU batches at ``imgsz``: a copy with its
-        Detect head in ultralytics' export mode (one output tensor, anchors made for the input's size), the
-        same decoded boxes and scores the eval-mode network returns first. ``share``: the published version
-        these weights come from; detectors of the same one share one converted network."""
+    def export_network(self) -> nn.Module:
+        """A copy of the (fused) network with its Detect head in ultralytics' export mode: one output tensor
+        ``[B, 4 + 1, anchors]`` (anchors made for the input's size), the same decoded boxes and scores the
+        eval-mode network returns first. What OpenVINO (``use_openvino``) and the bench's runtimes convert."""
         import copy
 
         from ultralytics.nn.modules import Detect
 
+        network = copy.deepcopy(self.model)
+        for module in network.modules():
+            if isinstance(module, Detect):
+                module.export, module.format, module.dynamic = True, "openvino", True
+        return _FirstOutput(network)
+
+    def use_openvino(self, precision: str, *, share: str | None = None) -> None:
+        """Run the network (``export_network``) on OpenVINO in ``precision`` for CPU batches at ``imgsz``.
+        ``share``: the published version these weights come from; detectors of the same one share one
+        converted network."""
         from captioning.ov_runtime import OpenVinoNet, shared_net
 
         def build() -> OpenVinoNet:
-            network = copy.deepcopy(self.model)
-            for module in network.modules():
-                if isinstance(module, Detect):
-                    module.export, module.format, module.dynamic = True, "openvino", True
-            return OpenVinoNet(_FirstOutput(network), torch.zeros(1, 3, self.imgsz, self.imgsz),
-                               precision=precision, name="YOLO")
+            return OpenVinoNet(self.export_network(), torch.zeros(1, 3, self.imgsz, self.imgsz), precision=precision,
+                               name="YOLO")
 
         self.accelerated = build() if share is None else shared_net(("YOLO", share, precision, self.imgsz), build)
 
