@@ -651,21 +651,27 @@ def _fraction_or_none(value: Any, key: str) -> float | None:
     return float(value)
 
 
+def _word_entries(section: Any, words: list[str], base: str, value_shape: str):
+    """A per-word config mapping ``base`` (null: none) -> ``(word, its dotted key, its value)`` for each entry;
+    a section that is not a mapping, or a word not in the vocabulary, is a ConfigError naming it."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"concepts config: {base} must be a mapping word -> {value_shape}, got {type(section).__name__}")
+    known = set(words)
+    for word, value in section.items():
+        key = f"{base}.{word}"
+        if word not in known:
+            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+        yield word, key, value
+
+
 def instance_size_settings(section: Any, words: list[str]) -> dict[str, tuple[float, float | None]]:
     """``extract.instance_sizes``: ``{word: [min, max]}`` (the longer side of the word's box, in the preprocessed
     image's pixels; ``max`` null: no upper bound) -> ``{word: (min, max)}``, checked; a wrong one is a ConfigError
     naming its key (``extract.instance_sizes.car``)."""
-    base = "extract.instance_sizes"
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"concepts config: {base} must be a mapping word -> [min, max], got {type(section).__name__}")
-    known = set(words)
     out: dict[str, tuple[float, float | None]] = {}
-    for word, limits in section.items():
-        key = f"{base}.{word}"
-        if word not in known:
-            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+    for word, key, limits in _word_entries(section, words, "extract.instance_sizes", "[min, max]"):
         if not isinstance(limits, list | tuple) or len(limits) != 2:
             raise ConfigError(f"concepts config: {key} {limits!r} must be [min, max] (pixels of the box's longer side)")
         low = _number(limits[0], key)
@@ -681,17 +687,8 @@ def instance_concept_settings(section: Any, words: list[str]) -> dict[str, dict[
     the same, checked: every word in the vocabulary, ``iou`` in (0, 1], ``merge_ios`` in (0, 1] or null (this
     word does not merge), ``min_score`` / ``conf`` numbers; a null ``iou`` / ``min_score`` / ``conf`` is the
     extract section's value. A wrong one is a ConfigError naming its key (``extract.instance_concepts.car.iou``)."""
-    base = "extract.instance_concepts"
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"concepts config: {base} must be a mapping word -> settings, got {type(section).__name__}")
-    known = set(words)
     out: dict[str, dict[str, float | None]] = {}
-    for word, settings in section.items():
-        key = f"{base}.{word}"
-        if word not in known:
-            raise ConfigError(f"concepts config: {key}: {word!r} is not a concept word of the model's vocabulary")
+    for word, key, settings in _word_entries(section, words, "extract.instance_concepts", "settings"):
         if not isinstance(settings, dict):
             raise ConfigError(f"concepts config: {key} must be a mapping of {', '.join(INSTANCE_CONCEPT_KEYS)}")
         unknown = sorted(set(settings) - set(INSTANCE_CONCEPT_KEYS))
