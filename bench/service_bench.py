@@ -216,35 +216,128 @@ async def run_cell(url: str, path: str, params: dict, images: list[bytes], concu
     }
 
 
+def side_by_side(servers: dict[str, ServerProcess], routes: list[tuple], levels: list[int], images: list[bytes],
+                 args, work: Path, *, tool: str = "httpx") -> list[dict]:
+    """Every route x clients cell measured on each server, one right after the other (so background load hits
+    them alike); ``tool``: ``httpx`` (the Python closed-loop clients) or ``wrk`` (one image, a C client)."""
+    cells = []
+    for label, path, params, _model in routes:
+        for concurrency in levels:
+            for name, server in servers.items():
+                if tool == "wrk":
+                    query = "?" + "&".join(f"{k}={v}" for k, v in params.items()) if params else ""
+                    cell = run_wrk(server.url, path + query, images[0], concurrency, args.duration, args.warmup, work)
+                else:
+                    cell = asyncio.run(run_cell(server.url, path, params, images, concurrency, args.duration,
+                                                args.warmup))
+                cell.update(route=label, concurrency=concurrency, server=name, tool=tool)
+                cells.append(cell)
+                print(f"{name:22s} {tool:5s} {label:14s} c={concurrency:<3d} {cell['throughput_rps']:7.2f} req/s",
+                      flush=True)
+    return cells
+
+
+def start_servers(envs: dict[str, dict], work: Path, cwd: dict[str, Path] | None = None) -> tuple[dict, dict]:
+    servers, startup = {}, {}
+    try:
+        for name, env in envs.items():
+            started = time.perf_counter()
+            log = work / f"server-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.log"
+            servers[name] = ServerProcess(env, log_path=log, cwd=(cwd or {}).get(name)).start()
+            startup[name] = round(time.perf_counter() - started, 1)
+    except Exception:
+        stop_servers(servers)
+        raise
+    return servers, startup
+
+
+def stop_servers(servers: dict[str, ServerProcess]) -> None:
+    for server in servers.values():
+        try:
+            server.terminate(60)
+        except Exception:  # noqa: BLE001
+            server.kill()
+
+
 def compare_vision_runtimes(store: Path, work: Path, served: list[str], images: list[bytes], routes: list[tuple],
                             args) -> dict:
     """The served routes at 1 and 32 clients on two servers side by side, one running the convolutional
     networks on torch and one on OpenVINO (CAPTIONER_VISION_RUNTIME), each cell measured on both one right after
     the other; start-up time and idle / peak memory of each server."""
-    out: dict = {"cells": [], "startup_s": {}, "idle_rss_mib": {}, "peak_rss_mib": {}}
-    servers = {}
+    envs = {runtime: server_env(store, work, f"vision-{runtime}", served, 8, args, CAPTIONER_VISION_RUNTIME=runtime)
+            for runtime in ("torch", "openvino")}
+    servers, startup = start_servers(envs, work)
     try:
-        for runtime in ("torch", "openvino"):
-            env = server_env(store, work, f"vision-{runtime}", served, 8, args, CAPTIONER_VISION_RUNTIME=runtime)
-            started = time.perf_counter()
-            servers[runtime] = ServerProcess(env, log_path=work / f"server-vision-{runtime}.log").start()
-            out["startup_s"][runtime] = round(time.perf_counter() - started, 1)
         time.sleep(1.0)
-        out["idle_rss_mib"] = {k: rss_mib(s.proc.pid, "VmRSS") for k, s in servers.items()}
-        for label, path, params, _model in routes:
-            for concurrency in (1, 32):
-                for runtime, server in servers.items():
-                    cell = asyncio.run(run_cell(server.url, path, params, images, concurrency, args.duration,
-                                                args.warmup))
-                    cell.update(route=label, concurrency=concurrency, vision_runtime=runtime)
-                    out["cells"].append(cell)
-                    print(f"vision {runtime:8s} {label:14s} c={concurrency:<3d} {cell['throughput_rps']:7.2f} req/s "
-                          f"p50 {cell['p50_ms']} ms", flush=True)
-        out["peak_rss_mib"] = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
+        idle = {k: rss_mib(s.proc.pid, "VmRSS") for k, s in servers.items()}
+        cells = side_by_side(servers, routes, [1, 32], images, args, work)
+        peak = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
     finally:
-        for server in servers.values():
-            server.terminate(60)
-    return out
+        stop_servers(servers)
+    for cell in cells:
+        cell["vision_runtime"] = cell["server"]
+    return {"cells": cells, "startup_s": startup, "idle_rss_mib": idle, "peak_rss_mib": peak}
+
+
+def compare_replicas(store: Path, work: Path, served: list[str], images: list[bytes], routes: list[tuple],
+                     args) -> dict:
+    """CAPTIONER_REPLICAS=1 (one replica per model, all threads) against the default (auto: two one-thread
+    replicas for a captioner on 2+ CPUs), every route at 1 and 32 clients, side by side; wrk when installed."""
+    tool = "wrk" if shutil.which("wrk") else "httpx"
+    envs = {"1 replica": server_env(store, work, "replicas-1", served, 8, args, CAPTIONER_REPLICAS="1"),
+            "auto": server_env(store, work, "replicas-auto", served, 8, args)}
+    servers, _ = start_servers(envs, work)
+    try:
+        cells = side_by_side(servers, routes, [1, 32], images, args, work, tool=tool)
+        peak = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
+    finally:
+        stop_servers(servers)
+    return {"tool": tool, "cells": cells, "peak_rss_mib": peak}
+
+
+def blip_images_per_s(threads: int) -> dict:
+    """BLIP-base (transformers, random init, 384 px, greedy 20 tokens) in-process at batch 8, timed by
+    bench/inference.py's own function: the peer the caption route's images/s is compared with in this run."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_inference", REPO / "bench" / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    row = module.blip_rows(threads, [8], 3, torch.device("cpu"))[0]
+    torch.set_num_threads(1)  # the load generator's own process: leave the cores to the servers
+    return {"batch": 8, "threads": threads, "images_per_s": row["images_per_s"], "ms_per_image": row["ms_per_image"]}
+
+
+def compare_baseline(rev: str, store: Path, work: Path, images: list[bytes], args) -> dict:
+    """The caption route (LightCap) of this code against the code of git revision ``rev`` (with its own embedded
+    store), both with their default settings, side by side in one run at 1, 8 and 32 clients, with wrk (when
+    installed) and the Python clients: the before/after ratio on today's machine, not against a figure
+    recorded on another day."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    tree = work / f"baseline-{commit}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                   capture_output=True)
+    try:
+        envs = {f"before ({commit})": {**server_env(tree / "model_store", work, "baseline", ["lightcap"], 8, args),
+                                       "PYTHONPATH": str(tree)},
+                "now": server_env(store, work, "now", ["lightcap"], 8, args)}
+        servers, startup = start_servers(envs, work, cwd={f"before ({commit})": tree})
+        try:
+            routes = [("caption", "/v1/caption", {}, "lightcap")]
+            cells = []
+            if shutil.which("wrk"):
+                cells += side_by_side(servers, routes, [1, 8, 32], images, args, work, tool="wrk")
+            cells += side_by_side(servers, routes, [1, 32], images, args, work)
+            peak = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
+        finally:
+            stop_servers(servers)
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    return {"rev": rev, "commit": commit, "cells": cells, "startup_s": startup, "peak_rss_mib": peak}
 
 
 def run_wrk(url: str, path: str, image: bytes, concurrency: int, duration: float, warmup: float, work: Path) -> dict:
@@ -288,6 +381,12 @@ def main() -> int:
     parser.add_argument("--skip-overload", action="store_true", help="skip the overload and 49 MP memory runs")
     parser.add_argument("--skip-vision", action="store_true",
                         help="skip the torch vs OpenVINO comparison of the convolutional networks")
+    parser.add_argument("--skip-replicas", action="store_true", help="skip CAPTIONER_REPLICAS=1 against auto")
+    parser.add_argument("--blip", action="store_true",
+                        help="also time BLIP-base in-process (batch 8) and report the caption route's ratio to it")
+    parser.add_argument("--baseline", default="",
+                        help="a git revision whose caption route is measured side by side with this code's "
+                             "(e.g. 1dbec48, the code issue 14 measured 25 req/s on)")
     parser.add_argument("--only-overload", action="store_true",
                         help="run only the overload and 49 MP memory runs, updating the recorded results")
     args = parser.parse_args()
@@ -327,11 +426,14 @@ def main() -> int:
     result: dict = {
         "machine": machine(), "store": str(store.root), "models": versions, "concurrency": levels,
         "duration_s": args.duration, "warmup_s": args.warmup, "image": "256x256 PNG synthetic scene",
-        "settings": {"torch_threads": args.threads or "cores", "replicas": 1, "max_wait_ms": args.max_wait_ms,
+        "settings": {"torch_threads": args.threads or "CPUs / replicas", "replicas": "auto", "max_wait_ms": args.max_wait_ms,
                      "vision_runtime": "auto (OpenVINO on this CPU)", "malloc_arenas": 2,
                      "queue_size": 256, "intake_threads": "default"},
         "loadavg_before": loadavg(), "cells": [],
     }
+    if args.blip:
+        result["blip"] = blip_images_per_s(os.cpu_count() or 1)
+        print(f"blip-base: {result['blip']}", flush=True)
     try:
         for mode, batch in MODES.items():
             env = server_env(store.root, work, str(batch), served, batch, args)
@@ -359,6 +461,10 @@ def main() -> int:
                 server.terminate(60)
             except Exception:  # noqa: BLE001
                 server.kill()
+    if args.baseline:
+        result["baseline"] = compare_baseline(args.baseline, store.root, work, images, args)
+    if not args.skip_replicas:
+        result["replicas"] = compare_replicas(store.root, work, served, images, routes, args)
     if not args.skip_vision:
         result["vision_runtimes"] = compare_vision_runtimes(store.root, work, served, images, routes, args)
     if not args.skip_overload:
@@ -372,14 +478,34 @@ def main() -> int:
     return 0
 
 
+def comparison_table(cells: list[dict], names: list[str]) -> list[str]:
+    """route | clients | client | req/s on each server | ratio last / first."""
+    first, last = names[0], names[-1]
+    lines = [f"| route | clients | client | {' | '.join(f'{n} req/s' for n in names)} | {last} / {first} |",
+             "|---|---|---|" + "---|" * (len(names) + 1)]
+    keys = []
+    for c in cells:
+        key = (c["route"], c["concurrency"], c.get("tool", "httpx"))
+        if key not in keys:
+            keys.append(key)
+    for route, concurrency, tool in keys:
+        row = {c["server"]: c["throughput_rps"] for c in cells
+               if (c["route"], c["concurrency"], c.get("tool", "httpx")) == (route, concurrency, tool)}
+        ratio = f"{row[last] / row[first]:.2f}x" if row.get(first) else ""
+        lines.append(f"| {route} | {concurrency} | {tool} | {' | '.join(f'{row.get(n, 0):.2f}' for n in names)} | "
+                     f"{ratio} |")
+    return lines + [""]
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, no GPU; load generator "
         f"on the same machine. Load average before/after: {result['loadavg_before']} / {result['loadavg_after']}.",
         f"Models: {', '.join(f'{k}@{v}' for k, v in result['models'].items())}. One 256x256 PNG per request, "
-        f"closed loop, {result['duration_s']:g} s per cell after {result['warmup_s']:g} s warm-up; 1 replica, "
-        f"torch threads = {result['settings']['torch_threads']}, max_wait_ms = {result['settings']['max_wait_ms']}.",
+        f"closed loop, {result['duration_s']:g} s per cell after {result['warmup_s']:g} s warm-up; replicas "
+        f"{result['settings'].get('replicas', 1)}, torch threads = {result['settings']['torch_threads']}, "
+        f"max_wait_ms = {result['settings']['max_wait_ms']}.",
         "",
         "| route | clients | batching | req/s | p50 ms | p95 ms | p99 ms | mean batch | speed-up |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -401,6 +527,26 @@ def markdown(result: dict) -> str:
     idle = result.get("idle_rss_mib", {})
     lines += ["", "Server memory: idle (VmRSS after start) " + ", ".join(f"{k}: {v} MiB" for k, v in idle.items())
               + "; peak under this load (VmHWM) " + ", ".join(f"{k}: {v} MiB" for k, v in peak.items()), ""]
+    if "blip" in result:
+        blip = result["blip"]["images_per_s"]
+        lines += [f"BLIP-base in this run (in-process, batch {result['blip']['batch']}, {result['blip']['threads']} "
+                  f"threads, greedy 20 tokens): {blip} images/s. Caption route at 32 clients, batching on, against "
+                  "it: " + ", ".join(f"{c['route']} {c['throughput_rps'] / blip:.0f}x" for c in cells
+                                     if c["mode"] == "batching on" and c["concurrency"] == 32
+                                     and c["route"].startswith("caption")) + ".", ""]
+    if "baseline" in result:
+        b = result["baseline"]
+        names = list(b["startup_s"])
+        lines += [f"Before / after, side by side in this run: the caption route (LightCap) of revision {b['commit']} "
+                  f"(`--baseline {b['rev']}`, its own code and embedded store, its default settings) and of this "
+                  f"code (its defaults). Peak RSS {b['peak_rss_mib']} MiB.", ""]
+        lines += comparison_table(b["cells"], names)
+    if "replicas" in result:
+        r = result["replicas"]
+        lines += ["CAPTIONER_REPLICAS: one replica per model (all threads) against the default (auto: two one-thread "
+                  f"replicas for a captioner on 2+ CPUs), side by side ({r['tool']}); peak RSS {r['peak_rss_mib']} "
+                  "MiB.", ""]
+        lines += comparison_table(r["cells"], ["1 replica", "auto"])
     if "vision_runtimes" in result:
         v = result["vision_runtimes"]
         lines += ["CAPTIONER_VISION_RUNTIME, the same routes on two servers side by side (batching on; OpenVINO is "

@@ -110,14 +110,14 @@ class ModelRegistry:
             max_wait_ms=s.max_wait_ms,
             capacity=s.queue_size,
             max_waiting=s.max_waiting,
-            replicas=s.replicas,
-            torch_threads=s.threads_per_replica,
+            replicas=s.replicas_for(spec.kind),
+            torch_threads=s.threads_for(spec.kind),
             metrics=self.metrics,
         )
         await pool.start()
         self.served[name] = Served(name=name, runtime=runtime, pool=pool, spec=spec)
         self._report(name)
-        self.metrics.workers_up.labels(name).set(s.replicas)
+        self.metrics.workers_up.labels(name).set(pool.replicas)
 
     async def close(self, timeout: float) -> None:
         await asyncio.gather(*(s.pool.close(timeout) for s in self.served.values()))

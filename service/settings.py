@@ -8,6 +8,7 @@ so the two cannot drift apart unnoticed (tests compare them).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -97,8 +98,16 @@ class Settings(BaseSettings):
         "(0: refuse at once); it waits in line, its body unread when it is one raw image, nothing decoded"
     )
     max_waiting: int = Field(256, ge=0, description="per-model bound on images waiting for queue room (429 at once beyond)")
-    replicas: int = Field(1, ge=1, description="worker threads per model, each running one batch at a time")
-    torch_threads: int = Field(0, ge=0, description="torch threads per replica (0: cores / replicas)")
+    replicas: int = Field(
+        0, ge=0, description="worker threads per model, each running one batch at a time (0: auto -- 2 for a "
+        "captioner on a CPU with 2+ CPUs, whose one-core decoding loop then overlaps the other replica's networks; "
+        "else 1)"
+    )
+    torch_threads: int = Field(0, ge=0, description="torch threads per replica (0: CPUs / the model's replicas)")
+    cpus: int = Field(
+        0, ge=0, description="CPUs the server may use (0: detect -- the process's CPU affinity, capped by a "
+        "cgroup CPU quota)"
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="per-request deadline (504 when passed)")
     max_beam_size: int = Field(5, ge=1, description="largest beam_size a request may ask for")
     max_length_limit: int = Field(64, ge=1, description="largest max_length a request may ask for")
@@ -218,12 +227,42 @@ class Settings(BaseSettings):
         return resolve_vision_runtime(self.vision_runtime, self.device_name)
 
     @property
-    def threads_per_replica(self) -> int:
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.replicas)
+    def cpu_budget(self) -> int:
+        return self.cpus or available_cpus()
+
+    def replicas_for(self, kind: str) -> int:
+        """Worker replicas of a model of ``kind`` (``caption``, ``labels``, ``concepts``). Auto: measured on 2
+        CPUs (bench/results/service.md), two 1-thread replicas serve a captioner 1.2-1.3x faster than one 2-thread
+        replica (LightCap; UCM 1.06-1.15x): a batch's decoding loop is a string of small ops on one core, which the
+        other replica's networks fill; the label and concept models, all networks, gain little or lose."""
+        if self.replicas:
+            return self.replicas
+        on_cpu = self.device_name == "cpu"
+        return 2 if kind == "caption" and on_cpu and self.cpu_budget >= 2 else 1
+
+    def threads_for(self, kind: str) -> int:
+        """torch (and OpenVINO) threads of each replica of a model of ``kind``."""
+        return self.torch_threads or max(1, self.cpu_budget // self.replicas_for(kind))
 
     @property
     def decode_threads(self) -> int:
         return self.intake_threads or min(4, os.cpu_count() or 1)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (``cpu.max``: a container's
+    CPU limit, which the affinity does not show)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def settings_table() -> str:

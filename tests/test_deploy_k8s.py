@@ -130,7 +130,8 @@ def test_settings_configmap_is_valid_service_settings(serving):
     # the thread budget matches the CPU the pod may use (torch would otherwise size itself to the node)
     cpu_limit = api["resources"]["limits"].get("cpu")
     if cpu_limit is not None:
-        assert settings.torch_threads * settings.replicas <= _cpus(cpu_limit)
+        for kind in ("caption", "labels", "concepts"):
+            assert settings.replicas_for(kind) * settings.threads_for(kind) <= _cpus(cpu_limit), kind
     # graceful shutdown fits in the termination grace period after the preStop pause
     pod = deployment["spec"]["template"]["spec"]
     pre_stop = api["lifecycle"]["preStop"]["exec"]["command"]

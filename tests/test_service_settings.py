@@ -29,8 +29,34 @@ def test_bad_values_are_refused():
     assert Settings(_env_file=None, vision_runtime=" Torch ").vision_runtime_name == "torch"
 
 
-def test_threads_per_replica_split_the_cores(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert Settings(_env_file=None, replicas=2).threads_per_replica == 4
-    assert Settings(_env_file=None, replicas=2, torch_threads=1).threads_per_replica == 1
-    assert Settings(_env_file=None, replicas=16).threads_per_replica == 1
+def test_replicas_and_threads_split_the_cpus(monkeypatch):
+    monkeypatch.setattr("service.settings.available_cpus", lambda: 8)
+    cpu = {"_env_file": None, "device": "cpu"}
+    assert Settings(**cpu, replicas=2).threads_for("labels") == 4
+    assert Settings(**cpu, replicas=2, torch_threads=1).threads_for("caption") == 1
+    assert Settings(**cpu, replicas=16).threads_for("concepts") == 1
+    # auto: two replicas for a captioner on 2+ CPUs (its decoding loop overlaps the other's networks), else one
+    auto = Settings(**cpu)
+    assert (auto.replicas_for("caption"), auto.threads_for("caption")) == (2, 4)
+    assert (auto.replicas_for("labels"), auto.threads_for("labels")) == (1, 8)
+    assert Settings(**cpu, cpus=1).replicas_for("caption") == 1
+    assert Settings(**cpu, cpus=2).threads_for("caption") == 1
+
+
+def test_available_cpus_is_capped_by_the_cgroup_quota(monkeypatch, tmp_path):
+    from service import settings as settings_module
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    quota = tmp_path / "cpu.max"
+    real_path = settings_module.Path
+
+    def fake_path(text):
+        return quota if text == "/sys/fs/cgroup/cpu.max" else real_path(text)
+
+    monkeypatch.setattr(settings_module, "Path", fake_path)
+    quota.write_text("150000 100000\n")  # a 1.5-CPU limit: 2 threads
+    assert settings_module.available_cpus() == 2
+    quota.write_text("max 100000\n")
+    assert settings_module.available_cpus() == 8
+    quota.unlink()  # no cgroup v2 file: the affinity
+    assert settings_module.available_cpus() == 8
