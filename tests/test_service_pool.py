@@ -73,6 +73,33 @@ def test_concurrent_items_form_full_batches_with_exact_results():
     assert (count, total) == (3, 20)
 
 
+def test_a_batch_waits_for_more_only_while_admitted_requests_are_on_their_way():
+    """max_wait_ms is long here (2 s): with no reservation outstanding the lone item runs at once; with one
+    outstanding (a request still being decoded) the batcher waits for it and runs both together."""
+    runner = Recorder()
+    model = make_model()
+
+    async def main():
+        pool = BatchPool("m", runner, max_batch_size=8, max_wait_ms=2000, capacity=16)
+        await pool.start()
+        started = time.monotonic()
+        alone = pool.submit([torch.randn(4)], handle=model)
+        await wait_items(alone, timeout=10)
+        alone_s = time.monotonic() - started
+        coming = pool.reserve(1)  # admitted, still decoding
+        first = pool.submit([torch.randn(4)], handle=model, reservation=pool.reserve(1))
+        await asyncio.sleep(0.2)
+        assert not first[0].future.done()  # held: one more is on its way
+        second = pool.submit([torch.randn(4)], handle=model, reservation=coming)
+        await wait_items(first + second, timeout=10)
+        await pool.close()
+        return alone_s
+
+    alone_s = run(main())
+    assert alone_s < 1.0  # did not wait out the 2 s max_wait_ms
+    assert [len(b[2]) for b in runner.batches] == [1, 2]
+
+
 def test_batch_size_one_turns_batching_off():
     runner = Recorder()
 
