@@ -232,9 +232,9 @@ class Settings(BaseSettings):
 
     def replicas_for(self, kind: str) -> int:
         """Worker replicas of a model of ``kind`` (``caption``, ``labels``, ``concepts``). Auto: measured on 2
-        CPUs (bench/results/service.md), two 1-thread replicas serve a captioner 1.2-1.3x faster than one 2-thread
-        replica (LightCap; UCM 1.06-1.15x): a batch's decoding loop is a string of small ops on one core, which the
-        other replica's networks fill; the label and concept models, all networks, gain little or lose."""
+        CPUs (bench/results/service.md, docs/service.md), two 1-thread replicas serve a captioner 1.1-1.45x the
+        requests/s of one 2-thread replica: a batch's decoding loop is a string of small ops on one core, which
+        the other replica's networks fill; the label and concept models, all networks, gain nothing or lose."""
         if self.replicas:
             return self.replicas
         on_cpu = self.device_name == "cpu"
