@@ -232,7 +232,7 @@ class Settings(BaseSettings):
 
     def replicas_for(self, kind: str) -> int:
         """Worker replicas of a model of ``kind`` (``caption``, ``labels``, ``concepts``). Auto: measured on 2
-        CPUs (bench/results/service.md, docs/service.md), two 1-thread replicas serve a captioner 1.04-1.29x the
+        CPUs (bench/results/service.md, docs/service.md), two 1-thread replicas serve a captioner 1.04-1.61x the
         requests/s of one 2-thread replica: a batch's decoding loop is a string of small ops on one core, which
         the other replica's networks fill; the label and concept models, all networks, gain nothing or lose."""
         if self.replicas:
