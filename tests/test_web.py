@@ -314,6 +314,11 @@ def test_a_text_file_named_png_shows_the_apis_error(tab, tmp_path, shots):
     give(page, "drop", big)  # dropped on the drop zone
     page.locator("article.image-card h2", has_text="big.png").wait_for()
     page.locator("article.image-card .errors p.error", has_text="request body too large").wait_for()
+    # each part's answer arrives on its own: wait for the labels part before reading the card
+    page.wait_for_function("""() => {
+        const errors = [...document.querySelectorAll('article.image-card')].pop().querySelector('.errors');
+        return errors && errors.textContent.includes('labels');
+    }""")
     shown = page.locator("article.image-card .errors").inner_text()
     assert expected in shown and "labels" in shown, shown
     page.screenshot(path=shots / "error.png", full_page=True)
