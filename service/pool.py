@@ -12,10 +12,11 @@ queued or reserved items per priority; ``admit`` lets a request wait up to ``wai
 room for that room to free, else :class:`Overloaded` with a Retry-After estimate) -> ``submit`` with that
 reservation -> queued -> the batcher, once a replica is free, takes the
 oldest highest-priority item and adds compatible items (same model object, same decode parameters) until
-``max_batch_size`` or ``max_wait_ms`` has passed, waiting only while more are on their way (admitted requests
-still being read and decoded hold reservations; with none, nothing can join, so the batch runs at once) -> items whose deadline has passed or whose caller went away
-are dropped right before the batch runs -> ``run_batch(handle, group, payloads)`` in a replica thread ->
-each item's future gets its result (or the batch's exception).
+``max_batch_size`` or ``max_wait_ms`` has passed, waiting only while more are on their way (admitted
+requests still being read and decoded hold reservations; with none, nothing can join, so the batch runs at
+once) -> items whose deadline has passed or whose caller went away are dropped right before the batch runs
+-> ``run_batch(handle, group, payloads)`` in a replica thread -> each item's future gets its result (or the
+batch's exception).
 
 Because an item carries the model object (``handle``) that preprocessed it, a hot swap never mixes
 versions in one batch: items queued before the swap run on the old object, later ones on the new.

@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     formats: str = Field(
         ",".join(KNOWN_FORMATS), description="allowed image formats (Pillow names; subset of the default)"
     )
-    intake_threads: int = Field(0, ge=0, description="threads decoding / preprocessing images (0: cores, max 4)")
+    intake_threads: int = Field(0, ge=0, description="threads decoding / preprocessing images (0: CPUs, max 4)")
     max_inflight_pixels: int = Field(
         200_000_000, gt=0, description="decoded pixels held at once across all requests and jobs; an image waits "
         "briefly for room, else 429 with Retry-After (at least CAPTIONER_MAX_IMAGE_PIXELS)"
@@ -246,7 +246,7 @@ class Settings(BaseSettings):
 
     @property
     def decode_threads(self) -> int:
-        return self.intake_threads or min(4, os.cpu_count() or 1)
+        return self.intake_threads or min(4, self.cpu_budget)
 
 
 def available_cpus() -> int:
