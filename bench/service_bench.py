@@ -421,7 +421,6 @@ def main() -> int:
         (args.out_dir / f"service{suffix}.md").write_text(markdown(recorded))
         print(markdown(recorded))
         return 0
-    servers = {}
     started = time.time()
     result: dict = {
         "machine": machine(), "store": str(store.root), "models": versions, "concurrency": levels,
@@ -434,10 +433,9 @@ def main() -> int:
     if args.blip:
         result["blip"] = blip_images_per_s(os.cpu_count() or 1)
         print(f"blip-base: {result['blip']}", flush=True)
+    envs = {mode: server_env(store.root, work, str(batch), served, batch, args) for mode, batch in MODES.items()}
+    servers, _ = start_servers(envs, work)
     try:
-        for mode, batch in MODES.items():
-            env = server_env(store.root, work, str(batch), served, batch, args)
-            servers[mode] = ServerProcess(env, log_path=work / f"server-{batch}.log").start()
         time.sleep(1.0)
         result["idle_rss_mib"] = {mode: rss_mib(s.proc.pid, "VmRSS") for mode, s in servers.items()}
         for label, path, params, model in routes:
@@ -456,11 +454,7 @@ def main() -> int:
                           f"batch {cell['mean_batch_size']}", flush=True)
         result["peak_rss_mib"] = {mode: rss_mib(s.proc.pid) for mode, s in servers.items()}
     finally:
-        for server in servers.values():
-            try:
-                server.terminate(60)
-            except Exception:  # noqa: BLE001
-                server.kill()
+        stop_servers(servers)
     if args.baseline:
         result["baseline"] = compare_baseline(args.baseline, store.root, work, images, args)
     if not args.skip_replicas:
