@@ -148,7 +148,8 @@ class LightCapPipeline:
     ``device``/``dtype`` are the extractor's (the CLIP and YOLO trunks compute in ``dtype``); the captioner's
     transformer stays float32 (it is small, its cost is per-step overhead, not arithmetic). ``fast``: the decode
     loop shares each image's prefix keys/values across its beams with a preallocated cache
-    (``LightCapCaptioner.generate(fast=True)``); ``fast=False`` is the reference loop (HF ``DynamicCache``).
+    (``LightCapCaptioner.generate(fast=True)``), on the CPU as one compiled loop (``compiled_search``, compiled or
+    loaded from its cache here, at load); ``fast=False`` is the reference loop (HF ``DynamicCache``).
     """
 
     def __init__(
@@ -189,6 +190,11 @@ class LightCapPipeline:
             vocab.words, vocab.embeddings, tokenizer,
             max_concepts=model.arch["max_concepts"], max_concept_tokens=model.arch["max_concept_tokens"],
         )
+        if self.fast and self.device.type == "cpu":  # compile the CPU search now, not on the first request
+            from captioning.models.lightcap import compiled_search
+            from captioning.models.lightcap.captioner import FastLightCapDecoder
+
+            compiled_search.warm_up(FastLightCapDecoder(self.model, self.decoding.max_length + 1))
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

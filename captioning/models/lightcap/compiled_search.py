@@ -1,0 +1,552 @@
+"""LightCap's caption search on the CPU as one compiled loop (numba): every decoder step *and* the search's
+bookkeeping of a whole batch in a single call, without the interpreter in between.
+
+Why: on a CPU, LightCap's decoder is bound by per-operator overhead, not arithmetic. A step of the tiny
+student is about a hundred torch calls on a few rows (two BERT layers, the three-branch head, the bans, the
+top-k and the beam reorder), each costing 5-30 us on these machines, for about 5 MFLOP of work; at batch 1 the
+search took half of LightCap's time (docs/performance.md). Compiled once with numba (LLVM), the same
+arithmetic runs as plain loops: no dispatcher, no temporaries, the GIL released (``nogil``) so replicas decode
+in parallel.
+
+What it computes is exactly ``FastLightCapDecoder`` + ``captioning.decoding`` (``beam_search`` for
+``beam_size > 1``, else ``greedy_search``), to float32 rounding (tests/test_compiled_search.py):
+
+* the prefix (visual + concept tokens) runs once per image through ``FastLightCapDecoder.init_state`` (torch:
+  a real matrix product of ``P`` rows, which torch does well); its keys / values are shared by the image's beams;
+* a step: ``x = LN(word[token] + type + position)``; per layer: fused QKV, attention over the image's prefix
+  keys and the row's own caption keys (a preallocated time-major cache), output projection, LN, GELU FFN, LN;
+  the ensemble head: per branch ``LN(GELU(W x))``, logits against the tied word embeddings, ``log_softmax``,
+  then the log of the branches' mean probability;
+* the bans of ``adjust_log_probs`` (min / max length, repetition penalty, runs, repeated n-grams), then for
+  beam search the top ``2K`` candidates per image, finished hypotheses (``<eos>`` within the top ``K``), the
+  next ``K`` beams, the stop rule (``_is_done``), and the cache reorder; greedy search takes the arg-max.
+
+Scores are summed in float64 like the torch search. Ties between exactly equal candidate scores go to the lower
+(beam, token) index; torch's ``topk`` leaves their order unspecified.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def _cache_dir() -> None:
+    """Compiled kernels are cached on disk (``cache=True``: about 12 s to compile, 1 s to load). Numba caches next
+    to this file or under ``~/.cache``; where neither is writable (a read-only install, a container user without
+    a home) it would refuse to import, so ``NUMBA_CACHE_DIR`` then defaults to a directory under the temp dir."""
+    if os.environ.get("NUMBA_CACHE_DIR") or os.access(Path(__file__).parent, os.W_OK):
+        return
+    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    writable = home_cache if home_cache.is_dir() and os.access(home_cache, os.W_OK) else Path(tempfile.gettempdir())
+    os.environ["NUMBA_CACHE_DIR"] = str(writable / "captioner-numba")
+
+
+_cache_dir()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from numba import njit  # noqa: E402
+
+NEG_INF = -np.inf
+# error_model="numpy": a float division is IEEE (no ZeroDivisionError check), which is what lets LLVM vectorise
+# the loops that divide (GELU, softmax).
+_KERNEL = {"cache": True, "nogil": True, "error_model": "numpy"}
+# Matrix products and reductions may be reassociated and contracted into FMAs (vectorised); nothing assumes
+# finite values, because the search lives on -inf.
+_MATH = {**_KERNEL, "fastmath": {"reassoc", "contract"}}
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+@njit(**_MATH)
+def _linear(x, weight, bias, out):
+    """out[N,O] = x[N,I] @ weight[O,I].T + bias[O] (torch's layout): dot products over I, four rows at a time
+    so each weight row is loaded once per four rows (then two, then one for the rest)."""
+    n_rows, n_in = x.shape
+    n_out = weight.shape[0]
+    r = 0
+    while r + 4 <= n_rows:
+        for o in range(n_out):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for i in range(n_in):
+                w = weight[o, i]
+                s0 += x[r, i] * w
+                s1 += x[r + 1, i] * w
+                s2 += x[r + 2, i] * w
+                s3 += x[r + 3, i] * w
+            out[r, o] = s0 + bias[o]
+            out[r + 1, o] = s1 + bias[o]
+            out[r + 2, o] = s2 + bias[o]
+            out[r + 3, o] = s3 + bias[o]
+        r += 4
+    if r + 2 <= n_rows:
+        for o in range(n_out):
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            for i in range(n_in):
+                w = weight[o, i]
+                s0 += x[r, i] * w
+                s1 += x[r + 1, i] * w
+            out[r, o] = s0 + bias[o]
+            out[r + 1, o] = s1 + bias[o]
+        r += 2
+    if r < n_rows:
+        for o in range(n_out):
+            s0 = np.float32(0.0)
+            for i in range(n_in):
+                s0 += x[r, i] * weight[o, i]
+            out[r, o] = s0 + bias[o]
+
+
+@njit(**_MATH)
+def _add(x, y):
+    """x += y (same shape, 2-D)."""
+    for r in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            x[r, j] += y[r, j]
+
+
+@njit(**_MATH)
+def _layer_norm_rows(x, gamma, beta, eps):
+    """In place over the last axis of x[N,H] (biased variance, as torch)."""
+    n_rows, width = x.shape
+    for r in range(n_rows):
+        mean = 0.0
+        for j in range(width):
+            mean += x[r, j]
+        mean /= width
+        var = 0.0
+        for j in range(width):
+            diff = x[r, j] - mean
+            var += diff * diff
+        inv = 1.0 / math.sqrt(var / width + eps)
+        for j in range(width):
+            x[r, j] = (x[r, j] - mean) * inv * gamma[j] + beta[j]
+
+
+@njit(**_MATH)
+def _gelu(x):
+    """BERT's exact GELU, ``x/2 (1 + erf(x/sqrt 2))``, in place. erf is the rational approximation Eigen and XLA
+    use for float32 (odd degree-13 over even degree-8 polynomial on [-4, 4], +-1 outside): it vectorises, where
+    libm's erf is a scalar call per element. Largest error against GELU in float64 over [-10, 10]: 9.3e-7
+    (torch's own float32 GELU: 1.1e-6)."""
+    flat = x.reshape(-1)
+    for j in range(flat.size):
+        v = flat[j]
+        z = min(max(v * np.float32(0.7071067811865476), np.float32(-4.0)), np.float32(4.0))
+        z2 = z * z
+        p = z2 * np.float32(-2.72614225801306e-10) + np.float32(2.77068142495902e-08)
+        p = z2 * p + np.float32(-2.10102402082508e-06)
+        p = z2 * p + np.float32(-5.69250639462346e-05)
+        p = z2 * p + np.float32(-7.34990630326855e-04)
+        p = z2 * p + np.float32(-2.95459980854025e-03)
+        p = z2 * p + np.float32(-1.60960333262415e-02)
+        q = z2 * np.float32(-1.45660718464996e-05) + np.float32(-2.13374055278905e-04)
+        q = z2 * q + np.float32(-1.68282697438203e-03)
+        q = z2 * q + np.float32(-7.37332916720468e-03)
+        q = z2 * q + np.float32(-1.42647390514189e-02)
+        flat[j] = np.float32(0.5) * v * (np.float32(1.0) + z * p / q)
+
+
+@njit(**_MATH)
+def _step(tokens, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs):
+    """One decoder step for N rows (row r belongs to image r // group) -> log_probs[N,V] (float32).
+
+    prefix_k / prefix_v [L,B,h,d,P] (transposed, so both products run along P; keys pre-scaled by 1/sqrt(d)),
+    prefix_mask [B,P] (additive),
+    cache [T,L,2,N,h,d]: the rows' own caption keys (pre-scaled) / values; slot t is written here."""
+    (word, caption_base, emb_norm, qkv_wt, qkv_b, out_wt, out_b, norm1, in_wt, in_b, ffn_wt, ffn_b,
+     norm2, branch_wt, branch_b, branch_norm, vocab_bias, eps) = weights
+    n_rows = tokens.shape[0]
+    n_layers, _, heads, head_dim, n_prefix = prefix_k.shape
+    hidden = word.shape[1]
+    vocab = word.shape[0]
+    n_branches = branch_norm.shape[0]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    x = np.empty((n_rows, hidden), np.float32)
+    for r in range(n_rows):
+        for j in range(hidden):
+            x[r, j] = word[tokens[r], j] + caption_base[t, j]
+    _layer_norm_rows(x, emb_norm[0], emb_norm[1], eps[0])
+    qkv = np.empty((n_rows, 3 * hidden), np.float32)
+    ctx = np.empty((n_rows, hidden), np.float32)
+    att = np.empty((n_rows, hidden), np.float32)
+    inner = np.empty((n_rows, in_wt.shape[1]), np.float32)
+    scores = np.empty(n_prefix + t + 1, np.float32)
+    for layer in range(n_layers):
+        _linear(x, qkv_wt[layer], qkv_b[layer], qkv)
+        for r in range(n_rows):
+            for h in range(heads):
+                for j in range(head_dim):
+                    cache[t, layer, 0, r, h, j] = qkv[r, hidden + h * head_dim + j] * scale
+                    cache[t, layer, 1, r, h, j] = qkv[r, 2 * hidden + h * head_dim + j]
+        for r in range(n_rows):
+            image = r // group
+            for h in range(heads):
+                q = qkv[r, h * head_dim : (h + 1) * head_dim]
+                top = np.float32(-np.inf)
+                for p in range(n_prefix):
+                    scores[p] = prefix_mask[image, p]
+                for j in range(head_dim):
+                    qj = q[j]
+                    for p in range(n_prefix):
+                        scores[p] += qj * prefix_k[layer, image, h, j, p]
+                for p in range(n_prefix):
+                    top = max(top, scores[p])
+                for step in range(t + 1):
+                    s = np.float32(0.0)
+                    for j in range(head_dim):
+                        s += q[j] * cache[step, layer, 0, r, h, j]
+                    scores[n_prefix + step] = s
+                    top = max(top, s)
+                total = np.float32(0.0)
+                for p in range(n_prefix + t + 1):
+                    e = np.float32(math.exp(scores[p] - top))
+                    scores[p] = e
+                    total += e
+                inv_total = np.float32(1.0) / total
+                for p in range(n_prefix + t + 1):
+                    scores[p] *= inv_total
+                base = h * head_dim
+                for j in range(head_dim):
+                    acc = np.float32(0.0)
+                    for p in range(n_prefix):
+                        acc += scores[p] * prefix_v[layer, image, h, j, p]
+                    for step in range(t + 1):
+                        acc += scores[n_prefix + step] * cache[step, layer, 1, r, h, j]
+                    ctx[r, base + j] = acc
+        _linear(ctx, out_wt[layer], out_b[layer], att)
+        _add(att, x)
+        _layer_norm_rows(att, norm1[layer, 0], norm1[layer, 1], eps[1])
+        _linear(att, in_wt[layer], in_b[layer], inner)
+        _gelu(inner)
+        _linear(inner, ffn_wt[layer], ffn_b[layer], x)
+        _add(x, att)
+        _layer_norm_rows(x, norm2[layer, 0], norm2[layer, 1], eps[1])
+    # ensemble head: per branch LN(GELU(W x)) -> logits on the tied embeddings -> log of the mean probability
+    branch = np.empty((n_rows, n_branches * hidden), np.float32)
+    _linear(x, branch_wt, branch_b, branch)
+    _gelu(branch)
+    per_branch = branch.reshape(n_rows * n_branches, hidden)
+    ones = np.ones(hidden, np.float32)
+    zeros = np.zeros(hidden, np.float32)
+    _layer_norm_rows(per_branch, ones, zeros, eps[2])
+    for r in range(n_rows):
+        for k in range(n_branches):
+            for j in range(hidden):
+                per_branch[r * n_branches + k, j] = per_branch[r * n_branches + k, j] * branch_norm[k, 0, j] \
+                    + branch_norm[k, 1, j]
+    logits = np.empty((n_rows * n_branches, vocab), np.float32)
+    _linear(per_branch, word, vocab_bias, logits)
+    branch_lp = np.empty(n_branches, np.float32)
+    log_n = np.float32(math.log(n_branches))
+    for r in range(n_rows):
+        for k in range(n_branches):  # log_softmax of each branch, kept in place
+            row = r * n_branches + k
+            top = logits[row, 0]
+            for v in range(1, vocab):
+                top = max(top, logits[row, v])
+            total = np.float32(0.0)
+            for v in range(vocab):
+                total += np.float32(math.exp(logits[row, v] - top))
+            shift = top + np.float32(math.log(total))
+            for v in range(vocab):
+                logits[row, v] -= shift
+        for v in range(vocab):  # logsumexp over the branches
+            top = -np.inf
+            for k in range(n_branches):
+                branch_lp[k] = logits[r * n_branches + k, v]
+                top = max(top, branch_lp[k])
+            if top == -np.inf:
+                log_probs[r, v] = -np.inf
+                continue
+            total = np.float32(0.0)
+            for k in range(n_branches):
+                total += np.float32(math.exp(branch_lp[k] - top))
+            log_probs[r, v] = top + np.float32(math.log(total)) - log_n
+
+
+# ---------------------------------------------------------------------------------------------- the bans
+@njit(**_KERNEL)
+def _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos):
+    """``captioning.decoding.adjust_log_probs`` in place on log_probs[N,V]; prefix[N, >=step] (generated)."""
+    n_rows, vocab = log_probs.shape
+    if step < min_length:
+        for r in range(n_rows):
+            log_probs[r, eos] = -np.inf
+    if step >= max_length:  # only <eos> is left
+        for r in range(n_rows):
+            keep = log_probs[r, eos]
+            log_probs[r, :] = -np.inf
+            log_probs[r, eos] = keep
+        return
+    if step == 0:
+        return
+    for r in range(n_rows):
+        if repetition_penalty != 1.0:
+            seen = np.zeros(vocab, np.bool_)
+            for j in range(step):
+                seen[prefix[r, j]] = True
+            for v in range(vocab):
+                if seen[v]:
+                    log_probs[r, v] = log_probs[r, v] * np.float32(repetition_penalty)
+        if max_run > 0 and step >= max_run:
+            same = True
+            for j in range(step - max_run + 1, step):
+                if prefix[r, j] != prefix[r, step - max_run]:
+                    same = False
+            if same:
+                log_probs[r, prefix[r, step - max_run]] = -np.inf
+        if ngram > 0 and step >= ngram:
+            for j in range(step - ngram + 1):  # every n-gram so far whose first n-1 match the last n-1 tokens
+                match = True
+                for i in range(ngram - 1):
+                    if prefix[r, j + i] != prefix[r, step - ngram + 1 + i]:
+                        match = False
+                        break
+                if match:
+                    log_probs[r, prefix[r, j + ngram - 1]] = -np.inf
+
+
+@njit(**_KERNEL)
+def _length_penalty(length, alpha):
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+# ---------------------------------------------------------------------------------------------- searches
+@njit(**_KERNEL)
+def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetition_penalty, max_run, bos, eos,
+                 weights, prefix_k, prefix_v, prefix_mask):
+    """``captioning.decoding.beam_search`` -> (tokens [B,K,T], lengths [B,K], log_probs [B,K], scores [B,K],
+    kept [B]): up to K finished hypotheses per image, best first."""
+    n_layers, _, heads, head_dim, _ = prefix_k.shape
+    vocab = weights[0].shape[0]
+    steps = max_length + 1
+    n_rows = n_images * beam
+    width = 2 * beam if 2 * beam < beam * vocab else beam * vocab
+    cache = np.empty((steps, n_layers, 2, n_rows, heads, head_dim), np.float32)
+    spare = np.empty_like(cache)
+    prefix = np.zeros((n_rows, steps), np.int64)
+    prefix_spare = np.zeros_like(prefix)
+    last = np.full(n_rows, bos, np.int64)
+    beam_scores = np.full((n_images, beam), -np.inf)
+    beam_scores[:, 0] = 0.0  # the K beams start identical: expand only the first
+    hyp_tokens = np.zeros((n_images, beam, steps), np.int64)
+    hyp_length = np.zeros((n_images, beam), np.int64)
+    hyp_log_prob = np.full((n_images, beam), -np.inf)
+    hyp_score = np.full((n_images, beam), -np.inf)
+    kept = np.zeros(n_images, np.int64)
+    done = np.zeros(n_images, np.bool_)
+    log_probs = np.empty((n_rows, vocab), np.float32)
+    next_rows = np.empty((n_images, beam), np.int64)
+    next_tokens = np.empty((n_images, beam), np.int64)
+    next_scores = np.empty((n_images, beam))
+    top_scores = np.empty(width)
+    top_index = np.empty(width, np.int64)
+    for step in range(max_length + 1):
+        _step(last, step, beam, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
+        _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
+        for b in range(n_images):
+            for s in range(beam):  # dead fillers unless live candidates take the slot
+                next_rows[b, s] = b * beam
+                next_tokens[b, s] = eos
+                next_scores[b, s] = -np.inf
+            if done[b]:
+                continue
+            # the top 2K of the K*V candidates (sorted, descending; ties keep the lower index)
+            filled = 0
+            for c in range(beam * vocab):
+                score = beam_scores[b, c // vocab] + np.float64(log_probs[b * beam + c // vocab, c % vocab])
+                if filled == width:
+                    if not score > top_scores[width - 1]:
+                        continue
+                    pos = width - 1
+                else:
+                    pos = filled
+                    filled += 1
+                while pos > 0 and score > top_scores[pos - 1]:
+                    top_scores[pos] = top_scores[pos - 1]
+                    top_index[pos] = top_index[pos - 1]
+                    pos -= 1
+                top_scores[pos] = score
+                top_index[pos] = c
+            chosen = 0
+            for rank in range(filled):
+                if chosen == beam:
+                    break
+                score = top_scores[rank]
+                if score == -np.inf:
+                    continue
+                row = b * beam + top_index[rank] // vocab
+                token = top_index[rank] % vocab
+                if token == eos:
+                    if rank < beam:  # a finished hypothesis: insert by score (stable), keep the best K
+                        ranked = score / _length_penalty(step + 1, alpha)
+                        pos = kept[b]
+                        while pos > 0 and hyp_score[b, pos - 1] < ranked:
+                            pos -= 1
+                        if pos < beam:
+                            last_slot = kept[b] if kept[b] < beam else beam - 1
+                            for s in range(last_slot, pos, -1):
+                                hyp_tokens[b, s] = hyp_tokens[b, s - 1]
+                                hyp_length[b, s] = hyp_length[b, s - 1]
+                                hyp_log_prob[b, s] = hyp_log_prob[b, s - 1]
+                                hyp_score[b, s] = hyp_score[b, s - 1]
+                            hyp_tokens[b, pos, :step] = prefix[row, :step]
+                            hyp_length[b, pos] = step
+                            hyp_log_prob[b, pos] = score
+                            hyp_score[b, pos] = ranked
+                            if kept[b] < beam:
+                                kept[b] += 1
+                    continue
+                next_rows[b, chosen] = row
+                next_tokens[b, chosen] = token
+                next_scores[b, chosen] = score
+                chosen += 1
+            # done: K finished and no live beam can still beat the worst of them
+            best_alive = next_scores[b].max()
+            length = max_length + 1 if alpha > 0 else step + 2
+            bound = best_alive / _length_penalty(length, alpha)
+            if kept[b] >= beam and (best_alive == -np.inf or bound <= hyp_score[b, beam - 1]):
+                done[b] = True
+        if done.all() or step == max_length:
+            break
+        for r in range(n_rows):  # reorder the rows: caption cache slots 0..step, tokens, scores
+            source = next_rows.reshape(-1)[r]
+            for t in range(step + 1):
+                spare[t, :, :, r] = cache[t, :, :, source]
+            prefix_spare[r, :step] = prefix[source, :step]
+            prefix_spare[r, step] = next_tokens.reshape(-1)[r]
+            last[r] = next_tokens.reshape(-1)[r]
+        cache, spare = spare, cache
+        prefix, prefix_spare = prefix_spare, prefix
+        beam_scores[:, :] = next_scores
+    return hyp_tokens, hyp_length, hyp_log_prob, hyp_score, kept
+
+
+@njit(**_KERNEL)
+def _greedy_search(n_images, max_length, min_length, alpha, ngram, repetition_penalty, max_run, bos, eos,
+                   weights, prefix_k, prefix_v, prefix_mask):
+    """``captioning.decoding.greedy_search`` -> (tokens [B,T], lengths [B], log_probs [B], scores [B])."""
+    n_layers, _, heads, head_dim, _ = prefix_k.shape
+    vocab = weights[0].shape[0]
+    steps = max_length + 1
+    cache = np.empty((steps, n_layers, 2, n_images, heads, head_dim), np.float32)
+    prefix = np.zeros((n_images, steps), np.int64)
+    last = np.full(n_images, bos, np.int64)
+    sum_log_prob = np.zeros(n_images)
+    finished = np.zeros(n_images, np.bool_)
+    lengths = np.zeros(n_images, np.int64)
+    log_probs = np.empty((n_images, vocab), np.float32)
+    for step in range(max_length + 1):
+        _step(last, step, 1, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
+        _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
+        for r in range(n_images):
+            best = 0
+            for v in range(1, vocab):
+                if log_probs[r, v] > log_probs[r, best]:
+                    best = v
+            if finished[r]:
+                best = eos
+            else:
+                sum_log_prob[r] += np.float64(log_probs[r, best])
+                if best != eos:
+                    lengths[r] += 1
+            if best == eos:
+                finished[r] = True
+            prefix[r, step] = best
+            last[r] = best
+        if finished.all():
+            break
+    scores = np.empty(n_images)
+    for r in range(n_images):
+        scores[r] = sum_log_prob[r] / _length_penalty(lengths[r] + 1, alpha)
+    return prefix, lengths, sum_log_prob, scores
+
+
+# ---------------------------------------------------------------------------------------------- the caller
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(tensor.detach().to(device="cpu", dtype=torch.float32).numpy())
+
+
+def step_weights(decoder: Any) -> tuple:
+    """The weights of a ``FastLightCapDecoder`` as the kernel's tuple of contiguous float32 arrays (matrices in
+    torch's [out, in] layout, layers stacked)."""
+    layers = decoder.layers
+
+    def stack(key: str) -> np.ndarray:
+        return _array(torch.stack([lay[key] for lay in layers]))
+
+    def norms(key: str) -> np.ndarray:
+        return _array(torch.stack([torch.stack([lay[key][0], lay[key][1]]) for lay in layers]))
+
+    layer_eps = {float(lay[key][2]) for lay in layers for key in ("norm1", "norm2")}
+    if len(layer_eps) != 1:
+        raise ValueError(f"the compiled search needs one layer-norm eps across layers, got {sorted(layer_eps)}")
+    return (
+        _array(decoder.word), None,  # caption_base: per call (it depends on the prefix length)
+        _array(torch.stack([decoder.emb_norm[0], decoder.emb_norm[1]])),
+        stack("qkv_w"), stack("qkv_b"), stack("out_w"), stack("out_b"), norms("norm1"),
+        stack("in_w"), stack("in_b"), stack("ffn_w"), stack("ffn_b"), norms("norm2"),
+        _array(decoder.branch_w), _array(decoder.branch_b),
+        _array(torch.stack([decoder.branch_gamma, decoder.branch_beta], dim=1)),  # [n,2,H]
+        _array(decoder.vocab_bias),
+        np.array([decoder.emb_norm[2], layer_eps.pop(), decoder.branch_eps], np.float32),
+    )
+
+
+def warm_up(decoder: Any) -> None:
+    """Compile (or load from the cache) both searches for this decoder's argument types, so that no request pays
+    for it: a one-image search on a one-token dummy prefix, beam and greedy."""
+    from captioning.decoding import DecodeOptions
+
+    n_layers, heads, head_dim = len(decoder.layers), decoder.heads, decoder.head_dim
+    weights = list(step_weights(decoder))
+    weights[1] = np.zeros((2, decoder.hidden), np.float32)
+    prefix = np.zeros((n_layers, 1, heads, head_dim, 1), np.float32)
+    mask = np.zeros((1, 1), np.float32)
+    for beam in (2, 1):
+        o = DecodeOptions(beam_size=beam, max_length=1, min_length=0)
+        args = (o.max_length, o.min_length, float(o.length_penalty), o.no_repeat_ngram_size,
+                float(o.repetition_penalty), o.max_repeat_run, 0, 1, tuple(weights), prefix, prefix, mask)
+        _beam_search(1, beam, *args) if beam > 1 else _greedy_search(1, *args)
+
+
+def search(decoder: Any, batch: tuple, options: Any, *, bos_id: int, eos_id: int) -> list:
+    """``captioning.decoding.decode(decoder, batch, options)`` for a ``FastLightCapDecoder`` on the CPU, run by
+    the compiled kernels: one ``Hypothesis`` (the best) per image."""
+    from captioning.decoding import Hypothesis
+
+    state = decoder.init_state(batch)  # the prefix, once per image (torch)
+    n_images = int(state["B"])
+    prefix_k = _array(torch.stack(state["prefix_k"]).transpose(-1, -2))  # [L,B,h,d,P], pre-scaled
+    prefix_v = _array(torch.stack(state["prefix_v"]).transpose(-1, -2))  # [L,B,h,d,P]
+    prefix_mask = _array(state["mask"][:, 0, 0, :])                    # [B,P]
+    weights = list(step_weights(decoder))
+    weights[1] = _array(state["caption_base"])
+    weights = tuple(weights)
+    o = options
+    common = (o.max_length, o.min_length, float(o.length_penalty), o.no_repeat_ngram_size,
+              float(o.repetition_penalty), o.max_repeat_run, int(bos_id), int(eos_id), weights, prefix_k, prefix_v,
+              prefix_mask)
+    if o.beam_size == 1:
+        tokens, lengths, log_probs, scores = _greedy_search(n_images, *common)
+        return [
+            Hypothesis(tokens=tokens[i, : lengths[i]].tolist(), log_prob=float(log_probs[i]), score=float(scores[i]))
+            for i in range(n_images)
+        ]
+    tokens, lengths, log_probs, scores, kept = _beam_search(n_images, o.beam_size, *common)
+    out = []
+    for i in range(n_images):
+        if kept[i] == 0:  # every path was banned: the empty caption with -inf score
+            out.append(Hypothesis(tokens=[], log_prob=NEG_INF, score=NEG_INF))
+        else:
+            out.append(Hypothesis(tokens=tokens[i, 0, : lengths[i, 0]].tolist(), log_prob=float(log_probs[i, 0]),
+                                  score=float(scores[i, 0])))
+    return out
