@@ -155,24 +155,25 @@ def _gelu(x):
 
 
 @njit(**_MATH)
-def _step(tokens, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs):
-    """One decoder step for N rows (row r belongs to image r // group) -> log_probs[N,V] (float32).
+def _step(tokens, rows, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs):
+    """One decoder step for the rows listed in ``rows`` (row r belongs to image r // group; the rows of finished
+    images are left out) -> their log_probs[r,V] (float32); tokens[N] the rows' last tokens.
 
     prefix_k / prefix_v [L,B,h,d,P] (transposed, so both products run along P; keys pre-scaled by 1/sqrt(d)),
     prefix_mask [B,P] (additive),
     cache [T,L,2,N,h,d]: the rows' own caption keys (pre-scaled) / values; slot t is written here."""
     (word, caption_base, emb_norm, qkv_wt, qkv_b, out_wt, out_b, norm1, in_wt, in_b, ffn_wt, ffn_b,
      norm2, branch_wt, branch_b, branch_norm, vocab_bias, eps) = weights
-    n_rows = tokens.shape[0]
+    n_rows = rows.shape[0]  # the computed rows, compacted: c -> row rows[c]
     n_layers, _, heads, head_dim, n_prefix = prefix_k.shape
     hidden = word.shape[1]
     vocab = word.shape[0]
     n_branches = branch_norm.shape[0]
     scale = np.float32(1.0 / math.sqrt(head_dim))
     x = np.empty((n_rows, hidden), np.float32)
-    for r in range(n_rows):
+    for c in range(n_rows):
         for j in range(hidden):
-            x[r, j] = word[tokens[r], j] + caption_base[t, j]
+            x[c, j] = word[tokens[rows[c]], j] + caption_base[t, j]
     _layer_norm_rows(x, emb_norm[0], emb_norm[1], eps[0])
     qkv = np.empty((n_rows, 3 * hidden), np.float32)
     ctx = np.empty((n_rows, hidden), np.float32)
@@ -181,15 +182,17 @@ def _step(tokens, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log
     scores = np.empty(n_prefix + t + 1, np.float32)
     for layer in range(n_layers):
         _linear(x, qkv_wt[layer], qkv_b[layer], qkv)
-        for r in range(n_rows):
+        for c in range(n_rows):
+            r = rows[c]
             for h in range(heads):
                 for j in range(head_dim):
-                    cache[t, layer, 0, r, h, j] = qkv[r, hidden + h * head_dim + j] * scale
-                    cache[t, layer, 1, r, h, j] = qkv[r, 2 * hidden + h * head_dim + j]
-        for r in range(n_rows):
+                    cache[t, layer, 0, r, h, j] = qkv[c, hidden + h * head_dim + j] * scale
+                    cache[t, layer, 1, r, h, j] = qkv[c, 2 * hidden + h * head_dim + j]
+        for c in range(n_rows):
+            r = rows[c]
             image = r // group
             for h in range(heads):
-                q = qkv[r, h * head_dim : (h + 1) * head_dim]
+                q = qkv[c, h * head_dim : (h + 1) * head_dim]
                 top = np.float32(-np.inf)
                 for p in range(n_prefix):
                     scores[p] = prefix_mask[image, p]
@@ -220,7 +223,7 @@ def _step(tokens, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log
                         acc += scores[p] * prefix_v[layer, image, h, j, p]
                     for step in range(t + 1):
                         acc += scores[n_prefix + step] * cache[step, layer, 1, r, h, j]
-                    ctx[r, base + j] = acc
+                    ctx[c, base + j] = acc
         _linear(ctx, out_wt[layer], out_b[layer], att)
         _add(att, x)
         _layer_norm_rows(att, norm1[layer, 0], norm1[layer, 1], eps[1])
@@ -237,18 +240,19 @@ def _step(tokens, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log
     ones = np.ones(hidden, np.float32)
     zeros = np.zeros(hidden, np.float32)
     _layer_norm_rows(per_branch, ones, zeros, eps[2])
-    for r in range(n_rows):
+    for c in range(n_rows):
         for k in range(n_branches):
             for j in range(hidden):
-                per_branch[r * n_branches + k, j] = per_branch[r * n_branches + k, j] * branch_norm[k, 0, j] \
+                per_branch[c * n_branches + k, j] = per_branch[c * n_branches + k, j] * branch_norm[k, 0, j] \
                     + branch_norm[k, 1, j]
     logits = np.empty((n_rows * n_branches, vocab), np.float32)
     _linear(per_branch, word, vocab_bias, logits)
     branch_lp = np.empty(n_branches, np.float32)
     log_n = np.float32(math.log(n_branches))
-    for r in range(n_rows):
+    for c in range(n_rows):
+        r = rows[c]
         for k in range(n_branches):  # log_softmax of each branch, kept in place
-            row = r * n_branches + k
+            row = c * n_branches + k
             top = logits[row, 0]
             for v in range(1, vocab):
                 top = max(top, logits[row, v])
@@ -261,7 +265,7 @@ def _step(tokens, t, group, weights, prefix_k, prefix_v, prefix_mask, cache, log
         for v in range(vocab):  # logsumexp over the branches
             top = -np.inf
             for k in range(n_branches):
-                branch_lp[k] = logits[r * n_branches + k, v]
+                branch_lp[k] = logits[c * n_branches + k, v]
                 top = max(top, branch_lp[k])
             if top == -np.inf:
                 log_probs[r, v] = -np.inf
@@ -349,8 +353,18 @@ def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetitio
     next_scores = np.empty((n_images, beam))
     top_scores = np.empty(width)
     top_index = np.empty(width, np.int64)
+    live_rows = np.empty(n_rows, np.int64)
     for step in range(max_length + 1):
-        _step(last, step, beam, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
+        # only live beams of open images are computed: a dead beam (score -inf: a filler, or one of the K identical
+        # beams of step 0) or a finished image has no candidate to offer, so its log-probs are never read
+        n_live = 0
+        for b in range(n_images):
+            if not done[b]:
+                for s in range(beam):
+                    if beam_scores[b, s] != -np.inf:
+                        live_rows[n_live] = b * beam + s
+                        n_live += 1
+        _step(last, live_rows[:n_live], step, beam, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
         _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
         for b in range(n_images):
             for s in range(beam):  # dead fillers unless live candidates take the slot
@@ -359,23 +373,28 @@ def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetitio
                 next_scores[b, s] = -np.inf
             if done[b]:
                 continue
-            # the top 2K of the K*V candidates (sorted, descending; ties keep the lower index)
+            # the top 2K of the live beams' candidates (sorted, descending; ties keep the lower index); a dead
+            # beam's candidates are all -inf, which torch's top-k may list but the search skips
             filled = 0
-            for c in range(beam * vocab):
-                score = beam_scores[b, c // vocab] + np.float64(log_probs[b * beam + c // vocab, c % vocab])
-                if filled == width:
-                    if not score > top_scores[width - 1]:
-                        continue
-                    pos = width - 1
-                else:
-                    pos = filled
-                    filled += 1
-                while pos > 0 and score > top_scores[pos - 1]:
-                    top_scores[pos] = top_scores[pos - 1]
-                    top_index[pos] = top_index[pos - 1]
-                    pos -= 1
-                top_scores[pos] = score
-                top_index[pos] = c
+            for s in range(beam):
+                base = beam_scores[b, s]
+                if base == -np.inf:
+                    continue
+                for v in range(vocab):
+                    score = base + np.float64(log_probs[b * beam + s, v])
+                    if filled == width:
+                        if not score > top_scores[width - 1]:
+                            continue
+                        pos = width - 1
+                    else:
+                        pos = filled
+                        filled += 1
+                    while pos > 0 and score > top_scores[pos - 1]:
+                        top_scores[pos] = top_scores[pos - 1]
+                        top_index[pos] = top_index[pos - 1]
+                        pos -= 1
+                    top_scores[pos] = score
+                    top_index[pos] = s * vocab + v
             chosen = 0
             for rank in range(filled):
                 if chosen == beam:
@@ -444,17 +463,23 @@ def _greedy_search(n_images, max_length, min_length, alpha, ngram, repetition_pe
     finished = np.zeros(n_images, np.bool_)
     lengths = np.zeros(n_images, np.int64)
     log_probs = np.empty((n_images, vocab), np.float32)
+    live_rows = np.empty(n_images, np.int64)
     for step in range(max_length + 1):
-        _step(last, step, 1, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
+        n_live = 0  # finished captions take <eos> without a step
+        for r in range(n_images):
+            if not finished[r]:
+                live_rows[n_live] = r
+                n_live += 1
+        _step(last, live_rows[:n_live], step, 1, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
         _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
         for r in range(n_images):
-            best = 0
-            for v in range(1, vocab):
-                if log_probs[r, v] > log_probs[r, best]:
-                    best = v
             if finished[r]:
                 best = eos
             else:
+                best = 0
+                for v in range(1, vocab):
+                    if log_probs[r, v] > log_probs[r, best]:
+                        best = v
                 sum_log_prob[r] += np.float64(log_probs[r, best])
                 if best != eos:
                     lengths[r] += 1
