@@ -110,8 +110,8 @@ class ModelRegistry:
             max_wait_ms=s.max_wait_ms,
             capacity=s.queue_size,
             max_waiting=s.max_waiting,
-            replicas=s.replicas_for(spec.kind),
-            torch_threads=s.threads_for(spec.kind),
+            replicas=s.replicas_for(spec.kind, spec.task),
+            torch_threads=s.threads_for(spec.kind, spec.task),
             metrics=self.metrics,
         )
         await pool.start()

@@ -99,9 +99,9 @@ class Settings(BaseSettings):
     )
     max_waiting: int = Field(256, ge=0, description="per-model bound on images waiting for queue room (429 at once beyond)")
     replicas: int = Field(
-        0, ge=0, description="worker threads per model, each running one batch at a time (0: auto -- 2 for a "
-        "captioner on a CPU with 2+ CPUs, whose one-core decoding loop then overlaps the other replica's networks; "
-        "else 1)"
+        0, ge=0, description="worker threads per model, each running one batch at a time (0: auto -- on a CPU "
+        "with 2+ CPUs 3 for LightCap and 2 for the UCM captioner, whose one-core decoding loops then overlap the "
+        "other replicas' networks; else 1)"
     )
     torch_threads: int = Field(0, ge=0, description="torch threads per replica (0: CPUs / the model's replicas)")
     cpus: int = Field(
@@ -230,19 +230,24 @@ class Settings(BaseSettings):
     def cpu_budget(self) -> int:
         return self.cpus or available_cpus()
 
-    def replicas_for(self, kind: str) -> int:
-        """Worker replicas of a model of ``kind`` (``caption``, ``labels``, ``concepts``). Auto: measured on 2
-        CPUs (bench/results/service.md, docs/service.md), two 1-thread replicas serve a captioner 1.04-1.61x the
-        requests/s of one 2-thread replica: a batch's decoding loop is a string of small ops on one core, which
-        the other replica's networks fill; the label and concept models, all networks, gain nothing or lose."""
+    def replicas_for(self, kind: str, task: str | None = None) -> int:
+        """Worker replicas of a model of ``kind`` (``caption``, ``labels``, ``concepts``) and ``task`` (its manifest
+        task, e.g. ``lightcap``). Auto, measured on 2 CPUs (bench/results/service.md, docs/service.md): a captioner
+        gets two 1-thread replicas (1.04-1.61x the requests/s of one 2-thread replica: a batch's decoding loop
+        runs on one core, which the other replica's networks fill), LightCap three (with its compiled search, two
+        replicas left a third of a core idle between them, in Python glue and GIL hand-offs: 1.08-1.18x two at 8
+        and 32 clients; four lost again; the UCM captioner lost with three); the label and concept models, all
+        networks, gain nothing or lose."""
         if self.replicas:
             return self.replicas
-        on_cpu = self.device_name == "cpu"
-        return 2 if kind == "caption" and on_cpu and self.cpu_budget >= 2 else 1
+        if kind != "caption" or self.device_name != "cpu" or self.cpu_budget < 2:
+            return 1
+        return 3 if task == "lightcap" else 2
 
-    def threads_for(self, kind: str) -> int:
-        """torch (and OpenVINO) threads of each replica of a model of ``kind``."""
-        return self.torch_threads or max(1, self.cpu_budget // self.replicas_for(kind))
+    def threads_for(self, kind: str, task: str | None = None) -> int:
+        """torch (and OpenVINO) threads of each replica of a model of ``kind`` / ``task``: the CPUs shared among
+        its replicas, at least one (LightCap's third replica on 2 CPUs oversubscribes them by design, above)."""
+        return self.torch_threads or max(1, self.cpu_budget // self.replicas_for(kind, task))
 
     @property
     def decode_threads(self) -> int:

@@ -130,8 +130,13 @@ def test_settings_configmap_is_valid_service_settings(serving):
     # the thread budget matches the CPU the pod may use (torch would otherwise size itself to the node)
     cpu_limit = api["resources"]["limits"].get("cpu")
     if cpu_limit is not None:
-        for kind in ("caption", "labels", "concepts"):
-            assert settings.replicas_for(kind) * settings.threads_for(kind) <= _cpus(cpu_limit), kind
+        assert settings.cpu_budget <= _cpus(cpu_limit)
+        on_gpu = "nvidia.com/gpu" in api["resources"]["limits"]  # one replica per model there (auto)
+        for kind, task in (("caption", "lightcap"), ("caption", "ucm-captioner"), ("labels", None), ("concepts", None)):
+            replicas = 1 if on_gpu else settings.replicas_for(kind, task)
+            threads = settings.threads_for(kind, task)
+            # threads share the pod's CPUs; only LightCap oversubscribes them, by one 1-thread replica (measured)
+            assert threads * min(replicas, _cpus(cpu_limit)) <= _cpus(cpu_limit), (kind, task)
     # graceful shutdown fits in the termination grace period after the preStop pause
     pod = deployment["spec"]["template"]["spec"]
     pre_stop = api["lifecycle"]["preStop"]["exec"]["command"]

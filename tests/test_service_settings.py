@@ -35,12 +35,18 @@ def test_replicas_and_threads_split_the_cpus(monkeypatch):
     assert Settings(**cpu, replicas=2).threads_for("labels") == 4
     assert Settings(**cpu, replicas=2, torch_threads=1).threads_for("caption") == 1
     assert Settings(**cpu, replicas=16).threads_for("concepts") == 1
-    # auto: two replicas for a captioner on 2+ CPUs (its decoding loop overlaps the other's networks), else one
+    # auto: two replicas for a captioner on 2+ CPUs (its decoding loop overlaps the other's networks), three for
+    # LightCap, else one
     auto = Settings(**cpu)
     assert (auto.replicas_for("caption"), auto.threads_for("caption")) == (2, 4)
+    assert (auto.replicas_for("caption", "ucm-captioner"), auto.threads_for("caption", "ucm-captioner")) == (2, 4)
+    assert (auto.replicas_for("caption", "lightcap"), auto.threads_for("caption", "lightcap")) == (3, 2)
     assert (auto.replicas_for("labels"), auto.threads_for("labels")) == (1, 8)
-    assert Settings(**cpu, cpus=1).replicas_for("caption") == 1
+    assert Settings(**cpu, cpus=1).replicas_for("caption", "lightcap") == 1
     assert Settings(**cpu, cpus=2).threads_for("caption") == 1
+    assert (Settings(**cpu, cpus=2).replicas_for("caption", "lightcap"), Settings(**cpu, cpus=2).threads_for(
+        "caption", "lightcap")) == (3, 1)
+    assert Settings(**cpu, replicas=1).replicas_for("caption", "lightcap") == 1  # an explicit setting wins
 
 
 def test_available_cpus_is_capped_by_the_cgroup_quota(monkeypatch, tmp_path):
