@@ -96,7 +96,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     YOLO_CONFIG_DIR=/tmp/ultralytics \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/cache \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
+    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    NUMBA_CACHE_DIR=/tmp/numba
 
 USER ${UID}
 WORKDIR /var/lib/captioner

@@ -281,8 +281,9 @@ def compare_vision_runtimes(store: Path, work: Path, served: list[str], images: 
 
 def compare_replicas(store: Path, work: Path, served: list[str], images: list[bytes], routes: list[tuple],
                      args) -> dict:
-    """CAPTIONER_REPLICAS=1 (one replica per model, all threads) against the default (auto: two one-thread
-    replicas for a captioner on 2+ CPUs), every route at 1 and 32 clients, side by side; wrk when installed."""
+    """CAPTIONER_REPLICAS=1 (one replica per model, all threads) against the default (auto, on 2+ CPUs: three
+    one-thread replicas for LightCap, two for the UCM captioner), every route at 1 and 32 clients, side by side;
+    wrk when installed."""
     tool = "wrk" if shutil.which("wrk") else "httpx"
     envs = {"1 replica": server_env(store, work, "replicas-1", served, 8, args, CAPTIONER_REPLICAS="1"),
             "auto": server_env(store, work, "replicas-auto", served, 8, args)}
@@ -537,9 +538,9 @@ def markdown(result: dict) -> str:
         lines += comparison_table(b["cells"], names)
     if "replicas" in result:
         r = result["replicas"]
-        lines += ["CAPTIONER_REPLICAS: one replica per model (all threads) against the default (auto: two one-thread "
-                  f"replicas for a captioner on 2+ CPUs), side by side ({r['tool']}); peak RSS {r['peak_rss_mib']} "
-                  "MiB.", ""]
+        lines += ["CAPTIONER_REPLICAS: one replica per model (all threads) against the default (auto, on 2+ CPUs: "
+                  "three one-thread replicas for LightCap, two for the UCM captioner), side by side "
+                  f"({r['tool']}); peak RSS {r['peak_rss_mib']} MiB.", ""]
         lines += comparison_table(r["cells"], ["1 replica", "auto"])
     if "vision_runtimes" in result:
         v = result["vision_runtimes"]
