@@ -64,7 +64,7 @@ _MATH = {**_KERNEL, "fastmath": {"reassoc", "contract"}}
 @njit(**_MATH)
 def _linear(x, weight, bias, out):
     """out[N,O] = x[N,I] @ weight[O,I].T + bias[O] (torch's layout): dot products over I, four rows at a time
-    so each weight row is loaded once per four rows (then two, then one for the rest)."""
+    so each weight row is loaded once per four rows, then one row at a time for the rest."""
     n_rows, n_in = x.shape
     n_out = weight.shape[0]
     r = 0
@@ -85,23 +85,12 @@ def _linear(x, weight, bias, out):
             out[r + 2, o] = s2 + bias[o]
             out[r + 3, o] = s3 + bias[o]
         r += 4
-    if r + 2 <= n_rows:
-        for o in range(n_out):
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            for i in range(n_in):
-                w = weight[o, i]
-                s0 += x[r, i] * w
-                s1 += x[r + 1, i] * w
-            out[r, o] = s0 + bias[o]
-            out[r + 1, o] = s1 + bias[o]
-        r += 2
-    if r < n_rows:
+    for rest in range(r, n_rows):  # one row at a time (as fast per row for the 1-3 left: 8.0 vs 8.4 us at 3x128x384)
         for o in range(n_out):
             s0 = np.float32(0.0)
             for i in range(n_in):
-                s0 += x[r, i] * weight[o, i]
-            out[r, o] = s0 + bias[o]
+                s0 += x[rest, i] * weight[o, i]
+            out[rest, o] = s0 + bias[o]
 
 
 @njit(**_MATH)
