@@ -180,8 +180,9 @@ def beam_search_reference(
     """Up to ``beam_size`` finished hypotheses per input, best first.
 
     Beams are laid out input-major (row ``b * K + k``). A candidate ending in ``<eos>`` is kept when it
-    ranks within the top K of its step (as in HF / fairseq); an input is done when it has K finished
-    hypotheses and no live beam can still beat the worst of them, even with the most favourable length.
+    ranks within the top K of its step (as in HF / fairseq; equal scores rank by beam, then token); an input is
+    done when it has K finished hypotheses and no live beam can still beat the worst of them, even with the most
+    favourable length.
     """
     n_inputs = len(batch) if batch_size is None else batch_size
     k = options.beam_size
@@ -200,7 +201,9 @@ def beam_search_reference(
         log_probs = adjust_log_probs(log_probs.cpu(), prefix, step, options, eos_id)  # [B*K, V]
         vocab = log_probs.shape[1]
         candidates = (beam_scores.view(-1, 1) + log_probs.double()).view(n_inputs, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [B, 2K]
+        # the top 2K, ties to the lower (beam, token) index (a stable sort; torch's topk leaves ties unordered)
+        top_scores, top_index = candidates.sort(dim=1, descending=True, stable=True)
+        top_scores, top_index = top_scores[:, : 2 * k], top_index[:, : 2 * k]  # [B, 2K]
         top_beam = top_index // vocab
         top_token = top_index % vocab
 
@@ -261,85 +264,43 @@ def beam_search(
     batch_size: int | None = None,
 ) -> list[list[Hypothesis]]:
     """Up to ``beam_size`` finished hypotheses per input, best first; the same search (and results) as
-    ``beam_search_reference``, with the per-step bookkeeping done on tensors for all inputs at once.
+    ``beam_search_reference``, with each step's bookkeeping for all inputs in one compiled call
+    (``captioning.search_kernels``: the bans, the top 2K per input, finished hypotheses, the next beams and the
+    stopping rule) instead of per-candidate Python or a few dozen tensor operations. The model's steps and
+    reorders stay the model's (torch, on its device); only the log-probabilities come to the CPU."""
+    import numpy as np
 
-    Per step, of each input's top 2K candidates: the first K (by rank) that are finite and not ``<eos>`` become
-    its beams (padded with dead beams: score -inf); an ``<eos>`` candidate ranked within the top K finishes a
-    hypothesis (only these few events reach Python); an input is done when it has K finished hypotheses and no
-    live beam can still beat the worst of them (``_is_done``), after which its beams are dead.
-    """
+    from captioning import search_kernels as kernels
+
     n_inputs = len(batch) if batch_size is None else batch_size
     k = options.beam_size
-    alpha = options.length_penalty
+    steps = options.max_length + 1
     state = model.init_state(batch)
     state = model.reorder(state, torch.arange(n_inputs).repeat_interleave(k))
-    beam_scores = torch.zeros(n_inputs, k, dtype=torch.float64)
-    beam_scores[:, 1:] = NEG_INF
-    prefix = torch.zeros(n_inputs * k, 0, dtype=torch.long)
-    last = torch.full((n_inputs * k,), bos_id, dtype=torch.long)
-    finished: list[list[Hypothesis]] = [[] for _ in range(n_inputs)]
-    n_kept = torch.zeros(n_inputs, dtype=torch.long)
-    worst_kept = torch.full((n_inputs,), NEG_INF, dtype=torch.float64)
-    done = torch.zeros(n_inputs, dtype=torch.bool)
-    base_row = torch.arange(n_inputs)[:, None] * k                                     # [B,1]
-    filler_rows = base_row.expand(n_inputs, k)
-
-    for step in range(options.max_length + 1):
-        log_probs, state = model.step(last.to(_device_of(state, last)), state)
-        log_probs = adjust_log_probs(log_probs.cpu(), prefix, step, options, eos_id)  # [B*K, V]
-        vocab = log_probs.shape[1]
-        candidates = (beam_scores.view(-1, 1) + log_probs.double()).view(n_inputs, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # [B, 2K]
-        top_beam = top_index // vocab
-        top_token = top_index % vocab
-        finite = top_scores != NEG_INF
-        is_eos = top_token == eos_id
-        open_input = ~done[:, None]
-        # hypotheses finished this step: <eos> within the top K (Python only for these few)
-        ranks = torch.arange(top_scores.shape[1])
-        ending = is_eos & finite & open_input & (ranks < k)[None, :]
-        if bool(ending.any()):
-            for b, rank in ending.nonzero().tolist():
-                row = b * k + int(top_beam[b, rank])
-                score = float(top_scores[b, rank])
-                tokens = prefix[row].tolist()
-                ranked = score / gnmt_length_penalty(len(tokens) + 1, alpha)
-                finished[b].append(Hypothesis(tokens=tokens, log_prob=score, score=ranked))
-            for b in ending.any(dim=1).nonzero().flatten().tolist():
-                finished[b].sort(key=lambda h: h.score, reverse=True)
-                del finished[b][k:]
-                n_kept[b] = len(finished[b])
-                worst_kept[b] = finished[b][-1].score
-        # the next beams: the first K live candidates by rank, then dead fillers
-        live = finite & ~is_eos & open_input
-        slot = live.long().cumsum(dim=1) - 1
-        chosen = live & (slot < k)
-        next_rows = filler_rows.clone()
-        next_tokens = torch.full((n_inputs, k), eos_id, dtype=torch.long)
-        next_scores = torch.full((n_inputs, k), NEG_INF, dtype=torch.float64)
-        b_idx, r_idx = chosen.nonzero(as_tuple=True)
-        s_idx = slot[b_idx, r_idx]
-        next_rows[b_idx, s_idx] = b_idx * k + top_beam[b_idx, r_idx]
-        next_tokens[b_idx, s_idx] = top_token[b_idx, r_idx]
-        next_scores[b_idx, s_idx] = top_scores[b_idx, r_idx]
-        # done: K finished and no live beam can still beat the worst of them (``_is_done``)
-        best_alive = next_scores.max(dim=1).values
-        length = options.max_length + 1 if alpha > 0 else step + 2
-        bound = best_alive / gnmt_length_penalty(length, alpha)
-        done |= (n_kept >= k) & ((best_alive == NEG_INF) | (bound <= worst_kept))
-
-        if bool(done.all()) or step == options.max_length:
+    beam_scores = np.full((n_inputs, k), NEG_INF)
+    beam_scores[:, 0] = 0.0  # all K beams start identical: expand only the first
+    prefix = np.zeros((n_inputs * k, steps), np.int64)  # generated tokens, the first `step` columns filled
+    prefix_spare = np.zeros_like(prefix)
+    last = np.full(n_inputs * k, bos_id, np.int64)
+    book = None
+    for step in range(steps):
+        tokens = torch.from_numpy(last.copy())
+        log_probs, state = model.step(tokens.to(_device_of(state, tokens)), state)
+        log_probs = np.ascontiguousarray(log_probs.detach().to("cpu", torch.float32).numpy(), dtype=np.float32)
+        if book is None:
+            book = kernels.new_book(n_inputs, k, steps, log_probs.shape[1])
+        kernels.adjust(log_probs, prefix, step, options.min_length, options.max_length,
+                       options.no_repeat_ngram_size, float(options.repetition_penalty), options.max_repeat_run, eos_id)
+        kernels.beam_select(log_probs, step, k, options.max_length, float(options.length_penalty), eos_id, prefix,
+                            beam_scores, book)
+        if book[5].all() or step == options.max_length:
             break
-        rows = next_rows.flatten()
+        rows = torch.from_numpy(book[6].reshape(-1).copy())
         state = model.reorder(state, rows.to(_device_of(state, rows)))
-        last = next_tokens.flatten()
-        prefix = torch.cat([prefix[rows], last[:, None]], dim=1)
-        beam_scores = next_scores
-
-    for b in range(n_inputs):
-        if not finished[b]:  # every path was banned: hand back the empty caption with -inf score
-            finished[b].append(Hypothesis(tokens=[], log_prob=NEG_INF, score=NEG_INF))
-    return finished
+        kernels.advance(prefix, prefix_spare, last, step, book)
+        prefix, prefix_spare = prefix_spare, prefix
+        beam_scores[:, :] = book[8]
+    return kernels.hypotheses(book)
 
 
 def _is_done(kept: list[Hypothesis], alive_scores: list[float], k: int, step: int, options: DecodeOptions) -> bool:

@@ -95,17 +95,36 @@ def test_warm_up_compiles_the_signatures_a_search_uses():
     assert (len(compiled_search._beam_search.signatures), len(compiled_search._greedy_search.signatures)) == before
 
 
+def test_kernel_warm_up_covers_the_generic_beam_search():
+    """``search_kernels.warm_up`` (UCM's runtime calls it at load) compiles what ``decoding.beam_search`` calls."""
+    from test_fast_inference import ToyModel
+
+    from captioning import search_kernels
+    from captioning.decoding import beam_search
+
+    search_kernels.warm_up()
+    kernels = (search_kernels.new_book, search_kernels.adjust, search_kernels.beam_select, search_kernels.advance)
+    before = [len(k.signatures) for k in kernels]
+    beam_search(ToyModel(9, 3), [0.2, 0.7, 1.1], DecodeOptions(beam_size=3, max_length=6, repetition_penalty=1.2,
+                                                              length_penalty=0.6), bos_id=0, eos_id=1)
+    assert [len(k.signatures) for k in kernels] == before
+
+
 def test_the_search_stays_in_bounds(tmp_path):
     """numba does not check indices: recompile with bounds checking on (a fresh cache) and search with the
-    options above; an out-of-bounds access raises IndexError in the child."""
+    options above, LightCap's compiled loop and the generic beam search's kernels; an out-of-bounds access raises
+    IndexError in the child."""
     script = textwrap.dedent(
         """
         from test_compiled_search import OPTIONS
-        from test_fast_inference import BOS, EOS, make_inputs, make_model
+        from test_fast_inference import BOS, EOS, ToyModel, make_inputs, make_model
+        from captioning.decoding import beam_search
         model = make_model(seed=2, std=0.5)
         grid, concepts = make_inputs(B=3, seed=4)
         for options in OPTIONS:
             model.generate(grid, concepts, options, bos_id=BOS, eos_id=EOS, fast=True)
+            if options.beam_size > 1:  # the generic driver (UCM; LightCap on a GPU) on the same kernels
+                beam_search(ToyModel(7, 1), [0.5, 1.5], options, bos_id=0, eos_id=1)
         print("in bounds")
         """
     )
@@ -116,13 +135,18 @@ def test_the_search_stays_in_bounds(tmp_path):
 
 
 def test_cache_dir_falls_back_when_the_package_is_read_only(monkeypatch, tmp_path):
+    import numba
+
+    from captioning import search_kernels
+
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", numba.config.CACHE_DIR)  # restored after the test
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     real_access = os.access
-    package = Path(compiled_search.__file__).parent
+    package = Path(search_kernels.__file__).parent
     monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == package else real_access(path, mode))
-    compiled_search._cache_dir()
-    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "captioner-numba")
+    search_kernels._cache_dir()
+    assert os.environ["NUMBA_CACHE_DIR"] == numba.config.CACHE_DIR == str(tmp_path / "captioner-numba")
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/else")  # an explicit setting is kept
-    compiled_search._cache_dir()
+    search_kernels._cache_dir()
     assert os.environ["NUMBA_CACHE_DIR"] == "/somewhere/else"

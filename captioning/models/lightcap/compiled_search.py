@@ -28,33 +28,23 @@ Scores are summed in float64 like the torch search. Ties between exactly equal c
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from numba import njit
 
-def _cache_dir() -> None:
-    """Compiled kernels are cached on disk (``cache=True``: about 12 s to compile, 1 s to load). Numba caches next
-    to this file or under ``~/.cache``; where neither is writable (a read-only install, a container user without
-    a home) it would refuse to import, so ``NUMBA_CACHE_DIR`` then defaults to a directory under the temp dir."""
-    if os.environ.get("NUMBA_CACHE_DIR") or os.access(Path(__file__).parent, os.W_OK):
-        return
-    home_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    writable = home_cache if home_cache.is_dir() and os.access(home_cache, os.W_OK) else Path(tempfile.gettempdir())
-    os.environ["NUMBA_CACHE_DIR"] = str(writable / "captioner-numba")
+from captioning.search_kernels import (
+    KERNEL,
+    adjust,
+    advance,
+    beam_select,
+    hypotheses,
+    length_penalty,
+    new_book,
+)
 
-
-_cache_dir()
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from numba import njit  # noqa: E402
-
-NEG_INF = -np.inf
-# error_model="numpy": a float division is IEEE (no ZeroDivisionError check), which is what lets LLVM vectorise
-# the loops that divide (GELU, softmax).
-_KERNEL = {"cache": True, "nogil": True, "error_model": "numpy"}
+_KERNEL = KERNEL  # cached, nogil, IEEE divisions (captioning/search_kernels.py)
 # Matrix products and reductions may be reassociated and contracted into FMAs (vectorised); nothing assumes
 # finite values, because the search lives on -inf.
 _MATH = {**_KERNEL, "fastmath": {"reassoc", "contract"}}
@@ -265,64 +255,16 @@ def _step(tokens, rows, t, group, weights, prefix_k, prefix_v, prefix_mask, cach
             log_probs[r, v] = top + np.float32(math.log(total)) - log_n
 
 
-# ---------------------------------------------------------------------------------------------- the bans
-@njit(**_KERNEL)
-def _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos):
-    """``captioning.decoding.adjust_log_probs`` in place on log_probs[N,V]; prefix[N, >=step] (generated)."""
-    n_rows, vocab = log_probs.shape
-    if step < min_length:
-        for r in range(n_rows):
-            log_probs[r, eos] = -np.inf
-    if step >= max_length:  # only <eos> is left
-        for r in range(n_rows):
-            keep = log_probs[r, eos]
-            log_probs[r, :] = -np.inf
-            log_probs[r, eos] = keep
-        return
-    if step == 0:
-        return
-    for r in range(n_rows):
-        if repetition_penalty != 1.0:
-            seen = np.zeros(vocab, np.bool_)
-            for j in range(step):
-                seen[prefix[r, j]] = True
-            for v in range(vocab):
-                if seen[v]:
-                    log_probs[r, v] = log_probs[r, v] * np.float32(repetition_penalty)
-        if max_run > 0 and step >= max_run:
-            same = True
-            for j in range(step - max_run + 1, step):
-                if prefix[r, j] != prefix[r, step - max_run]:
-                    same = False
-            if same:
-                log_probs[r, prefix[r, step - max_run]] = -np.inf
-        if ngram > 0 and step >= ngram:
-            for j in range(step - ngram + 1):  # every n-gram so far whose first n-1 match the last n-1 tokens
-                match = True
-                for i in range(ngram - 1):
-                    if prefix[r, j + i] != prefix[r, step - ngram + 1 + i]:
-                        match = False
-                        break
-                if match:
-                    log_probs[r, prefix[r, j + ngram - 1]] = -np.inf
-
-
-@njit(**_KERNEL)
-def _length_penalty(length, alpha):
-    return ((5.0 + length) / 6.0) ** alpha
-
-
 # ---------------------------------------------------------------------------------------------- searches
 @njit(**_KERNEL)
 def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetition_penalty, max_run, bos, eos,
                  weights, prefix_k, prefix_v, prefix_mask):
-    """``captioning.decoding.beam_search`` -> (tokens [B,K,T], lengths [B,K], log_probs [B,K], scores [B,K],
-    kept [B]): up to K finished hypotheses per image, best first."""
+    """``captioning.decoding.beam_search`` -> its book (``search_kernels.new_book``: up to K finished hypotheses
+    per image, best first)."""
     n_layers, _, heads, head_dim, _ = prefix_k.shape
     vocab = weights[0].shape[0]
     steps = max_length + 1
     n_rows = n_images * beam
-    width = 2 * beam if 2 * beam < beam * vocab else beam * vocab
     cache = np.empty((steps, n_layers, 2, n_rows, heads, head_dim), np.float32)
     spare = np.empty_like(cache)
     prefix = np.zeros((n_rows, steps), np.int64)
@@ -330,18 +272,9 @@ def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetitio
     last = np.full(n_rows, bos, np.int64)
     beam_scores = np.full((n_images, beam), -np.inf)
     beam_scores[:, 0] = 0.0  # the K beams start identical: expand only the first
-    hyp_tokens = np.zeros((n_images, beam, steps), np.int64)
-    hyp_length = np.zeros((n_images, beam), np.int64)
-    hyp_log_prob = np.full((n_images, beam), -np.inf)
-    hyp_score = np.full((n_images, beam), -np.inf)
-    kept = np.zeros(n_images, np.int64)
-    done = np.zeros(n_images, np.bool_)
+    book = new_book(n_images, beam, steps, vocab)
+    done, next_rows = book[5], book[6]
     log_probs = np.empty((n_rows, vocab), np.float32)
-    next_rows = np.empty((n_images, beam), np.int64)
-    next_tokens = np.empty((n_images, beam), np.int64)
-    next_scores = np.empty((n_images, beam))
-    top_scores = np.empty(width)
-    top_index = np.empty(width, np.int64)
     live_rows = np.empty(n_rows, np.int64)
     for step in range(max_length + 1):
         # only live beams of open images are computed: a dead beam (score -inf: a filler, or one of the K identical
@@ -354,88 +287,19 @@ def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetitio
                         live_rows[n_live] = b * beam + s
                         n_live += 1
         _step(last, live_rows[:n_live], step, beam, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
-        _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
-        for b in range(n_images):
-            for s in range(beam):  # dead fillers unless live candidates take the slot
-                next_rows[b, s] = b * beam
-                next_tokens[b, s] = eos
-                next_scores[b, s] = -np.inf
-            if done[b]:
-                continue
-            # the top 2K of the live beams' candidates (sorted, descending; ties keep the lower index); a dead
-            # beam's candidates are all -inf, which torch's top-k may list but the search skips
-            filled = 0
-            for s in range(beam):
-                base = beam_scores[b, s]
-                if base == -np.inf:
-                    continue
-                for v in range(vocab):
-                    score = base + np.float64(log_probs[b * beam + s, v])
-                    if filled == width:
-                        if not score > top_scores[width - 1]:
-                            continue
-                        pos = width - 1
-                    else:
-                        pos = filled
-                        filled += 1
-                    while pos > 0 and score > top_scores[pos - 1]:
-                        top_scores[pos] = top_scores[pos - 1]
-                        top_index[pos] = top_index[pos - 1]
-                        pos -= 1
-                    top_scores[pos] = score
-                    top_index[pos] = s * vocab + v
-            chosen = 0
-            for rank in range(filled):
-                if chosen == beam:
-                    break
-                score = top_scores[rank]
-                if score == -np.inf:
-                    continue
-                row = b * beam + top_index[rank] // vocab
-                token = top_index[rank] % vocab
-                if token == eos:
-                    if rank < beam:  # a finished hypothesis: insert by score (stable), keep the best K
-                        ranked = score / _length_penalty(step + 1, alpha)
-                        pos = kept[b]
-                        while pos > 0 and hyp_score[b, pos - 1] < ranked:
-                            pos -= 1
-                        if pos < beam:
-                            last_slot = kept[b] if kept[b] < beam else beam - 1
-                            for s in range(last_slot, pos, -1):
-                                hyp_tokens[b, s] = hyp_tokens[b, s - 1]
-                                hyp_length[b, s] = hyp_length[b, s - 1]
-                                hyp_log_prob[b, s] = hyp_log_prob[b, s - 1]
-                                hyp_score[b, s] = hyp_score[b, s - 1]
-                            hyp_tokens[b, pos, :step] = prefix[row, :step]
-                            hyp_length[b, pos] = step
-                            hyp_log_prob[b, pos] = score
-                            hyp_score[b, pos] = ranked
-                            if kept[b] < beam:
-                                kept[b] += 1
-                    continue
-                next_rows[b, chosen] = row
-                next_tokens[b, chosen] = token
-                next_scores[b, chosen] = score
-                chosen += 1
-            # done: K finished and no live beam can still beat the worst of them
-            best_alive = next_scores[b].max()
-            length = max_length + 1 if alpha > 0 else step + 2
-            bound = best_alive / _length_penalty(length, alpha)
-            if kept[b] >= beam and (best_alive == -np.inf or bound <= hyp_score[b, beam - 1]):
-                done[b] = True
+        adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
+        beam_select(log_probs, step, beam, max_length, alpha, eos, prefix, beam_scores, book)
         if done.all() or step == max_length:
             break
-        for r in range(n_rows):  # reorder the rows: caption cache slots 0..step, tokens, scores
+        for r in range(n_rows):  # reorder the rows' caption cache, slots 0..step
             source = next_rows.reshape(-1)[r]
             for t in range(step + 1):
                 spare[t, :, :, r] = cache[t, :, :, source]
-            prefix_spare[r, :step] = prefix[source, :step]
-            prefix_spare[r, step] = next_tokens.reshape(-1)[r]
-            last[r] = next_tokens.reshape(-1)[r]
+        advance(prefix, prefix_spare, last, step, book)
         cache, spare = spare, cache
         prefix, prefix_spare = prefix_spare, prefix
-        beam_scores[:, :] = next_scores
-    return hyp_tokens, hyp_length, hyp_log_prob, hyp_score, kept
+        beam_scores[:, :] = book[8]
+    return book
 
 
 @njit(**_KERNEL)
@@ -460,7 +324,7 @@ def _greedy_search(n_images, max_length, min_length, alpha, ngram, repetition_pe
                 live_rows[n_live] = r
                 n_live += 1
         _step(last, live_rows[:n_live], step, 1, weights, prefix_k, prefix_v, prefix_mask, cache, log_probs)
-        _adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
+        adjust(log_probs, prefix, step, min_length, max_length, ngram, repetition_penalty, max_run, eos)
         for r in range(n_images):
             if finished[r]:
                 best = eos
@@ -480,7 +344,7 @@ def _greedy_search(n_images, max_length, min_length, alpha, ngram, repetition_pe
             break
     scores = np.empty(n_images)
     for r in range(n_images):
-        scores[r] = sum_log_prob[r] / _length_penalty(lengths[r] + 1, alpha)
+        scores[r] = sum_log_prob[r] / length_penalty(lengths[r] + 1, alpha)
     return prefix, lengths, sum_log_prob, scores
 
 
@@ -555,12 +419,5 @@ def search(decoder: Any, batch: tuple, options: Any, *, bos_id: int, eos_id: int
             Hypothesis(tokens=tokens[i, : lengths[i]].tolist(), log_prob=float(log_probs[i]), score=float(scores[i]))
             for i in range(n_images)
         ]
-    tokens, lengths, log_probs, scores, kept = _beam_search(n_images, o.beam_size, *common)
-    out = []
-    for i in range(n_images):
-        if kept[i] == 0:  # every path was banned: the empty caption with -inf score
-            out.append(Hypothesis(tokens=[], log_prob=NEG_INF, score=NEG_INF))
-        else:
-            out.append(Hypothesis(tokens=tokens[i, 0, : lengths[i, 0]].tolist(), log_prob=float(log_probs[i, 0]),
-                                  score=float(scores[i, 0])))
-    return out
+    book = _beam_search(n_images, o.beam_size, *common)
+    return [beams[0] for beams in hypotheses(book)]

@@ -195,6 +195,10 @@ class LightCapPipeline:
             from captioning.models.lightcap.captioner import FastLightCapDecoder
 
             compiled_search.warm_up(FastLightCapDecoder(self.model, self.decoding.max_length + 1))
+        elif self.fast:  # on a GPU: the torch decoder under decoding.beam_search and its compiled bookkeeping
+            from captioning import search_kernels
+
+            search_kernels.warm_up()
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

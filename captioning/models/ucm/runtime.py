@@ -121,6 +121,10 @@ class UCMCaptioner(_Runtime):
         self.vocab = vocab
         self.decoding = decoding
         self.max_caption_length: int | None = None  # an LSTM has no position limit
+        if self.fast:  # the beam search's compiled bookkeeping: compiled (or loaded) now, not on the first request
+            from captioning import search_kernels
+
+            search_kernels.warm_up()
 
     def decode_options(self, **overrides: Any) -> DecodeOptions:
         """The published decoding with non-None ``overrides``."""
