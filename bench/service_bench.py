@@ -281,11 +281,12 @@ def compare_vision_runtimes(store: Path, work: Path, served: list[str], images: 
 
 def compare_replicas(store: Path, work: Path, served: list[str], images: list[bytes], routes: list[tuple],
                      args) -> dict:
-    """CAPTIONER_REPLICAS=1 (one replica per model, all threads) against the default (auto, on 2+ CPUs: three
-    one-thread replicas for LightCap, two for the UCM captioner), every route at 1 and 32 clients, side by side;
-    wrk when installed."""
+    """CAPTIONER_REPLICAS=1 (one replica per model, all threads) and =2 (two per model, half the threads each)
+    against the default (auto, on 2+ CPUs: three one-thread replicas for LightCap, two for the UCM captioner,
+    one for the others), every route at 1 and 32 clients, side by side; wrk when installed."""
     tool = "wrk" if shutil.which("wrk") else "httpx"
     envs = {"1 replica": server_env(store, work, "replicas-1", served, 8, args, CAPTIONER_REPLICAS="1"),
+            "2 replicas": server_env(store, work, "replicas-2", served, 8, args, CAPTIONER_REPLICAS="2"),
             "auto": server_env(store, work, "replicas-auto", served, 8, args)}
     servers, _ = start_servers(envs, work)
     try:
@@ -293,7 +294,7 @@ def compare_replicas(store: Path, work: Path, served: list[str], images: list[by
         peak = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
     finally:
         stop_servers(servers)
-    return {"tool": tool, "cells": cells, "peak_rss_mib": peak}
+    return {"tool": tool, "cells": cells, "peak_rss_mib": peak, "servers": list(envs)}
 
 
 def blip_images_per_s(threads: int) -> dict:
@@ -390,6 +391,8 @@ def main() -> int:
                              "(e.g. 1dbec48, the code issue 14 measured 25 req/s on)")
     parser.add_argument("--only-overload", action="store_true",
                         help="run only the overload and 49 MP memory runs, updating the recorded results")
+    parser.add_argument("--only-replicas", action="store_true",
+                        help="run only the CAPTIONER_REPLICAS comparison, updating the recorded results")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -414,10 +417,14 @@ def main() -> int:
     images = scene_images(args.images)
     work = Path(tempfile.mkdtemp(prefix="service-bench-"))
     suffix = f"-{args.tag}" if args.tag else ""
-    if args.only_overload:
+    if args.only_overload or args.only_replicas:
         recorded = json.loads((args.out_dir / f"service{suffix}.json").read_text())
-        recorded.update(overload_and_memory(store.root, work, served, images, args))
-        recorded["overload_loadavg_after"] = loadavg()
+        if args.only_overload:
+            recorded.update(overload_and_memory(store.root, work, served, images, args))
+            recorded["overload_loadavg_after"] = loadavg()
+        else:
+            recorded["replicas"] = compare_replicas(store.root, work, served, images, routes, args)
+            recorded["replicas"]["loadavg_after"] = loadavg()
         (args.out_dir / f"service{suffix}.json").write_text(json.dumps(recorded, indent=1) + "\n")
         (args.out_dir / f"service{suffix}.md").write_text(markdown(recorded))
         print(markdown(recorded))
@@ -538,10 +545,16 @@ def markdown(result: dict) -> str:
         lines += comparison_table(b["cells"], names)
     if "replicas" in result:
         r = result["replicas"]
-        lines += ["CAPTIONER_REPLICAS: one replica per model (all threads) against the default (auto, on 2+ CPUs: "
-                  "three one-thread replicas for LightCap, two for the UCM captioner), side by side "
-                  f"({r['tool']}); peak RSS {r['peak_rss_mib']} MiB.", ""]
-        lines += comparison_table(r["cells"], ["1 replica", "auto"])
+        names = r.get("servers", ["1 replica", "auto"])
+        lines += [f"CAPTIONER_REPLICAS: {', '.join(n for n in names if n != 'auto')} per model against the default "
+                  "(auto, on 2+ CPUs: three one-thread replicas for LightCap, two for the UCM captioner, one for the "
+                  f"others), side by side ({r['tool']}); peak RSS {r['peak_rss_mib']} MiB.", ""]
+        lines += comparison_table(r["cells"], names)
+        if "2 replicas" in names:
+            lines += ["The same cells, auto against CAPTIONER_REPLICAS=2 (LightCap's third replica; the other "
+                      "routes run the same replicas on both servers, except labels and concepts, which auto gives "
+                      "one):", ""]
+            lines += comparison_table(r["cells"], ["2 replicas", "auto"])
     if "vision_runtimes" in result:
         v = result["vision_runtimes"]
         lines += ["CAPTIONER_VISION_RUNTIME, the same routes on two servers side by side (batching on; OpenVINO is "
