@@ -2,7 +2,7 @@
 
 Tolerances: the shared-prefix decoder's per-step log-probabilities match ``transformers``' BERT with its
 ``DynamicCache`` and the uncached full forward to 1e-4 absolute (float32 sums in another order), and greedy and
-beam search pick the same tokens; the vectorised beam search returns exactly (``==``) the reference loop's
+beam search pick the same tokens; the beam search (compiled bookkeeping) returns exactly (``==``) the reference loop's
 hypotheses; folded batch norms keep the CLIP grid, the UCM trunk and YOLO's raw predictions within 1e-4 relative
 to the output's scale; with the embedded defaults the fast runtimes give the reference captions on synthetic
 pictures (fp32). No timing here: speed is measured in bench/inference.py.

@@ -262,7 +262,7 @@ class LightCapCaptioner(nn.Module):
     ):
         """Greedy / beam search (``captioning.decoding``) -> one ``Hypothesis`` per image.
 
-        ``fast``: ``FastLightCapDecoder`` (shared prefix, preallocated cache) and the vectorised beam search; on
+        ``fast``: ``FastLightCapDecoder`` (shared prefix, preallocated cache) and ``decoding.beam_search``; on
         the CPU, unless ``compiled=False``, the same search and steps run as one compiled loop
         (``compiled_search``: same outputs, a fraction of the per-operator overhead). Else ``LightCapDecoder``
         (``use_cache`` picks its HF ``DynamicCache`` or the uncached reference) and the reference beam search loop."""
