@@ -286,7 +286,8 @@ def beam_search(
     for step in range(steps):
         tokens = torch.from_numpy(last.copy())
         log_probs, state = model.step(tokens.to(_device_of(state, tokens)), state)
-        log_probs = np.ascontiguousarray(log_probs.detach().to("cpu", torch.float32).numpy(), dtype=np.float32)
+        # a float32 copy: the bans edit it in place, and the model's own tensor must stay as it was
+        log_probs = np.array(log_probs.detach().to("cpu", torch.float32).numpy(), dtype=np.float32, order="C")
         if book is None:
             book = kernels.new_book(n_inputs, k, steps, log_probs.shape[1])
         kernels.adjust(log_probs, prefix, step, options.min_length, options.max_length,

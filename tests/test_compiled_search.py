@@ -55,8 +55,7 @@ def test_compiled_step_log_probs_match_the_torch_step():
     grid, concepts = make_inputs(B=3, seed=6)
     decoder = FastLightCapDecoder(model, 8)
     state = decoder.init_state((grid, concepts))
-    weights = list(compiled_search.step_weights(decoder))
-    weights[1] = compiled_search._array(state["caption_base"])
+    weights = compiled_search.step_weights(decoder, state["caption_base"])
     prefix_k = compiled_search._array(torch.stack(state["prefix_k"]).transpose(-1, -2))
     prefix_v = compiled_search._array(torch.stack(state["prefix_v"]).transpose(-1, -2))
     mask = compiled_search._array(state["mask"][:, 0, 0, :])
@@ -67,7 +66,7 @@ def test_compiled_step_log_probs_match_the_torch_step():
     some = np.empty_like(log_probs)
     for t in range(tokens.shape[1]):
         expected, state = decoder.step(last, state)
-        args = (last.numpy().astype(np.int64), t, 1, tuple(weights), prefix_k, prefix_v, mask, cache)
+        args = (last.numpy().astype(np.int64), t, 1, weights, prefix_k, prefix_v, mask, cache)
         compiled_search._step(args[0], np.array([2, 0]), *args[1:], some)  # a subset of the rows, in any order
         compiled_search._step(args[0], np.arange(3), *args[1:], log_probs)
         np.testing.assert_allclose(log_probs, expected.numpy(), atol=1e-5, rtol=0)

@@ -44,10 +44,10 @@ from captioning.search_kernels import (
     new_book,
 )
 
-_KERNEL = KERNEL  # cached, nogil, IEEE divisions (captioning/search_kernels.py)
-# Matrix products and reductions may be reassociated and contracted into FMAs (vectorised); nothing assumes
-# finite values, because the search lives on -inf.
-_MATH = {**_KERNEL, "fastmath": {"reassoc", "contract"}}
+# KERNEL: cached, nogil, IEEE divisions (captioning/search_kernels.py). Matrix products and reductions may also
+# be reassociated and contracted into FMAs (vectorised); nothing assumes finite values, because the search lives
+# on -inf.
+_MATH = {**KERNEL, "fastmath": {"reassoc", "contract"}}
 
 
 # ---------------------------------------------------------------------------------------------- arithmetic
@@ -256,7 +256,7 @@ def _step(tokens, rows, t, group, weights, prefix_k, prefix_v, prefix_mask, cach
 
 
 # ---------------------------------------------------------------------------------------------- searches
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetition_penalty, max_run, bos, eos,
                  weights, prefix_k, prefix_v, prefix_mask):
     """``captioning.decoding.beam_search`` -> its book (``search_kernels.new_book``: up to K finished hypotheses
@@ -302,7 +302,7 @@ def _beam_search(n_images, beam, max_length, min_length, alpha, ngram, repetitio
     return book
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _greedy_search(n_images, max_length, min_length, alpha, ngram, repetition_penalty, max_run, bos, eos,
                    weights, prefix_k, prefix_v, prefix_mask):
     """``captioning.decoding.greedy_search`` -> (tokens [B,T], lengths [B], log_probs [B], scores [B])."""
@@ -353,9 +353,10 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().to(device="cpu", dtype=torch.float32).numpy())
 
 
-def step_weights(decoder: Any) -> tuple:
+def step_weights(decoder: Any, caption_base: torch.Tensor) -> tuple:
     """The weights of a ``FastLightCapDecoder`` as the kernel's tuple of contiguous float32 arrays (matrices in
-    torch's [out, in] layout, layers stacked)."""
+    torch's [out, in] layout, layers stacked); ``caption_base`` [T,H]: token type + positions of the caption slots
+    (``init_state``'s, which depend on the prefix length)."""
     layers = decoder.layers
 
     def stack(key: str) -> np.ndarray:
@@ -368,7 +369,7 @@ def step_weights(decoder: Any) -> tuple:
     if len(layer_eps) != 1:
         raise ValueError(f"the compiled search needs one layer-norm eps across layers, got {sorted(layer_eps)}")
     return (
-        _array(decoder.word), None,  # caption_base: per call (it depends on the prefix length)
+        _array(decoder.word), _array(caption_base),
         _array(torch.stack([decoder.emb_norm[0], decoder.emb_norm[1]])),
         stack("qkv_w"), stack("qkv_b"), stack("out_w"), stack("out_b"), norms("norm1"),
         stack("in_w"), stack("in_b"), stack("ffn_w"), stack("ffn_b"), norms("norm2"),
@@ -379,21 +380,27 @@ def step_weights(decoder: Any) -> tuple:
     )
 
 
+def _run(options: Any, n_images: int, bos_id: int, eos_id: int, weights: tuple, prefix_k: np.ndarray,
+         prefix_v: np.ndarray, prefix_mask: np.ndarray):
+    """The compiled search ``options`` ask for (greedy for beam size 1) -> its raw arrays."""
+    o = options
+    args = (o.max_length, o.min_length, float(o.length_penalty), o.no_repeat_ngram_size, float(o.repetition_penalty),
+            o.max_repeat_run, int(bos_id), int(eos_id), weights, prefix_k, prefix_v, prefix_mask)
+    if o.beam_size == 1:
+        return _greedy_search(n_images, *args)
+    return _beam_search(n_images, o.beam_size, *args)
+
+
 def warm_up(decoder: Any) -> None:
     """Compile (or load from the cache) both searches for this decoder's argument types, so that no request pays
     for it: a one-image search on a one-token dummy prefix, beam and greedy."""
     from captioning.decoding import DecodeOptions
 
-    n_layers, heads, head_dim = len(decoder.layers), decoder.heads, decoder.head_dim
-    weights = list(step_weights(decoder))
-    weights[1] = np.zeros((2, decoder.hidden), np.float32)
-    prefix = np.zeros((n_layers, 1, heads, head_dim, 1), np.float32)
-    mask = np.zeros((1, 1), np.float32)
+    weights = step_weights(decoder, torch.zeros(2, decoder.hidden))
+    prefix = np.zeros((len(decoder.layers), 1, decoder.heads, decoder.head_dim, 1), np.float32)
     for beam in (2, 1):
-        o = DecodeOptions(beam_size=beam, max_length=1, min_length=0)
-        args = (o.max_length, o.min_length, float(o.length_penalty), o.no_repeat_ngram_size,
-                float(o.repetition_penalty), o.max_repeat_run, 0, 1, tuple(weights), prefix, prefix, mask)
-        _beam_search(1, beam, *args) if beam > 1 else _greedy_search(1, *args)
+        _run(DecodeOptions(beam_size=beam, max_length=1, min_length=0), 1, 0, 1, weights, prefix, prefix,
+             np.zeros((1, 1), np.float32))
 
 
 def search(decoder: Any, batch: tuple, options: Any, *, bos_id: int, eos_id: int) -> list:
@@ -403,21 +410,16 @@ def search(decoder: Any, batch: tuple, options: Any, *, bos_id: int, eos_id: int
 
     state = decoder.init_state(batch)  # the prefix, once per image (torch)
     n_images = int(state["B"])
-    prefix_k = _array(torch.stack(state["prefix_k"]).transpose(-1, -2))  # [L,B,h,d,P], pre-scaled
-    prefix_v = _array(torch.stack(state["prefix_v"]).transpose(-1, -2))  # [L,B,h,d,P]
-    prefix_mask = _array(state["mask"][:, 0, 0, :])                    # [B,P]
-    weights = list(step_weights(decoder))
-    weights[1] = _array(state["caption_base"])
-    weights = tuple(weights)
-    o = options
-    common = (o.max_length, o.min_length, float(o.length_penalty), o.no_repeat_ngram_size,
-              float(o.repetition_penalty), o.max_repeat_run, int(bos_id), int(eos_id), weights, prefix_k, prefix_v,
-              prefix_mask)
-    if o.beam_size == 1:
-        tokens, lengths, log_probs, scores = _greedy_search(n_images, *common)
-        return [
-            Hypothesis(tokens=tokens[i, : lengths[i]].tolist(), log_prob=float(log_probs[i]), score=float(scores[i]))
-            for i in range(n_images)
-        ]
-    book = _beam_search(n_images, o.beam_size, *common)
-    return [beams[0] for beams in hypotheses(book)]
+    result = _run(
+        options, n_images, bos_id, eos_id, step_weights(decoder, state["caption_base"]),
+        _array(torch.stack(state["prefix_k"]).transpose(-1, -2)),  # [L,B,h,d,P], pre-scaled
+        _array(torch.stack(state["prefix_v"]).transpose(-1, -2)),  # [L,B,h,d,P]
+        _array(state["mask"][:, 0, 0, :]),                         # [B,P]
+    )
+    if options.beam_size > 1:
+        return [beams[0] for beams in hypotheses(result)]
+    tokens, lengths, log_probs, scores = result
+    return [
+        Hypothesis(tokens=tokens[i, : lengths[i]].tolist(), log_prob=float(log_probs[i]), score=float(scores[i]))
+        for i in range(n_images)
+    ]
