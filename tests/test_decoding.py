@@ -179,3 +179,26 @@ def test_adjust_log_probs_bans_what_it_should():
     assert out[0, 3] == pytest.approx(2 * log_probs[0, 3]) and out[0, 5] == pytest.approx(log_probs[0, 5])
     with pytest.raises(ValueError, match="unknown decoding option"):
         DecodeOptions.from_dict({"beam": 3})
+
+
+def test_beam_search_leaves_the_models_log_probs_untouched():
+    """The bans work on a copy: a model may hand back a tensor it keeps (here: the one it returns every step)."""
+
+    class KeepsItsOutput:
+        def __init__(self):
+            self.out = torch.log_softmax(torch.arange(6, dtype=torch.float32), -1).repeat(2, 1)  # [2 rows, V=6]
+            self.kept = self.out.clone()
+
+        def init_state(self, batch):
+            return {"x": torch.zeros(len(batch))}
+
+        def step(self, last_tokens, state):
+            return self.out[: len(last_tokens)], state
+
+        def reorder(self, state, indices):
+            return {"x": state["x"][indices]}
+
+    model = KeepsItsOutput()
+    options = DecodeOptions(beam_size=2, max_length=4, min_length=2, no_repeat_ngram_size=1)
+    beam_search(model, [0.0], options, bos_id=BOS, eos_id=EOS)
+    assert torch.equal(model.out, model.kept)
