@@ -42,12 +42,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+import captioning  # noqa: E402,F401  - before torch: it sets torch's OpenMP spin (captioning/__init__.py)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from captioning import accel  # noqa: E402
 
@@ -690,6 +691,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['usable_cores']} usable of {m['logical_cores']} logical cores, native bf16: "
         f"{m['native_bf16']} (torch capability {m['torch_cpu_capability']}), device {m['device']}"
         + (f" ({m['gpu']})" if m.get("gpu") else "")
+        + (f"; OpenMP spin: {m['openmp_spin']}" if m.get("openmp_spin") else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; load average "
         f"{m['load_average_start']} at start, {result['load_average_end']} at the end (a shared machine: "
         "compare rows of this run with each other, as ratios). Peak RSS of the bench process "

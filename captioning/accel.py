@@ -9,12 +9,14 @@
 * ``fold_batch_norms(module)``: every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` (``convN`` /
   ``bnN`` pairs of a ResNet block, or neighbours in an ``nn.Sequential``) is folded into the convolution's weight
   and bias and replaced by ``nn.Identity`` (inference only: the result is not trainable as before).
+* ``describe_cpu()`` / ``openmp_spin()``: the CPU and the OpenMP spin setting in effect, for benchmark records.
 * ``to_device(tensor, device, dtype)``: a CPU batch onto the runtime's device (pinned + ``non_blocking`` for CUDA).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -183,4 +185,20 @@ def describe_cpu() -> dict[str, Any]:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "native_bf16": cpu_has_native_bf16(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "openmp_spin": openmp_spin(),
     }
+
+
+def openmp_spin() -> str:
+    """The OpenMP spin setting torch's threads run with (see ``captioning/__init__``), for benchmark records."""
+    import captioning
+
+    policy = os.environ.get("OMP_WAIT_POLICY")
+    spin = os.environ.get("GOMP_SPINCOUNT")
+    if policy:
+        return f"OMP_WAIT_POLICY={policy}" + (f" GOMP_SPINCOUNT={spin}" if spin else "")
+    if spin is None:
+        return "libgomp default (GOMP_SPINCOUNT unset)"
+    if captioning._SPIN_SET_TOO_LATE:
+        return "libgomp default (torch was loaded before captioning set GOMP_SPINCOUNT)"
+    return f"GOMP_SPINCOUNT={spin}"

@@ -165,3 +165,35 @@ def test_eval_placement_names_the_flag_or_variable(monkeypatch):
     monkeypatch.setenv("CAPTIONER_DEVICE", "gpu0")
     with pytest.raises(UsageError, match="CAPTIONER_DEVICE: device 'gpu0'"):
         resolve_placement(argparse.Namespace(device=None, precision="fp32"))
+
+
+# --------------------------------------------------------------------------------------- OpenMP spin default
+def _probe(code: str, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+SPIN_PROBE = "import {module}; import torch; from captioning import accel; print(accel.openmp_spin())"
+
+
+@pytest.mark.parametrize("module", ["captioning.cli", "service.app", "service.ray_engine", "training.cli"])
+def test_every_entry_point_sets_the_openmp_spin_before_torch_loads(module):
+    """The service, the CLIs and Ray's workers import ``captioning`` before torch, so libgomp reads the short spin
+    (an entry point that loaded torch first would report libgomp's default here)."""
+    import captioning
+
+    assert _probe(SPIN_PROBE.format(module=module)) == f"GOMP_SPINCOUNT={captioning.OMP_SPIN_DEFAULT}"
+
+
+def test_the_openmp_spin_keeps_what_the_environment_says_and_reports_a_late_setting():
+    assert _probe(SPIN_PROBE.format(module="captioning"), GOMP_SPINCOUNT="7") == "GOMP_SPINCOUNT=7"
+    assert _probe(SPIN_PROBE.format(module="captioning"), OMP_WAIT_POLICY="PASSIVE") == "OMP_WAIT_POLICY=PASSIVE"
+    assert _probe("import os, captioning; print(os.environ.get('GOMP_SPINCOUNT'))", OMP_WAIT_POLICY="ACTIVE") == "None"
+    late = _probe("import torch, captioning; from captioning import accel; print(accel.openmp_spin())")
+    assert late.startswith("libgomp default (torch was loaded before"), late
