@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import captioning  # noqa: E402,F401  - before torch: it sets torch's OpenMP spin (captioning/__init__.py)
+import captioning  # noqa: E402,F401,I001  - before torch: it sets torch's OpenMP spin (captioning/__init__.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

@@ -42,9 +42,9 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.pop("GOMP_SPINCOUNT", None)
     else:
         os.environ["GOMP_SPINCOUNT"] = args.child
+    import inference as bench
     import torch
 
-    import inference as bench
     from captioning import accel
     from captioning.models.lightcap.pipeline import load_lightcap
     from captioning.models.ucm.runtime import load_captioner
@@ -61,7 +61,10 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
                 rt = loaders[model](store.load(MODELS[model]), store, device="cpu", precision=precision, fast=True)
                 for batch in args.batches:
                     images = torch.stack([rt.preprocess(p) for p in pictures[:batch]])
-                    wall, cpu = bench.time_call(lambda: rt.caption(images, rt.decoding), args.repeats, torch.device("cpu"))
+                    def call(rt=rt, images=images):
+                        return rt.caption(images, rt.decoding)
+
+                    wall, cpu = bench.time_call(call, args.repeats, torch.device("cpu"))
                     cells.append({"model": model, "precision": precision, "batch": batch,
                                   "wall_ms": 1000 * wall / batch, "cpu_ms": 1000 * cpu / batch})
                 del rt
@@ -97,7 +100,7 @@ def summarise(runs: dict[str, list[dict]], settings: list[str]) -> list[dict[str
 def markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     m = result["machine"]
-    ours = [s for s in settings if s != DEFAULT]
+    ours = [s for s in settings if s != DEFAULT] if DEFAULT in settings else []  # ratio columns need the default
     lines = [
         "# OpenMP spin against the fast path (bench/omp_spin.py)", "",
         f"`{result['command']}` in {result['seconds']} s.", "",
@@ -108,14 +111,15 @@ def markdown(result: dict[str, Any]) -> str:
         "median over rounds of a child's median of the whole `caption` call (fast path, `auto` vision runtime, "
         "published decoding), ms per image. CPU = process CPU time (all threads) per image: what spinning burns.",
         "", "Settings as the children reported them: " + "; ".join(f"`{s}`: {result['reported'][s]}" for s in settings), "",
-        "| model | precision | batch | " + " | ".join(f"{s} wall | {s} CPU" for s in settings)
-        + " | " + " | ".join(f"default / {s} wall | default / {s} CPU" for s in ours) + " |",
+        "| model | precision | batch | " + " | ".join(
+            [f"{s} wall | {s} CPU" for s in settings] + [f"default / {s} wall | default / {s} CPU" for s in ours]
+        ) + " |",
         "|---|---|---:|" + "---:|" * (2 * len(settings) + 2 * len(ours)),
     ]
     for r in result["rows"]:
         cells = [f"{r[f'{s} wall']} | {r[f'{s} cpu']}" for s in settings]
         ratios = [f"{r[f'{DEFAULT} wall'] / r[f'{s} wall']:.2f}x | {r[f'{DEFAULT} cpu'] / r[f'{s} cpu']:.2f}x"
-                  for s in ours] if DEFAULT in settings else []
+                  for s in ours]
         lines.append(f"| {r['model']} | {r['precision']} | {r['batch']} | " + " | ".join(cells + ratios) + " |")
     lines += ["", "Per-round wall ms/img (each child's median), in round order:", ""]
     for r in result["rows"]:
