@@ -246,12 +246,11 @@ def runtime_plans(rt: Any, images: torch.Tensor, cache: dict, seconds: dict, run
     x = to_device(images, rt.device)
     grid_in = resize_batch(x, ex.encoder_size)
     enc = ex.encoder
-    grid_norm = ((grid_in.float() - enc.pixel_mean) / enc.pixel_std).contiguous()
     size = ex.detector.imgsz
     yolo_in = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
     nets = {
-        "grid": (lambda: TrunkToGrid(copy.deepcopy(enc.trunk).float().to(memory_format=torch.contiguous_format)),
-                 grid_norm),
+        "grid": (lambda: TrunkToGrid(copy.deepcopy(enc.trunk).float().to(memory_format=torch.contiguous_format),
+                                     mean=enc.pixel_mean, std=enc.pixel_std), grid_in.float().contiguous()),
         "yolo-net": (lambda: ex.detector.export_network().float().to(memory_format=torch.contiguous_format), yolo_in),
     }
     plans: list[tuple] = []

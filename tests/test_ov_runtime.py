@@ -92,3 +92,27 @@ def test_lightcap_and_the_concepts_runtime_of_one_version_share_their_converted_
     assert lightcap.extractor.detector.accelerated is concepts.detector.accelerated  # ... one YOLO network
     other = load_model(store, f"concepts@{parent['version']}", precision="bf16", vision_runtime="openvino")
     assert other.encoder.accelerated is not concepts.encoder.accelerated  # another precision, another network
+
+
+@needs_openvino
+def test_the_converted_clip_network_normalises_its_input_as_the_torch_encoder_does():
+    """The CLIP network takes images in [0, 1] and normalises them inside (no batch-sized temporaries on the
+    way in); its grid matches the torch encoder's, which normalises first."""
+    from pathlib import Path
+
+    from captioning.inference import load_model
+    from captioning.store import ModelStore
+
+    store = ModelStore(Path(__file__).resolve().parents[1] / "model_store")
+    lightcap = load_model(store, "lightcap@production", precision="fp32", vision_runtime="openvino")
+    encoder, size = lightcap.extractor.encoder, lightcap.extractor.encoder_size
+    images = torch.rand(3, 3, size, size)
+    converted = encoder.accelerated
+    assert converted is not None and converted.accepts(images)
+    got = encoder(images)
+    encoder.accelerated = None  # this encoder only: the converted network stays shared
+    try:
+        expected = encoder(images)
+    finally:
+        encoder.accelerated = converted
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -378,19 +378,18 @@ class GridEncoder(nn.Module):
         from captioning.ov_runtime import OpenVinoNet, shared_net
 
         def build() -> OpenVinoNet:
-            return OpenVinoNet(TrunkToGrid(self.trunk), torch.zeros(1, 3, size, size), precision=precision,
-                               name="CLIP trunk")
+            network = TrunkToGrid(self.trunk, mean=self.pixel_mean, std=self.pixel_std)
+            return OpenVinoNet(network, torch.zeros(1, 3, size, size), precision=precision, name="CLIP trunk")
 
         self.accelerated = build() if share is None else shared_net(("CLIP trunk", share, precision, size), build)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on any device (moved to the encoder's); returns float32 whatever the compute dtype."""
         weight = self.trunk.conv1.weight
-        images = images.to(weight.device, non_blocking=True)
-        x = (images.float() - self.pixel_mean) / self.pixel_std  # [B,3,H,W]
-        if self.accelerated is not None and self.accelerated.accepts(x):
-            return self.accelerated(x)
-        x = x.to(weight.dtype)
+        images = images.to(weight.device, non_blocking=True).float()  # [B,3,H,W] in [0, 1]
+        if self.accelerated is not None and self.accelerated.accepts(images):
+            return self.accelerated(images)  # normalises inside the converted network (no batch-sized temporaries)
+        x = ((images - self.pixel_mean) / self.pixel_std).to(weight.dtype)
         if getattr(self, "channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
         return trunk_to_grid(self.trunk, x).float().contiguous()
@@ -410,13 +409,20 @@ def trunk_to_grid(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class TrunkToGrid(nn.Module):
-    """``trunk_to_grid`` as a module (what OpenVINO converts)."""
+    """``trunk_to_grid`` as a module (what OpenVINO converts); with ``mean``/``std`` ``[1,3,1,1]`` it takes
+    images in [0, 1] and normalises them first."""
 
-    def __init__(self, trunk: nn.Module):
+    def __init__(self, trunk: nn.Module, *, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
         self.trunk = trunk
+        self.normalise = mean is not None
+        if self.normalise:
+            self.register_buffer("mean", mean.detach().float().clone(), persistent=False)
+            self.register_buffer("std", std.detach().float().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.normalise:
+            x = (x - self.mean) / self.std
         return trunk_to_grid(self.trunk, x)
 
 
