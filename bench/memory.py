@@ -1,0 +1,198 @@
+"""Where the serving process's memory goes: resident memory after each library the serve path imports, after
+each served model loads, and the server's idle and peak RSS under the caption route's load (32 clients,
+batching on, the defaults), and the same with glibc's mmap threshold fixed at 4 MiB, side by side in the same
+run.
+
+    .venv/bin/python bench/memory.py                                  # default store, 3 rounds of 15 s
+    .venv/bin/python bench/memory.py --cpu-torch-python /tmp/cpu/bin/python   # + `import torch` of a CPU-only wheel
+
+Every figure is read from /proc (VmRSS, VmHWM, RssAnon, RssFile) of a fresh child process, so one stage's
+memory does not leak into the next. ``--cpu-torch-python``: an interpreter with a CPU-only torch (no
+torchvision needed) whose ``import torch`` is measured beside this environment's; the "libraries only" row
+imports what a serve path without torch would still need (OpenVINO, numba, numpy, Pillow, the web stack).
+
+Writes ``bench/results/memory.json`` and ``bench/results/memory.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from service_bench import loadavg, machine, rss_mib, run_wrk, scene_images, server_env  # noqa: E402
+
+from service.testing import ServerProcess  # noqa: E402
+
+PROBE = """
+import json, sys
+def rss():
+    out = {}
+    for line in open("/proc/self/status"):
+        key = line.split(":")[0]
+        if key in ("VmRSS", "RssAnon", "RssFile"):
+            out[key] = round(int(line.split()[1]) / 1024, 1)
+    return out
+rows = [("python", rss())]
+"""
+
+# cumulative: each stage is imported on top of the ones before it, in the order the serve path meets them
+IMPORT_STAGES = [
+    ("import captioning", "import captioning"),
+    ("+ torch", "import torch"),
+    ("+ torchvision (imports torch._dynamo, triton)", "import torchvision.ops"),
+    ("+ numba (the compiled caption search)", "import numba"),
+    ("+ openvino (the CPU networks)", "import openvino"),
+    ("+ ultralytics (the YOLO network's modules)", "import ultralytics.nn.tasks"),
+    ("+ the service (FastAPI, prometheus, ...)", "import service.app"),
+]
+TORCH_FREE = ("import numpy, PIL.Image, openvino, numba, tokenizers, fastapi, uvicorn, prometheus_client, "
+              "pydantic_settings, safetensors")
+
+
+def probe(lines: list[tuple[str, str]], python: str = sys.executable) -> list[dict]:
+    """Run ``lines`` (label, statement) one after another in a fresh interpreter; -> RSS after each."""
+    body = PROBE + "".join(f"{stmt}\nrows.append(({label!r}, rss()))\n" for label, stmt in lines)
+    body += "print(json.dumps(rows))\n"
+    out = subprocess.run([python, "-c", body], capture_output=True, text=True, check=True, cwd=REPO,
+                         timeout=600).stdout
+    return [{"stage": label, **values} for label, values in json.loads(out.splitlines()[-1])]
+
+
+def model_loads(store: Path) -> list[dict]:
+    from captioning.inference import TASKS
+
+    lines = [("import service.app", "import service.app"),
+             ("store", f"from captioning.inference import load_model\nfrom captioning.store import ModelStore\n"
+                       f"store = ModelStore({str(store)!r})")]
+    lines += [(f"+ load {name}", f"load_model(store, {name!r})") for name in TASKS]
+    return probe(lines)
+
+
+def smaps_split(pid: int) -> dict:
+    """Anonymous and file-backed resident MiB now (the file part is shared libraries' pages)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("Rss", "Anonymous"):
+            out[key] = round(int(line.split()[1]) / 1024, 1)
+    return {"anon_mib": out.get("Anonymous"), "file_mib": round(out["Rss"] - out.get("Anonymous", 0), 1)}
+
+
+def servers_under_load(store: Path, work: Path, args) -> dict:
+    """The default server against one with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``:
+    blocks this large are mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises
+    after each large free, up to 32 MiB), alternating rounds of the caption route at 32 clients (wrk)."""
+    served = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
+    run_args = argparse.Namespace(max_wait_ms=5.0, threads=0, precision=None)
+    variants = {"serve (defaults)": {}, "MALLOC_MMAP_THRESHOLD_=4194304": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
+    servers, result = {}, {"variants": {}}
+    try:
+        for i, (name, extra) in enumerate(variants.items()):
+            env = server_env(store, work, f"server{i}", served, 8, run_args, **extra)
+            started = time.perf_counter()
+            servers[name] = ServerProcess(env, log_path=work / f"server{i}.log").start()
+            time.sleep(2)
+            result["variants"][name] = {"startup_s": round(time.perf_counter() - started, 1),
+                                        "idle_rss_mib": rss_mib(servers[name].proc.pid, "VmRSS"),
+                                        "idle": smaps_split(servers[name].proc.pid), "rps": []}
+        image = scene_images(1)[0]
+        for _ in range(args.rounds):
+            for name, server in servers.items():
+                cell = run_wrk(server.url, "/v1/caption", image, 32, args.duration, args.warmup, work)
+                result["variants"][name]["rps"].append(cell["throughput_rps"])
+                print(f"{name:32s} {cell['throughput_rps']:7.2f} req/s  peak {rss_mib(server.proc.pid)} MiB",
+                      flush=True)
+        for name, server in servers.items():
+            v = result["variants"][name]
+            v["peak_rss_mib"] = rss_mib(server.proc.pid)
+            v["after"] = smaps_split(server.proc.pid)
+            v["median_rps"] = round(statistics.median(v["rps"]), 2)
+    finally:
+        for server in servers.values():
+            try:
+                server.terminate(60)
+            except Exception:  # noqa: BLE001
+                server.kill()
+    return result
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = ["# Serving memory (bench/memory.py)", "",
+             f"`{r['command']}` in {r['seconds']} s.", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, Python "
+             f"{m['python']}; load average {r['load_before']} / {r['load_after']}. MiB throughout.", "",
+             "## Imports on the serve path (cumulative, one fresh process)", "",
+             "| stage | RSS | anonymous | file-backed |", "|---|---:|---:|---:|"]
+    lines += [f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in r["imports"]]
+    lines += ["", "Alone, each in a fresh process:", "", "| process | RSS | anonymous | file-backed |",
+              "|---|---:|---:|---:|"]
+    lines += [f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in r["alone"]]
+    lines += ["", "## Models (one fresh process, loaded one after another; no inference yet)", "",
+              "| stage | RSS | anonymous | file-backed |", "|---|---:|---:|---:|"]
+    lines += [f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in r["models"]]
+    lines += ["", "## The server: idle, and peak under the caption route (32 clients, wrk, batching on)", "",
+              f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
+              "both servers serve every default model with the default settings; the second one with glibc's mmap "
+              "threshold fixed at 4 MiB.", "",
+              "| server | start-up s | idle RSS | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
+              "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for name, v in r["servers"]["variants"].items():
+        lines.append(f"| {name} | {v['startup_s']} | {v['idle_rss_mib']} | {v['idle']['anon_mib']} / "
+                     f"{v['idle']['file_mib']} | {v['peak_rss_mib']} | {v['after']['anon_mib']} / "
+                     f"{v['after']['file_mib']} | {', '.join(f'{x:.1f}' for x in v['rps'])} | {v['median_rps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=REPO / "model_store")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per round and server")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cpu-torch-python", default=None, help="an interpreter with a CPU-only torch")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        parser.error("wrk is not installed (apt-get install wrk): the load is wrk's closed loop")
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX"):  # the servers get what `captioner serve` sets
+        os.environ.pop(name, None)
+    start = time.perf_counter()
+    result = {"command": "python bench/memory.py " + " ".join(sys.argv[1:]), "machine": machine(),
+              "load_before": loadavg(), "rounds": args.rounds, "duration": args.duration, "warmup": args.warmup}
+    result["imports"] = probe(IMPORT_STAGES)
+    torches = [("this environment", sys.executable)]
+    if args.cpu_torch_python:
+        torches.append(("a CPU-only wheel", args.cpu_torch_python))
+    result["alone"] = []
+    for label, python in torches:
+        version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        result["alone"] += probe([(f"import torch {version} ({label})", "import torch")], python=python)[-1:]
+    result["alone"] += probe([("the libraries a serve path without torch would need", TORCH_FREE)])[-1:]
+    result["models"] = model_loads(args.store)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        result["servers"] = servers_under_load(args.store, Path(tmp), args)
+    result["load_after"] = loadavg()
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
