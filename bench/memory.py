@@ -103,8 +103,8 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
             env = server_env(store, work, f"server{i}", served, 8, run_args, **extra)
             started = time.perf_counter()
             servers[name] = ServerProcess(env, log_path=work / f"server{i}.log").start()
-            time.sleep(2)
-            result["variants"][name] = {"startup_s": round(time.perf_counter() - started, 1),
+            time.sleep(2)  # settle: what start-up leaves behind is freed
+            result["variants"][name] = {"startup_s": round(time.perf_counter() - started, 1),  # incl. the 2 s
                                         "idle_rss_mib": rss_mib(servers[name].proc.pid, "VmRSS"),
                                         "idle": smaps_split(servers[name].proc.pid), "rps": []}
         image = scene_images(1)[0]
@@ -147,7 +147,7 @@ def markdown(r: dict) -> str:
               f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
               "both servers serve every default model with the default settings; the second one with glibc's mmap "
               "threshold fixed at 4 MiB.", "",
-              "| server | start-up s | idle RSS | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
+              "| server | start-up s (+2 s settle) | idle RSS | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
               "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, v in r["servers"]["variants"].items():
         lines.append(f"| {name} | {v['startup_s']} | {v['idle_rss_mib']} | {v['idle']['anon_mib']} / "
