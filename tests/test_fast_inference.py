@@ -245,6 +245,37 @@ def test_lightcap_fast_runtime_gives_the_reference_captions(store, pictures, vis
             assert x.score == pytest.approx(y.score, abs=1e-4)
 
 
+def test_the_served_pipeline_keeps_its_fast_decoder_and_a_caller_without_one_sees_new_weights(store, pictures):
+    """The pipeline (frozen weights) builds its fast decoder, and the compiled search's packing of it, once and
+    reuses them, with the captions of a decoder built per call; ``generate`` without ``decoders`` (training's
+    validation) builds them from the current weights."""
+    from captioning.models.lightcap.pipeline import load_lightcap
+
+    pipe = load_lightcap(store.load("lightcap@production"), store)
+    images = torch.stack([pipe.preprocess(p) for p in pictures])
+    kept = dict(pipe._decoders)
+    assert len(kept) == 1  # built at load, for the published decoding
+    first = [o.text for o in pipe.caption(images, pipe.decoding)]
+    assert [o.text for o in pipe.caption(images, pipe.decoding)] == first
+    assert pipe._decoders.keys() == kept.keys() and all(pipe._decoders[k] is kept[k] for k in kept)
+    short = pipe.decode_options(max_length=5)  # another step count: built on its first request, then kept
+    pipe.caption(images, short)
+    assert set(pipe._decoders) == {*kept, 6}
+    built = pipe._decoders[6]
+    pipe.caption(images, short)
+    assert pipe._decoders[6] is built
+    grid, ids, scores = pipe.features(images)
+    concepts = pipe.concept_inputs(ids, scores)
+    word = pipe.tokenizer.bos_id + 1 if pipe.tokenizer.bos_id + 1 != pipe.tokenizer.eos_id else pipe.tokenizer.bos_id + 2
+    ends = {"bos_id": pipe.tokenizer.bos_id, "eos_id": pipe.tokenizer.eos_id}
+    with torch.no_grad():
+        fresh = pipe.model.generate(grid, concepts, pipe.decoding, **ends, fast=True)
+        assert [pipe.tokenizer.words(h.tokens) for h in fresh] == [t.split() for t in first]  # as the kept one
+        pipe.model.head.bias[word] += 1e4  # the weights move, as they do between training's validations
+        moved = pipe.model.generate(grid, concepts, pipe.decoding, **ends, fast=True)
+    assert all(word in hyp.tokens for hyp in moved)  # built from the moved weights
+
+
 @pytest.mark.parametrize("vision_runtime", VISION_RUNTIMES)
 def test_ucm_fast_runtimes_give_the_reference_outputs(store, pictures, vision_runtime):
     """fp32 fast (folded, channels-last, float32 trunk; on torch or OpenVINO) vs the reference network in

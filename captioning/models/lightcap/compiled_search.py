@@ -28,6 +28,7 @@ Scores are summed in float64 like the torch search. Ties between exactly equal c
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import numpy as np
@@ -353,10 +354,22 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(tensor.detach().to(device="cpu", dtype=torch.float32).numpy())
 
 
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def step_weights(decoder: Any, caption_base: torch.Tensor) -> tuple:
     """The weights of a ``FastLightCapDecoder`` as the kernel's tuple of contiguous float32 arrays (matrices in
     torch's [out, in] layout, layers stacked); ``caption_base`` [T,H]: token type + positions of the caption slots
-    (``init_state``'s, which depend on the prefix length)."""
+    (``init_state``'s, which depend on the prefix length). The rest is packed once per decoder: a caller keeps a
+    decoder only for frozen weights (``LightCapCaptioner.generate(decoders=...)``), and keeps its packing with it."""
+    packed = _PACKED.get(decoder)
+    if packed is None:
+        packed = _PACKED[decoder] = _pack_weights(decoder)
+    return (packed[0], _array(caption_base), *packed[1:])
+
+
+def _pack_weights(decoder: Any) -> tuple:
+    """``step_weights`` without ``caption_base``."""
     layers = decoder.layers
 
     def stack(key: str) -> np.ndarray:
@@ -369,7 +382,7 @@ def step_weights(decoder: Any, caption_base: torch.Tensor) -> tuple:
     if len(layer_eps) != 1:
         raise ValueError(f"the compiled search needs one layer-norm eps across layers, got {sorted(layer_eps)}")
     return (
-        _array(decoder.word), _array(caption_base),
+        _array(decoder.word),
         _array(torch.stack([decoder.emb_norm[0], decoder.emb_norm[1]])),
         stack("qkv_w"), stack("qkv_b"), stack("out_w"), stack("out_b"), norms("norm1"),
         stack("in_w"), stack("in_b"), stack("ffn_w"), stack("ffn_b"), norms("norm2"),

@@ -190,11 +190,15 @@ class LightCapPipeline:
             vocab.words, vocab.embeddings, tokenizer,
             max_concepts=model.arch["max_concepts"], max_concept_tokens=model.arch["max_concept_tokens"],
         )
+        # the fast decoders by step count, built once: the weights are frozen (LightCapCaptioner.generate)
+        self._decoders: dict[int, Any] = {}
         if self.fast and self.device.type == "cpu":  # compile the CPU search now, not on the first request
             from captioning.models.lightcap import compiled_search
             from captioning.models.lightcap.captioner import FastLightCapDecoder
 
-            compiled_search.warm_up(FastLightCapDecoder(self.model, self.decoding.max_length + 1))
+            steps = self.decoding.max_length + 1
+            self._decoders[steps] = FastLightCapDecoder(self.model, steps)
+            compiled_search.warm_up(self._decoders[steps])
         elif self.fast:  # on a GPU: the torch decoder under decoding.beam_search and its compiled bookkeeping
             from captioning import search_kernels
 
@@ -235,7 +239,7 @@ class LightCapPipeline:
         concepts = self.packer(ids.cpu(), scores.cpu()).to(self.device)
         hyps = self.model.generate(
             grid.to(self.device).float(), concepts, options,
-            bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, fast=self.fast,
+            bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, fast=self.fast, decoders=self._decoders,
         )
         outs = []
         for hyp in hyps:
