@@ -245,25 +245,32 @@ def test_lightcap_fast_runtime_gives_the_reference_captions(store, pictures, vis
             assert x.score == pytest.approx(y.score, abs=1e-4)
 
 
-def test_the_served_pipeline_keeps_its_fast_decoder_and_a_caller_without_one_sees_new_weights(store, pictures):
-    """The pipeline (frozen weights) builds its fast decoder, and the compiled search's packing of it, once and
-    reuses them, with the captions of a decoder built per call; ``generate`` without ``decoders`` (training's
-    validation) builds them from the current weights."""
+def test_the_served_pipeline_keeps_its_fast_decoder_and_a_caller_without_one_sees_new_weights(store, pictures,
+                                                                                             monkeypatch):
+    """The pipeline (frozen weights) builds the fast decoder of its published decoding, and the compiled search's
+    packing of it, once, with the captions of a decoder built per call; another length is built per request (not
+    kept: memory would grow with each length asked for); ``generate`` without ``decoders`` (training's
+    validation) builds one from the current weights."""
+    from captioning.models.lightcap import captioner
     from captioning.models.lightcap.pipeline import load_lightcap
 
     pipe = load_lightcap(store.load("lightcap@production"), store)
     images = torch.stack([pipe.preprocess(p) for p in pictures])
     kept = dict(pipe._decoders)
-    assert len(kept) == 1  # built at load, for the published decoding
+    assert list(kept) == [pipe.decoding.max_length + 1]  # built at load, for the published decoding
+    built = []
+    real = captioner.FastLightCapDecoder
+
+    def counting(*args, **kwargs):
+        built.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(captioner, "FastLightCapDecoder", counting)
     first = [o.text for o in pipe.caption(images, pipe.decoding)]
     assert [o.text for o in pipe.caption(images, pipe.decoding)] == first
-    assert pipe._decoders.keys() == kept.keys() and all(pipe._decoders[k] is kept[k] for k in kept)
-    short = pipe.decode_options(max_length=5)  # another step count: built on its first request, then kept
-    pipe.caption(images, short)
-    assert set(pipe._decoders) == {*kept, 6}
-    built = pipe._decoders[6]
-    pipe.caption(images, short)
-    assert pipe._decoders[6] is built
+    assert built == [] and pipe._decoders == kept  # the kept decoder served both
+    pipe.caption(images, pipe.decode_options(max_length=5))
+    assert built == [6] and pipe._decoders == kept  # another length: built for the request, not kept
     grid, ids, scores = pipe.features(images)
     concepts = pipe.concept_inputs(ids, scores)
     word = pipe.tokenizer.bos_id + 1 if pipe.tokenizer.bos_id + 1 != pipe.tokenizer.eos_id else pipe.tokenizer.bos_id + 2

@@ -267,20 +267,17 @@ class LightCapCaptioner(nn.Module):
         the CPU, unless ``compiled=False``, the same search and steps run as one compiled loop
         (``compiled_search``: same outputs, a fraction of the per-operator overhead). Else ``LightCapDecoder``
         (``use_cache`` picks its HF ``DynamicCache`` or the uncached reference) and the reference beam search loop.
-        ``decoders``: where a caller whose weights no longer change (the served pipeline) keeps the fast decoders
-        by step count across calls (a decoder holds fused copies of some weights and views of the others, about
-        0.3 ms to build and pack for the compiled search, so it is only for frozen weights); None builds one per
-        call (training's validation, whose weights move)."""
+        ``decoders``: fast decoders by step count that a caller whose weights no longer change built once (the
+        served pipeline: its published decoding's); a decoder holds fused copies of some weights and views of
+        the others, about 0.3 ms to build and pack for the compiled search, so it is only for frozen weights.
+        Any other step count, and every call without ``decoders`` (training's validation, whose weights move),
+        builds one for the call (a kept one per request-chosen length would grow memory with each length)."""
         from captioning.decoding import decode
         from captioning.models.lightcap import compiled_search
 
-        if fast:
+        if fast:  # a decoder is read-only: callers on other threads may share a kept one
             steps = options.max_length + 1
-            decoder = decoders.get(steps) if decoders is not None else None
-            if decoder is None:
-                decoder = FastLightCapDecoder(self, steps)
-                if decoders is not None:
-                    decoders[steps] = decoder  # a decoder is read-only: callers on other threads may share it
+            decoder = (decoders or {}).get(steps) or FastLightCapDecoder(self, steps)
         if fast and compiled and grid.device.type == "cpu":
             return compiled_search.search(decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id)
         decoder = decoder if fast else self.decoder(use_cache=use_cache)

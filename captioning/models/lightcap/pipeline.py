@@ -190,7 +190,7 @@ class LightCapPipeline:
             vocab.words, vocab.embeddings, tokenizer,
             max_concepts=model.arch["max_concepts"], max_concept_tokens=model.arch["max_concept_tokens"],
         )
-        # the fast decoders by step count, built once: the weights are frozen (LightCapCaptioner.generate)
+        # the published decoding's fast decoder, built once: the weights are frozen (LightCapCaptioner.generate)
         self._decoders: dict[int, Any] = {}
         if self.fast and self.device.type == "cpu":  # compile the CPU search now, not on the first request
             from captioning.models.lightcap import compiled_search
