@@ -256,8 +256,8 @@ def test_the_served_pipeline_keeps_its_fast_decoder_and_a_caller_without_one_see
 
     pipe = load_lightcap(store.load("lightcap@production"), store)
     images = torch.stack([pipe.preprocess(p) for p in pictures])
-    kept = dict(pipe._decoders)
-    assert list(kept) == [pipe.decoding.max_length + 1]  # built at load, for the published decoding
+    kept = pipe._fast_decoder
+    assert kept.max_steps == pipe.decoding.max_length + 1  # built at load, for the published decoding
     built = []
     real = captioner.FastLightCapDecoder
 
@@ -268,9 +268,9 @@ def test_the_served_pipeline_keeps_its_fast_decoder_and_a_caller_without_one_see
     monkeypatch.setattr(captioner, "FastLightCapDecoder", counting)
     first = [o.text for o in pipe.caption(images, pipe.decoding)]
     assert [o.text for o in pipe.caption(images, pipe.decoding)] == first
-    assert built == [] and pipe._decoders == kept  # the kept decoder served both
+    assert built == [] and pipe._fast_decoder is kept  # the kept decoder served both
     pipe.caption(images, pipe.decode_options(max_length=5))
-    assert built == [6] and pipe._decoders == kept  # another length: built for the request, not kept
+    assert built == [6] and pipe._fast_decoder is kept  # another length: built for the request, not kept
     grid, ids, scores = pipe.features(images)
     concepts = pipe.concept_inputs(ids, scores)
     word = pipe.tokenizer.bos_id + 1 if pipe.tokenizer.bos_id + 1 != pipe.tokenizer.eos_id else pipe.tokenizer.bos_id + 2

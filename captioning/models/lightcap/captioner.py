@@ -259,7 +259,7 @@ class LightCapCaptioner(nn.Module):
         use_cache: bool = True,
         fast: bool = False,
         compiled: bool = True,
-        decoders: dict[int, FastLightCapDecoder] | None = None,
+        kept: FastLightCapDecoder | None = None,
     ):
         """Greedy / beam search (``captioning.decoding``) -> one ``Hypothesis`` per image.
 
@@ -267,20 +267,21 @@ class LightCapCaptioner(nn.Module):
         the CPU, unless ``compiled=False``, the same search and steps run as one compiled loop
         (``compiled_search``: same outputs, a fraction of the per-operator overhead). Else ``LightCapDecoder``
         (``use_cache`` picks its HF ``DynamicCache`` or the uncached reference) and the reference beam search loop.
-        ``decoders``: fast decoders by step count that a caller whose weights no longer change built once (the
-        served pipeline: its published decoding's); a decoder holds fused copies of some weights and views of
-        the others, about 0.3 ms to build and pack for the compiled search, so it is only for frozen weights.
-        Any other step count, and every call without ``decoders`` (training's validation, whose weights move),
-        builds one for the call (a kept one per request-chosen length would grow memory with each length)."""
+        ``kept``: a fast decoder that a caller whose weights no longer change built once (the served pipeline:
+        its published decoding's), used when its ``max_steps`` fits ``options``; a decoder holds fused copies of
+        some weights and views of the others, about 0.3 ms to build and pack for the compiled search, so it is
+        only for frozen weights. Any other length, and every call without one (training's validation, whose
+        weights move), builds one for the call (one kept per request-chosen length would grow memory with each)."""
         from captioning.decoding import decode
         from captioning.models.lightcap import compiled_search
 
-        if fast:  # a decoder is read-only: callers on other threads may share a kept one
+        if not fast:
+            decoder = self.decoder(use_cache=use_cache)
+        else:  # a decoder is read-only: callers on other threads may share a kept one
             steps = options.max_length + 1
-            decoder = (decoders or {}).get(steps) or FastLightCapDecoder(self, steps)
-        if fast and compiled and grid.device.type == "cpu":
-            return compiled_search.search(decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id)
-        decoder = decoder if fast else self.decoder(use_cache=use_cache)
+            decoder = kept if kept is not None and kept.max_steps == steps else FastLightCapDecoder(self, steps)
+            if compiled and grid.device.type == "cpu":
+                return compiled_search.search(decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id)
         return decode(
             decoder, (grid, concepts), options, bos_id=bos_id, eos_id=eos_id, batch_size=grid.shape[0], reference=not fast
         )

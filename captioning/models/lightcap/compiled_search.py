@@ -361,7 +361,7 @@ def step_weights(decoder: Any, caption_base: torch.Tensor) -> tuple:
     """The weights of a ``FastLightCapDecoder`` as the kernel's tuple of contiguous float32 arrays (matrices in
     torch's [out, in] layout, layers stacked); ``caption_base`` [T,H]: token type + positions of the caption slots
     (``init_state``'s, which depend on the prefix length). The rest is packed once per decoder: a caller keeps a
-    decoder only for frozen weights (``LightCapCaptioner.generate(decoders=...)``), and keeps its packing with it."""
+    decoder only for frozen weights (``LightCapCaptioner.generate(kept=...)``), and keeps its packing with it."""
     packed = _PACKED.get(decoder)
     if packed is None:
         packed = _PACKED[decoder] = _pack_weights(decoder)

@@ -191,14 +191,13 @@ class LightCapPipeline:
             max_concepts=model.arch["max_concepts"], max_concept_tokens=model.arch["max_concept_tokens"],
         )
         # the published decoding's fast decoder, built once: the weights are frozen (LightCapCaptioner.generate)
-        self._decoders: dict[int, Any] = {}
+        self._fast_decoder: Any = None
         if self.fast and self.device.type == "cpu":  # compile the CPU search now, not on the first request
             from captioning.models.lightcap import compiled_search
             from captioning.models.lightcap.captioner import FastLightCapDecoder
 
-            steps = self.decoding.max_length + 1
-            self._decoders[steps] = FastLightCapDecoder(self.model, steps)
-            compiled_search.warm_up(self._decoders[steps])
+            self._fast_decoder = FastLightCapDecoder(self.model, self.decoding.max_length + 1)
+            compiled_search.warm_up(self._fast_decoder)
         elif self.fast:  # on a GPU: the torch decoder under decoding.beam_search and its compiled bookkeeping
             from captioning import search_kernels
 
@@ -239,7 +238,7 @@ class LightCapPipeline:
         concepts = self.packer(ids.cpu(), scores.cpu()).to(self.device)
         hyps = self.model.generate(
             grid.to(self.device).float(), concepts, options,
-            bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, fast=self.fast, decoders=self._decoders,
+            bos_id=self.tokenizer.bos_id, eos_id=self.tokenizer.eos_id, fast=self.fast, kept=self._fast_decoder,
         )
         outs = []
         for hyp in hyps:
