@@ -31,9 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from service_bench import loadavg, machine, rss_mib, run_wrk, scene_images, server_env  # noqa: E402
-
-from service.testing import ServerProcess  # noqa: E402
+from service_bench import (  # noqa: E402
+    loadavg,
+    machine,
+    rss_mib,
+    run_wrk,
+    scene_images,
+    server_env,
+    start_servers,
+    stop_servers,
+)
 
 PROBE = """
 import json, sys
@@ -97,16 +104,15 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
     served = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
     run_args = argparse.Namespace(max_wait_ms=5.0, threads=0, precision=None)
     variants = {"serve (defaults)": {}, "MALLOC_MMAP_THRESHOLD_=4194304": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
-    servers, result = {}, {"variants": {}}
+    envs = {name: server_env(store, work, f"server{i}", served, 8, run_args, **extra)
+            for i, (name, extra) in enumerate(variants.items())}
+    servers, startup = start_servers(envs, work)
+    result = {"variants": {}}
     try:
-        for i, (name, extra) in enumerate(variants.items()):
-            env = server_env(store, work, f"server{i}", served, 8, run_args, **extra)
-            started = time.perf_counter()
-            servers[name] = ServerProcess(env, log_path=work / f"server{i}.log").start()
-            time.sleep(2)  # settle: what start-up leaves behind is freed
-            result["variants"][name] = {"startup_s": round(time.perf_counter() - started, 1),  # incl. the 2 s
-                                        "idle_rss_mib": rss_mib(servers[name].proc.pid, "VmRSS"),
-                                        "idle": smaps_split(servers[name].proc.pid), "rps": []}
+        time.sleep(2)  # settle: what start-up leaves behind is freed
+        for name, server in servers.items():
+            result["variants"][name] = {"startup_s": startup[name], "idle_rss_mib": rss_mib(server.proc.pid, "VmRSS"),
+                                        "idle": smaps_split(server.proc.pid), "rps": []}
         image = scene_images(1)[0]
         for _ in range(args.rounds):
             for name, server in servers.items():
@@ -120,12 +126,13 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
             v["after"] = smaps_split(server.proc.pid)
             v["median_rps"] = round(statistics.median(v["rps"]), 2)
     finally:
-        for server in servers.values():
-            try:
-                server.terminate(60)
-            except Exception:  # noqa: BLE001
-                server.kill()
+        stop_servers(servers)
     return result
+
+
+def rss_table(header: str, stages: list[dict]) -> list[str]:
+    return [f"| {header} | RSS | anonymous | file-backed |", "|---|---:|---:|---:|"] + [
+        f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in stages]
 
 
 def markdown(r: dict) -> str:
@@ -134,20 +141,15 @@ def markdown(r: dict) -> str:
              f"`{r['command']}` in {r['seconds']} s.", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, Python "
              f"{m['python']}; load average {r['load_before']} / {r['load_after']}. MiB throughout.", "",
-             "## Imports on the serve path (cumulative, one fresh process)", "",
-             "| stage | RSS | anonymous | file-backed |", "|---|---:|---:|---:|"]
-    lines += [f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in r["imports"]]
-    lines += ["", "Alone, each in a fresh process:", "", "| process | RSS | anonymous | file-backed |",
-              "|---|---:|---:|---:|"]
-    lines += [f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in r["alone"]]
-    lines += ["", "## Models (one fresh process, loaded one after another; no inference yet)", "",
-              "| stage | RSS | anonymous | file-backed |", "|---|---:|---:|---:|"]
-    lines += [f"| {s['stage']} | {s['VmRSS']} | {s['RssAnon']} | {s['RssFile']} |" for s in r["models"]]
+             "## Imports on the serve path (cumulative, one fresh process)", "", *rss_table("stage", r["imports"]),
+             "", "Alone, each in a fresh process:", "", *rss_table("process", r["alone"]),
+             "", "## Models (one fresh process, loaded one after another; no inference yet)", "",
+             *rss_table("stage", r["models"])]
     lines += ["", "## The server: idle, and peak under the caption route (32 clients, wrk, batching on)", "",
               f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
               "both servers serve every default model with the default settings; the second one with glibc's mmap "
               "threshold fixed at 4 MiB.", "",
-              "| server | start-up s (+2 s settle) | idle RSS | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
+              "| server | start-up s | idle RSS (2 s after both started) | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
               "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, v in r["servers"]["variants"].items():
         lines.append(f"| {name} | {v['startup_s']} | {v['idle_rss_mib']} | {v['idle']['anon_mib']} / "
