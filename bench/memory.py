@@ -79,11 +79,17 @@ def probe(lines: list[tuple[str, str]], python: str = sys.executable) -> list[di
 
 def model_loads(store: Path) -> list[dict]:
     from captioning.inference import TASKS
+    from captioning.store import ModelStore
 
     lines = [("import service.app", "import service.app"),
              ("store", f"from captioning.inference import load_model\nfrom captioning.store import ModelStore\n"
                        f"store = ModelStore({str(store)!r})")]
-    lines += [(f"+ load {name}", f"load_model(store, {name!r})") for name in TASKS]
+    lines += [(f"+ load {name}", f"{name.replace('-', '_')} = load_model(store, {name!r})") for name in TASKS]
+    # the concepts version LightCap was trained on: the runtime LightCap already holds (captioning.sharing)
+    parent = next(p for p in ModelStore(store).resolve("lightcap").manifest["parents"] if p["name"] == "concepts")
+    spec = f"concepts@{parent['version']}"
+    lines.append((f"+ load {spec} (LightCap's own concepts version: its runtime, shared)",
+                  f"own = load_model(store, {spec!r})\nassert own is lightcap.extractor"))
     return probe(lines)
 
 

@@ -27,8 +27,6 @@ import importlib.util
 import os
 import threading
 import warnings
-import weakref
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -58,23 +56,6 @@ def resolve_vision_runtime(value: str | None, device: torch.device | str = "cpu"
         if not openvino_available():
             raise ValueError("vision runtime 'openvino': the openvino package is not installed")
     return choice
-
-
-_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-_SHARED_LOCK = threading.Lock()
-
-
-def shared_net(key: tuple, build: Callable[[], OpenVinoNet]) -> OpenVinoNet:
-    """One converted network per ``key`` (a published version's network, precision and input size) while any
-    runtime holds it: LightCap's runtime and the concepts runtime of the same concepts version share their CLIP
-    and YOLO networks instead of converting and holding them twice (a network is read-only; its callers take
-    turns on its infer request)."""
-    with _SHARED_LOCK:
-        net = _SHARED.get(key)
-        if net is None:
-            net = build()
-            _SHARED[key] = net
-        return net
 
 
 class OpenVinoNet:

@@ -174,13 +174,21 @@ def test_eval_cli_reports_figures_and_draws(random_store, synth_data, tmp_path, 
 
     from captioning.cli import main
 
+    from captioning.inference import load_model
+
     store, _ = random_store
     drawing = tmp_path / "example.png"
+    held = load_model(store, "concepts@1")  # the runtime the CLI loads too (captioning.sharing): served, say
+    settings = (held.instance_iou, dict(held.instance_concepts), held.min_score)
     status = main([
         "eval", "concepts", "--data", str(synth_data), "--split", "test", "--store", str(store.root),
         "--model", "concepts@1", "--json", "--draw", str(drawing), "--draw-count", "2",
+        "--instance-iou", "0.35", "--no-instance-concepts",
     ])
     assert status == 0
+    assert load_model(store, "concepts@1") is held  # one runtime for the version ...
+    assert (held.instance_iou, held.instance_concepts, held.min_score) == settings  # ... which the CLI left as it was
+    assert settings[0] != 0.35
     figures = json.loads(capsys.readouterr().out)
     # the ground truth it counted is the test split of boxes.json
     data = json.loads((synth_data / "dataset.json").read_text())

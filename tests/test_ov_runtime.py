@@ -77,7 +77,7 @@ def test_a_converted_network_computes_what_the_module_computes_at_any_batch_size
 
 
 @needs_openvino
-def test_lightcap_and_the_concepts_runtime_of_one_version_share_their_converted_networks():
+def test_lightcap_and_the_concepts_runtime_of_one_version_are_one_object_and_other_versions_share_networks():
     from pathlib import Path
 
     from captioning.inference import load_model
@@ -87,11 +87,40 @@ def test_lightcap_and_the_concepts_runtime_of_one_version_share_their_converted_
     lightcap = load_model(store, "lightcap@production", precision="fp32", vision_runtime="openvino")
     parent = next(p for p in lightcap.manifest["parents"] if p["name"] == "concepts")
     concepts = load_model(store, f"concepts@{parent['version']}", precision="fp32", vision_runtime="openvino")
-    assert lightcap.extractor is not concepts  # separate runtimes (their settings may differ) ...
-    assert lightcap.extractor.encoder.accelerated is concepts.encoder.accelerated  # ... one CLIP network
-    assert lightcap.extractor.detector.accelerated is concepts.detector.accelerated  # ... one YOLO network
+    assert lightcap.extractor is concepts  # one version, device, precision: one runtime, held once
+    newer = load_model(store, "concepts@production", precision="fp32", vision_runtime="openvino")
+    assert newer.version != concepts.version  # the defaults serve a newer concepts model than LightCap's
+    assert newer is not concepts and newer.encoder.accelerated is concepts.encoder.accelerated  # one CLIP network
+    assert newer.detector.accelerated is not concepts.detector.accelerated  # its own detector version
     other = load_model(store, f"concepts@{parent['version']}", precision="bf16", vision_runtime="openvino")
-    assert other.encoder.accelerated is not concepts.encoder.accelerated  # another precision, another network
+    assert other is not concepts and other.encoder.accelerated is not concepts.encoder.accelerated
+    reference = load_model(store, f"concepts@{parent['version']}", precision="fp32", vision_runtime="torch")
+    assert reference is not concepts and reference.encoder.accelerated is None
+
+
+def test_a_shared_object_lives_while_held_and_is_built_again_after():
+    import gc
+
+    from captioning.sharing import live_keys, shared
+
+    class Loaded:  # any weak-referenceable object
+        pass
+
+    built = []
+
+    def build():
+        built.append(Loaded())
+        return built[-1]
+
+    key = ("test object", object())  # a key no other test holds
+    first = shared(key, build)
+    assert shared(key, build) is first and len(built) == 1  # held: the same object, built once
+    assert key in live_keys()
+    del first, built[:]
+    gc.collect()
+    assert key not in live_keys()  # freed with its last holder ...
+    again = shared(key, build)
+    assert len(built) == 1 and again is built[0]  # ... and the next call builds a new one
 
 
 @needs_openvino

@@ -37,6 +37,7 @@ settings for every word than the model's (``--no-instance-concepts`` drops its p
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     extractor = load_model(store, args.model)
     if getattr(extractor, "vocab", None) is None:
         raise UsageError(f"{args.model}: not a concept extractor (task {extractor.manifest.get('task')!r})")
+    # the loaded runtime is shared (captioning.sharing): the settings below, and evaluate_extractor's own, change a copy
+    extractor = copy.copy(extractor)
     for attr, value in (("instance_iou", args.instance_iou), ("instance_min_score", args.instance_min_score),
                         ("instance_conf", args.instance_conf), ("instance_merge_ios", args.instance_merge_ios)):
         if value is not None:

@@ -375,13 +375,14 @@ class GridEncoder(nn.Module):
         """Run the (folded) trunk on OpenVINO in ``precision`` for CPU batches of ``size`` x ``size`` pixels
         (what ``ConceptExtractor.grid`` feeds); other inputs keep the torch trunk. ``share``: the published
         version these weights come from; encoders of the same one share one converted network."""
-        from captioning.ov_runtime import OpenVinoNet, shared_net
+        from captioning.ov_runtime import OpenVinoNet
+        from captioning.sharing import shared
 
         def build() -> OpenVinoNet:
             network = TrunkToGrid(self.trunk, mean=self.pixel_mean, std=self.pixel_std)
             return OpenVinoNet(network, torch.zeros(1, 3, size, size), precision=precision, name="CLIP trunk")
 
-        self.accelerated = build() if share is None else shared_net(("CLIP trunk", share, precision, size), build)
+        self.accelerated = build() if share is None else shared(("CLIP trunk", share, precision, size), build)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images`` on any device (moved to the encoder's); returns float32 whatever the compute dtype."""

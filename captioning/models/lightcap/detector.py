@@ -149,13 +149,14 @@ class ProposalDetector(nn.Module):
         """Run the network (``export_network``) on OpenVINO in ``precision`` for CPU batches at ``imgsz``.
         ``share``: the published version these weights come from; detectors of the same one share one
         converted network."""
-        from captioning.ov_runtime import OpenVinoNet, shared_net
+        from captioning.ov_runtime import OpenVinoNet
+        from captioning.sharing import shared
 
         def build() -> OpenVinoNet:
             return OpenVinoNet(self.export_network(), torch.zeros(1, 3, self.imgsz, self.imgsz), precision=precision,
                                name="YOLO")
 
-        self.accelerated = build() if share is None else shared_net(("YOLO", share, precision, self.imgsz), build)
+        self.accelerated = build() if share is None else shared(("YOLO", share, precision, self.imgsz), build)
 
     def train(self, mode: bool = True) -> ProposalDetector:  # inference-only module: the network stays in eval
         super().train(False)
