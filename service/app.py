@@ -14,6 +14,7 @@ import asyncio
 import copy
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -54,6 +55,8 @@ def _one_torch_thread() -> None:
 
 def create_app(settings: Settings | None = None, *, store: ModelStore | None = None) -> FastAPI:
     settings = settings or Settings()
+    if settings.ov_cache_dir is not None:  # read by captioning.ov_runtime at each load (set here for a .env file)
+        os.environ["CAPTIONER_OV_CACHE_DIR"] = settings.ov_cache_dir
     metrics = Metrics()
     store = store or ModelStore(settings.model_store)
     registry = ModelRegistry(settings, store, metrics)

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
         "auto", description="what runs the convolutional networks (CLIP, YOLO, UCM ResNet): `auto` (OpenVINO "
         "on the CPU, torch on a GPU), `openvino`, `torch`"
     )
+    ov_cache_dir: str | None = Field(
+        None, description="folder of the converted OpenVINO networks, reused by later loads (unset: "
+        "`$XDG_CACHE_HOME/captioner-openvino`, else `~/.cache/...`, else the temp dir; `off`: convert at every load)"
+    )
 
     # --- data -----------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("captioner-data"), description="jobs database and job files live here")

@@ -8,6 +8,14 @@ os.environ.setdefault("CAPTIONER_NO_PROGRESS", "1")
 # torch runs the convolutional networks unless a test asks for OpenVINO (tests/test_ov_runtime.py,
 # test_fast_inference.py): converting them at every model load would cost the suite minutes
 os.environ.setdefault("CAPTIONER_VISION_RUNTIME", "torch")
+# converted OpenVINO networks are cached in a folder of this test session, not the user's cache
+if "CAPTIONER_OV_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["CAPTIONER_OV_CACHE_DIR"] = tempfile.mkdtemp(prefix="captioner-ov-tests-")
+    atexit.register(shutil.rmtree, os.environ["CAPTIONER_OV_CACHE_DIR"], True)
 
 import torch  # noqa: E402
 

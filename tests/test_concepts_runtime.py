@@ -173,7 +173,6 @@ def test_eval_cli_reports_figures_and_draws(random_store, synth_data, tmp_path, 
     import json
 
     from captioning.cli import main
-
     from captioning.inference import load_model
 
     store, _ = random_store

@@ -77,6 +77,79 @@ def test_a_converted_network_computes_what_the_module_computes_at_any_batch_size
 
 
 @needs_openvino
+def test_a_converted_network_is_cached_by_what_it_converts_and_read_back(tmp_path, monkeypatch, caplog):
+    import openvino as ov
+
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", str(tmp_path / "ov"))
+    torch.manual_seed(0)
+    net, example, x = SmallNet().eval(), torch.rand(1, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    first = OpenVinoNet(net, example, name="small")
+    assert first.cached is not None and first.cached.is_file() and first.cached.with_suffix(".bin").is_file()
+    assert first.cached.parent.parent == tmp_path / "ov" and [p.name for p in (tmp_path / "ov").iterdir()] == [
+        first.cached.parent.name]  # one entry, no staging folder left
+
+    converted = []
+    real_convert = ov.convert_model
+
+    def counting_convert(*args, **kwargs):
+        converted.append(1)
+        return real_convert(*args, **kwargs)
+
+    monkeypatch.setattr(ov, "convert_model", counting_convert)
+    again = OpenVinoNet(net, example, name="small")  # read back: no conversion, the same results
+    assert converted == [] and again.cached == first.cached
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x), atol=1e-5, rtol=1e-4)
+
+    # anything the conversion reads changes the name: a weight, a plain attribute, the input size
+    changed = SmallNet().eval()
+    changed.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        changed.body[0].weight[0, 0, 0, 0] += 1e-3
+    assert OpenVinoNet(changed, example).cached != first.cached and len(converted) == 1
+    flagged = SmallNet().eval()
+    flagged.load_state_dict(net.state_dict())
+    flagged.body[0].export_mode = True
+    assert OpenVinoNet(flagged, example).cached != first.cached and len(converted) == 2
+    assert OpenVinoNet(net, torch.rand(1, 3, 24, 24)).cached != first.cached and len(converted) == 3
+
+    # a damaged entry is converted and written again, with a warning
+    first.cached.with_suffix(".bin").write_bytes(b"not weights")
+    with caplog.at_level("WARNING", logger="captioning.ov_runtime"):
+        repaired = OpenVinoNet(net, example, name="small")
+    assert len(converted) == 4 and "unreadable" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(repaired(x), net(x), atol=1e-5, rtol=1e-4)
+    assert OpenVinoNet(net, example).model is not None and len(converted) == 4  # repaired on disk too
+    assert not [p for p in (tmp_path / "ov").iterdir() if p.name.startswith(".")]  # nothing damaged or staged left
+
+    # off: converted every time, nothing written; an unusable folder: converted, a warning, no error
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", "off")
+    assert OpenVinoNet(net, example).cached is None and len(converted) == 5
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", str(blocker / "ov"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="captioning.ov_runtime"):
+        unusable = OpenVinoNet(net, example, name="small")
+    assert len(converted) == 6 and "cannot cache" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(unusable(x), net(x), atol=1e-5, rtol=1e-4)
+
+    # two processes converting at once (uvicorn workers loading): the second to publish finds the entry there and
+    # leaves it, quietly, with nothing half-written
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", str(tmp_path / "shared"))
+    winner = OpenVinoNet(net, example)
+    loser = OpenVinoNet(net, example)  # read back; now publish its own conversion as if it had converted too
+    published = winner.cached.with_suffix(".bin").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="captioning.ov_runtime"):
+        loser._write_cached()
+    assert caplog.text == "" and winner.cached.with_suffix(".bin").stat().st_mtime_ns == published
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [winner.cached.parent.name]
+
+
+@needs_openvino
 def test_lightcap_and_the_concepts_runtime_of_one_version_are_one_object_and_other_versions_share_networks():
     from pathlib import Path
 

@@ -66,3 +66,19 @@ def test_available_cpus_is_capped_by_the_cgroup_quota(monkeypatch, tmp_path):
     assert settings_module.available_cpus() == 8
     quota.unlink()  # no cgroup v2 file: the affinity
     assert settings_module.available_cpus() == 8
+
+
+def test_the_openvino_cache_setting_reaches_the_loaders(monkeypatch, tmp_path):
+    """CAPTIONER_OV_CACHE_DIR from a .env file (not the environment) still decides where the loads cache."""
+    from captioning.ov_runtime import cache_dir
+    from service.app import create_app
+
+    monkeypatch.delenv("CAPTIONER_OV_CACHE_DIR", raising=False)  # restored after the test
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text(f"CAPTIONER_OV_CACHE_DIR={tmp_path / 'ov'}\nCAPTIONER_DATA_DIR={tmp_path / 'data'}\n")
+    settings = Settings()
+    assert settings.ov_cache_dir == str(tmp_path / "ov") and cache_dir() != tmp_path / "ov"
+    create_app(settings)
+    assert cache_dir() == tmp_path / "ov"
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", "off")
+    assert cache_dir() is None

@@ -89,8 +89,8 @@ def load_concept_extractor(
 ) -> Any:
     """Task ``concepts``, and the extractor of every LightCap captioner trained on ``version``: one runtime object
     per (version, device, precision, ``fast``, vision runtime) while anything holds it (``captioning.sharing``),
-    so serving ``concepts`` beside ``lightcap`` holds the CLIP trunk, detector and aligner once, not twice
-    (measured: about 65 MiB less resident memory with the embedded defaults, bench/results/memory.md)."""
+    so serving ``concepts`` beside the ``lightcap`` trained on it holds the CLIP trunk, detector and aligner once
+    (bench/results/memory.md: the second holder +0.0 MiB; another concepts version, as the defaults serve, +74.5)."""
     from captioning.accel import runtime_placement
     from captioning.ov_runtime import resolve_vision_runtime
     from captioning.sharing import shared
