@@ -1,7 +1,7 @@
 """Where the serving process's memory goes: resident memory after each library the serve path imports, after
 each served model loads, and the server's idle and peak RSS under the caption route's load (32 clients,
-batching on, the defaults), and the same with glibc's mmap threshold fixed at 4 MiB, side by side in the same
-run.
+batching on, the defaults): a first start (every OpenVINO network converted), a later one (read back from the
+network cache) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side in the same run.
 
     .venv/bin/python bench/memory.py                                  # default store, 3 rounds of 15 s
     .venv/bin/python bench/memory.py --cpu-torch-python /tmp/cpu/bin/python   # + `import torch` of a CPU-only wheel
@@ -68,16 +68,18 @@ TORCH_FREE = ("import numpy, PIL.Image, openvino, numba, tokenizers, fastapi, uv
               "pydantic_settings, safetensors")
 
 
-def probe(lines: list[tuple[str, str]], python: str = sys.executable) -> list[dict]:
+def probe(lines: list[tuple[str, str]], python: str = sys.executable, env: dict | None = None) -> list[dict]:
     """Run ``lines`` (label, statement) one after another in a fresh interpreter; -> RSS after each."""
     body = PROBE + "".join(f"{stmt}\nrows.append(({label!r}, rss()))\n" for label, stmt in lines)
     body += "print(json.dumps(rows))\n"
     out = subprocess.run([python, "-c", body], capture_output=True, text=True, check=True, cwd=REPO,
-                         timeout=600).stdout
+                         timeout=600, env={**os.environ, **(env or {})}).stdout
     return [{"stage": label, **values} for label, values in json.loads(out.splitlines()[-1])]
 
 
-def model_loads(store: Path) -> list[dict]:
+def model_loads(store: Path, cache: Path) -> list[dict]:
+    """Each default model loaded after the last in one fresh process; ``cache``: an empty OpenVINO network cache
+    (so every network is converted, as at a first start)."""
     from captioning.inference import TASKS
     from captioning.store import ModelStore
 
@@ -90,7 +92,7 @@ def model_loads(store: Path) -> list[dict]:
     spec = f"concepts@{parent['version']}"
     lines.append((f"+ load {spec} (LightCap's own concepts version: its runtime, shared)",
                   f"own = load_model(store, {spec!r})\nassert own is lightcap.extractor"))
-    return probe(lines)
+    return probe(lines, env={"CAPTIONER_OV_CACHE_DIR": str(cache)})
 
 
 def smaps_split(pid: int) -> dict:
@@ -104,12 +106,17 @@ def smaps_split(pid: int) -> dict:
 
 
 def servers_under_load(store: Path, work: Path, args) -> dict:
-    """The default server against one with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``:
-    blocks this large are mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises
-    after each large free, up to 32 MiB), alternating rounds of the caption route at 32 clients (wrk)."""
+    """Three servers on one OpenVINO network cache, started in this order: the first finds it empty (converts
+    every network, as a first start does, and fills it), the second reads the networks back (every later start),
+    the third too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks this large are
+    mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises after each large free,
+    up to 32 MiB). Then alternating rounds of the caption route at 32 clients (wrk)."""
     served = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
     run_args = argparse.Namespace(max_wait_ms=5.0, threads=0, precision=None)
-    variants = {"serve (defaults)": {}, "MALLOC_MMAP_THRESHOLD_=4194304": {"MALLOC_MMAP_THRESHOLD_": "4194304"}}
+    cache = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache")}
+    variants = {"serve (defaults), networks converted at start": cache,
+                "serve (defaults), networks read from the cache": cache,
+                "read from the cache, MALLOC_MMAP_THRESHOLD_=4194304": {**cache, "MALLOC_MMAP_THRESHOLD_": "4194304"}}
     envs = {name: server_env(store, work, f"server{i}", served, 8, run_args, **extra)
             for i, (name, extra) in enumerate(variants.items())}
     servers, startup = start_servers(envs, work)
@@ -149,13 +156,15 @@ def markdown(r: dict) -> str:
              f"{m['python']}; load average {r['load_before']} / {r['load_after']}. MiB throughout.", "",
              "## Imports on the serve path (cumulative, one fresh process)", "", *rss_table("stage", r["imports"]),
              "", "Alone, each in a fresh process:", "", *rss_table("process", r["alone"]),
-             "", "## Models (one fresh process, loaded one after another; no inference yet)", "",
+             "", "## Models (one fresh process, loaded one after another, every network converted; no inference yet)", "",
              *rss_table("stage", r["models"])]
     lines += ["", "## The server: idle, and peak under the caption route (32 clients, wrk, batching on)", "",
               f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
-              "both servers serve every default model with the default settings; the second one with glibc's mmap "
-              "threshold fixed at 4 MiB.", "",
-              "| server | start-up s | idle RSS (2 s after both started) | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
+              "every server serves every default model with the default settings, on one OpenVINO network cache: "
+              "the first started with it empty (converts every network, as a first start), the second and third "
+              "read the networks back (every later start); the third with glibc's mmap threshold fixed at 4 MiB.",
+              "",
+              "| server | start-up s | idle RSS (2 s after all started) | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
               "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
     for name, v in r["servers"]["variants"].items():
         lines.append(f"| {name} | {v['startup_s']} | {v['idle_rss_mib']} | {v['idle']['anon_mib']} / "
@@ -190,7 +199,8 @@ def main() -> int:
                                  text=True, check=True).stdout.strip()
         result["alone"] += probe([(f"import torch {version} ({label})", "import torch")], python=python)[-1:]
     result["alone"] += probe([("the libraries a serve path without torch would need", TORCH_FREE)])[-1:]
-    result["models"] = model_loads(args.store)
+    with tempfile.TemporaryDirectory(prefix="bench-memory-cache-") as cache:
+        result["models"] = model_loads(args.store, Path(cache))
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         result["servers"] = servers_under_load(args.store, Path(tmp), args)
     result["load_after"] = loadavg()

@@ -63,7 +63,7 @@ def main() -> int:
         for i in range(args.rounds):
             cache = work / f"cache-{i}"
             row = {"server_cold_s": server_start(args.store, work, cache)}
-            row["cached_networks"] = len(list(cache.glob("*.xml")))
+            row["cached_networks"] = len(list(cache.glob("*/model.xml")))
             row["server_warm_s"] = server_start(args.store, work, cache)
             shutil.rmtree(cache)
             row["cli_cold_s"] = cli_caption(args.store, image, cache)
