@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from service_bench import (  # noqa: E402
     loadavg,
     machine,
+    record,
     rss_mib,
     run_wrk,
     scene_images,
@@ -205,10 +206,7 @@ def main() -> int:
         result["servers"] = servers_under_load(args.store, Path(tmp), args)
     result["load_after"] = loadavg()
     result["seconds"] = round(time.perf_counter() - start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    record(args.out, result, markdown(result))
     return 0
 
 

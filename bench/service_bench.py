@@ -92,6 +92,15 @@ def rss_mib(pid: int, field: str = "VmHWM") -> float | None:
     return None
 
 
+def record(out: Path, result: dict, text: str) -> None:
+    """Write a bench's recorded result: ``out`` + ``.json`` (the figures) and ``.md`` (``text``, their table),
+    and print the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def big_png(side: int = 7000) -> bytes:
     """A PNG of side x side pixels that compresses to a few dozen KB (flat colour): cheap to send, costly to
     decode -- what an overloaded server must refuse before decoding."""

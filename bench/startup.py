@@ -12,7 +12,7 @@ the difference is the conversions. Medians of the rounds; writes ``bench/results
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -25,7 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from service_bench import loadavg, machine, scene_images, server_env, start_servers, stop_servers  # noqa: E402
+from service_bench import (  # noqa: E402
+    loadavg,
+    machine,
+    record,
+    scene_images,
+    server_env,
+    start_servers,
+    stop_servers,
+)
 
 SERVED = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
 
@@ -39,8 +47,8 @@ def server_start(store: Path, work: Path, cache: Path) -> float:
 
 
 def cli_caption(store: Path, image: Path, cache: Path) -> float:
-    env = {"CAPTIONER_MODEL_STORE": str(store), "CAPTIONER_OV_CACHE_DIR": str(cache), "CAPTIONER_NO_PROGRESS": "1",
-           "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+    env = {**os.environ, "CAPTIONER_MODEL_STORE": str(store), "CAPTIONER_OV_CACHE_DIR": str(cache),
+           "CAPTIONER_NO_PROGRESS": "1"}  # like the servers (service.testing.ServerProcess): this environment + these
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "captioning.cli", "caption", str(image)], env=env, cwd=REPO, check=True,
                    capture_output=True, timeout=600)
@@ -74,10 +82,7 @@ def main() -> int:
         result[f"median_{key}"] = round(statistics.median(r[key] for r in result["rounds"]), 2)
     result["load_after"] = loadavg()
     result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    record(args.out, result, markdown(result))
     return 0
 
 
