@@ -4,6 +4,10 @@ Sub-commands are contributed by packages through the ``captioner.commands`` entr
 (``pyproject.toml``). Each entry point names a function ``register(subparsers)`` that adds its
 sub-parsers and sets ``func`` on them; ``func(args) -> int | None`` is the exit status.
 This keeps the core package free of imports from ``training`` and ``service``.
+
+A sub-parser that sets a ``deferred_args`` default parses its own arguments when it runs: the words after
+it that this parser does not know go to ``args.deferred_args`` instead of being an error (``captioner train
+STAGE``: only the chosen stage's module is imported, training/cli.py).
 """
 
 from __future__ import annotations
@@ -23,8 +27,19 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+class CaptionerParser(argparse.ArgumentParser):
+    """An ArgumentParser that hands the unknown words to a command which parses its own (``deferred_args``)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        if extra and isinstance(getattr(parsed, "deferred_args", None), list):
+            parsed.deferred_args = [*parsed.deferred_args, *extra]
+            extra = []
+        return parsed, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CaptionerParser(
         prog="captioner",
         description="Image captioning: synthetic data, offline training, model store, service.",
     )

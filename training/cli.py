@@ -1,14 +1,19 @@
 """``captioner train <stage>``, ``captioner eval <target>`` and ``captioner experiment <name>``.
 
 Each stage / evaluator / experiment is a module with ``add_arguments(parser[, name])`` and
-``run(args) -> int``; the tables below map command names to modules. Every module is imported when the
-command line is parsed, so keep heavy imports (ultralytics, transformers, open_clip) inside functions.
+``run(args) -> int``; the tables below map command names to modules. A module is imported only when its own
+command runs (``captioner train lightcap`` imports ``training.lightcap`` and nothing else of ``training``): the
+top-level parser leaves the target's arguments to it (``deferred_args``, captioning/cli.py), so ``captioner
+serve`` or ``captioner store list`` never import training code and what it pulls in (torchvision's ops, tqdm,
+the datasets).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import importlib.util
 
 STAGES: dict[str, tuple[str, str]] = {
     # name: (module, help)
@@ -36,19 +41,31 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 }
 
 
+TABLES = {"train": STAGES, "eval": EVALUATORS, "experiment": EXPERIMENTS}
+
+
 def _add_table(subparsers, command: str, help_text: str, table: dict[str, tuple[str, str]]) -> None:
-    parser = subparsers.add_parser(command, help=help_text)
+    parser = subparsers.add_parser(command, help=help_text, description=help_text)
     inner = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     for name, (module_name, help_line) in table.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module_name.startswith(exc.name):
-                raise
+        if importlib.util.find_spec(module_name) is None:
             continue  # not implemented in this checkout
-        sub = inner.add_parser(name, help=help_line, description=help_line)
-        module.add_arguments(sub, name) if _takes_name(module.add_arguments) else module.add_arguments(sub)
-        sub.set_defaults(func=module.run, target=name)
+        # its arguments (and --help) are the module's: parsed by _run_target once this target is chosen
+        sub = inner.add_parser(name, help=help_line, description=help_line, add_help=False)
+        sub.set_defaults(func=functools.partial(_run_target, command, name), target=name, deferred_args=[])
+
+
+def _run_target(command: str, name: str, args: argparse.Namespace) -> int:
+    """Import the target's module, parse its own arguments (``args.deferred_args``) and run it."""
+    module_name, help_line = TABLES[command][name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"captioner {command} {name}", description=help_line)
+    module.add_arguments(parser, name) if _takes_name(module.add_arguments) else module.add_arguments(parser)
+    full = parser.parse_args(args.deferred_args)
+    for key, value in vars(args).items():  # the top-level flags (-v) and the command's words
+        if key not in ("func", "deferred_args") and not hasattr(full, key):
+            setattr(full, key, value)
+    return module.run(full)
 
 
 def _takes_name(func) -> bool:
