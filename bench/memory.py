@@ -1,7 +1,9 @@
 """Where the serving process's memory goes: resident memory after each library the serve path imports, after
 each served model loads, and the server's idle and peak RSS under the caption route's load (32 clients,
 batching on, the defaults): a first start (every OpenVINO network converted), a later one (read back from the
-network cache) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side in the same run.
+network cache), a later one whose process imported triton first (as every server did before
+``captioning.accel.keep_triton_out``) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side
+in the same run.
 
     .venv/bin/python bench/memory.py                                  # default store, 3 rounds of 15 s
     .venv/bin/python bench/memory.py --cpu-torch-python /tmp/cpu/bin/python   # + `import torch` of a CPU-only wheel
@@ -59,7 +61,8 @@ rows = [("python", rss())]
 IMPORT_STAGES = [
     ("import captioning", "import captioning"),
     ("+ torch", "import torch"),
-    ("+ torchvision (imports torch._dynamo, triton)", "import torchvision.ops"),
+    ("+ torchvision (imports torch._dynamo; triton kept out, as on a CPU server)",
+     "from captioning.accel import keep_triton_out; keep_triton_out('cpu'); import torchvision.ops"),
     ("+ numba (the compiled caption search)", "import numba"),
     ("+ openvino (the CPU networks)", "import openvino"),
     ("+ ultralytics (the YOLO network's modules)", "import ultralytics.nn.tasks"),
@@ -67,6 +70,36 @@ IMPORT_STAGES = [
 ]
 TORCH_FREE = ("import numpy, PIL.Image, openvino, numba, tokenizers, fastapi, uvicorn, prometheus_client, "
               "pydantic_settings, safetensors")
+
+# a process that never loads torch, holding what a torch-free server would still run: the libraries, the beam
+# search kernels, and every network the servers cached (OpenVINO IR), compiled as the servers compile them
+NETWORKS = """
+import glob, numpy as np, openvino as ov
+flags = open("/proc/cpuinfo").read()
+precision = "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "f32"  # what `auto` picks
+core, nets = ov.Core(), []
+for xml in sorted(glob.glob({cache!r} + "/*/model.xml")):
+    model = core.read_model(xml)
+    compiled = core.compile_model(model, "CPU", {{"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 1,
+                                                 "PERFORMANCE_HINT": "LATENCY"}})
+    nets.append((model, compiled.create_infer_request()))
+"""
+RUN_NETWORKS = """
+for model, request in nets:
+    shape = [8] + [d.get_length() for d in list(model.inputs[0].get_partial_shape())[1:]]
+    request.infer({0: np.random.default_rng(0).random(shape, dtype=np.float32)})
+"""
+
+
+def torch_free(cache: Path) -> list[dict]:
+    return probe([("python, torch marked absent (importing it would fail)", "sys.modules['torch'] = None"),
+                  ("+ the libraries (OpenVINO, numba, numpy, Pillow, tokenizers, safetensors, the web stack)",
+                   TORCH_FREE),
+                  ("+ the beam search's compiled kernels (captioning.search_kernels)",
+                   "from captioning import search_kernels\nsearch_kernels.warm_up()"),
+                  (f"+ the {len(list(cache.glob('*/model.xml')))} networks the servers cached, compiled for one thread",
+                   NETWORKS.format(cache=str(cache))),
+                  ("+ each run once at batch 8", RUN_NETWORKS)])
 
 
 def probe(lines: list[tuple[str, str]], python: str = sys.executable, env: dict | None = None) -> list[dict]:
@@ -84,7 +117,8 @@ def model_loads(store: Path, cache: Path) -> list[dict]:
     from captioning.inference import TASKS
     from captioning.store import ModelStore
 
-    lines = [("import service.app", "import service.app"),
+    lines = [("import service.app (triton kept out, as create_app does)",
+              "import service.app\nfrom captioning.accel import keep_triton_out\nkeep_triton_out('cpu')"),
              ("store", f"from captioning.inference import load_model\nfrom captioning.store import ModelStore\n"
                        f"store = ModelStore({str(store)!r})")]
     lines += [(f"+ load {name}", f"{name.replace('-', '_')} = load_model(store, {name!r})") for name in TASKS]
@@ -107,9 +141,10 @@ def smaps_split(pid: int) -> dict:
 
 
 def servers_under_load(store: Path, work: Path, args) -> dict:
-    """Three servers on one OpenVINO network cache, started in this order: the first finds it empty (converts
+    """Four servers on one OpenVINO network cache, started in this order: the first finds it empty (converts
     every network, as a first start does, and fills it), the second reads the networks back (every later start),
-    the third too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks this large are
+    the third too, its process importing triton first (what every server loaded before keep_triton_out), the
+    fourth too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks this large are
     mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises after each large free,
     up to 32 MiB). Then alternating rounds of the caption route at 32 clients (wrk)."""
     served = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
@@ -117,10 +152,12 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
     cache = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache")}
     variants = {"serve (defaults), networks converted at start": cache,
                 "serve (defaults), networks read from the cache": cache,
+                "read from the cache, triton imported (as before)": cache,
                 "read from the cache, MALLOC_MMAP_THRESHOLD_=4194304": {**cache, "MALLOC_MMAP_THRESHOLD_": "4194304"}}
     envs = {name: server_env(store, work, f"server{i}", served, 8, run_args, **extra)
             for i, (name, extra) in enumerate(variants.items())}
-    servers, startup = start_servers(envs, work)
+    servers, startup = start_servers(envs, work, preamble={"read from the cache, triton imported (as before)":
+                                                           "import triton"})
     result = {"variants": {}}
     try:
         time.sleep(2)  # settle: what start-up leaves behind is freed
@@ -162,8 +199,9 @@ def markdown(r: dict) -> str:
     lines += ["", "## The server: idle, and peak under the caption route (32 clients, wrk, batching on)", "",
               f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
               "every server serves every default model with the default settings, on one OpenVINO network cache: "
-              "the first started with it empty (converts every network, as a first start), the second and third "
-              "read the networks back (every later start); the third with glibc's mmap threshold fixed at 4 MiB.",
+              "the first started with it empty (converts every network, as a first start), the others read the "
+              "networks back (every later start); the third's process imported triton first (every server did "
+              "before `keep_triton_out`), the fourth runs with glibc's mmap threshold fixed at 4 MiB.",
               "",
               "| server | start-up s | idle RSS (2 s after all started) | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
               "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -171,6 +209,14 @@ def markdown(r: dict) -> str:
         lines.append(f"| {name} | {v['startup_s']} | {v['idle_rss_mib']} | {v['idle']['anon_mib']} / "
                      f"{v['idle']['file_mib']} | {v['peak_rss_mib']} | {v['after']['anon_mib']} / "
                      f"{v['after']['file_mib']} | {', '.join(f'{x:.1f}' for x in v['rps'])} | {v['median_rps']} |")
+    if r.get("torch_free"):
+        lines += ["", "## Without torch: what a torch-free server would still hold (a lower bound, not a server)", "",
+                  "One fresh process with torch marked absent: the libraries a serve path without torch needs, the "
+                  "beam search's compiled kernels, and the networks the servers above cached (OpenVINO IR, read "
+                  "back), compiled in the servers' precision for one thread and each run once at batch 8. What it "
+                  "lacks against a server: the models' small non-convolutional parts (the LightCap prefix pass, the "
+                  "UCM LSTM, the aligner, NMS and ROIAlign) and the requests in flight.", "",
+                  *rss_table("stage", r["torch_free"])]
     return "\n".join(lines) + "\n"
 
 
@@ -199,11 +245,17 @@ def main() -> int:
         version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                  text=True, check=True).stdout.strip()
         result["alone"] += probe([(f"import torch {version} ({label})", "import torch")], python=python)[-1:]
+    result["alone"] += probe([("import torchvision.ops, triton loaded (every server before keep_triton_out)",
+                               "import torchvision.ops; assert sys.modules['triton'] is not None")])[-1:]
+    result["alone"] += probe([("import torchvision.ops, triton kept out (keep_triton_out)",
+                               "from captioning.accel import keep_triton_out; keep_triton_out('cpu'); "
+                               "import torchvision.ops")])[-1:]
     result["alone"] += probe([("the libraries a serve path without torch would need", TORCH_FREE)])[-1:]
     with tempfile.TemporaryDirectory(prefix="bench-memory-cache-") as cache:
         result["models"] = model_loads(args.store, Path(cache))
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         result["servers"] = servers_under_load(args.store, Path(tmp), args)
+        result["torch_free"] = torch_free(Path(tmp) / "openvino-cache")
     result["load_after"] = loadavg()
     result["seconds"] = round(time.perf_counter() - start, 1)
     record(args.out, result, markdown(result))

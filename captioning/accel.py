@@ -11,12 +11,14 @@
   and bias and replaced by ``nn.Identity`` (inference only: the result is not trainable as before).
 * ``describe_cpu()`` / ``openmp_spin()``: the CPU and the OpenMP spin setting in effect, for benchmark records.
 * ``to_device(tensor, device, dtype)``: a CPU batch onto the runtime's device (pinned + ``non_blocking`` for CUDA).
+* ``keep_triton_out(device)``: a process that runs on the CPU never loads triton (see there).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,23 @@ def runtime_placement(device: str | torch.device, precision: str) -> tuple[torch
     resolved here too, so a loader called directly behaves like one called through the settings."""
     dev = resolve_device(device)
     return dev, compute_dtype(resolve_precision(precision, dev))
+
+
+def keep_triton_out(device: str | torch.device) -> bool:
+    """On the CPU, mark triton as not installed in this process (``sys.modules["triton"] = None``: importing it
+    raises ImportError, which torch reads as "no triton") -> whether it is now kept out.
+
+    Nothing a CPU process runs uses it: triton compiles GPU kernels for ``torch.compile``. Yet it is loaded all the
+    same: ``torchvision.ops`` imports ``torch._dynamo``, whose ``utils`` imports triton whenever the package is
+    installed (the CUDA wheel depends on it), and libtriton's start-up costs about 80 MiB resident
+    (bench/results/memory.md). Call it before anything imports torchvision. A GPU process, or one that imported
+    triton already, is left as it is."""
+    if "triton" in sys.modules:  # imported already, or kept out before
+        return sys.modules["triton"] is None
+    if torch.device(device).type != "cpu":
+        return False
+    sys.modules["triton"] = None
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- tensors

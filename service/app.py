@@ -55,6 +55,9 @@ def _one_torch_thread() -> None:
 
 def create_app(settings: Settings | None = None, *, store: ModelStore | None = None) -> FastAPI:
     settings = settings or Settings()
+    from captioning.accel import keep_triton_out
+
+    keep_triton_out(settings.device_name)  # before the models import torchvision: 80 MiB a CPU server never uses
     if settings.ov_cache_dir is not None:  # read by captioning.ov_runtime at each load (set here for a .env file)
         os.environ["CAPTIONER_OV_CACHE_DIR"] = settings.ov_cache_dir
     metrics = Metrics()

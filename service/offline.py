@@ -92,10 +92,12 @@ class Engine:
                    ) -> Engine:
         """Load the kinds' models from the store (``CAPTIONER_*`` settings fill what is not given) and resolve
         ``options`` (request parameters: beam_size, max_length, threshold, top_k, min_score, group) against them."""
+        from captioning.accel import keep_triton_out
         from captioning.store import ModelStore
 
         overrides = {"model_store": store_root, "device": device, "precision": precision}
         settings = settings or _settings(**overrides)
+        keep_triton_out(settings.device_name)  # as the server does (create_app): unused on the CPU, 80 MiB
         store = ModelStore(settings.model_store)
         alias = alias or settings.alias
         options = {k: v for k, v in (options or {}).items() if v is not None}

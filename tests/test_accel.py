@@ -197,3 +197,39 @@ def test_the_openmp_spin_keeps_what_the_environment_says_and_reports_a_late_sett
     assert _probe("import os, captioning; print(os.environ.get('GOMP_SPINCOUNT'))", OMP_WAIT_POLICY="ACTIVE") == "None"
     late = _probe("import torch, captioning; from captioning import accel; print(accel.openmp_spin())")
     assert late.startswith("libgomp default (torch was loaded before"), late
+
+
+# --------------------------------------------------------------------------------------- triton kept out on the CPU
+TRITON_PROBE = """
+import sys
+{setup}
+import torchvision.ops, torch._dynamo
+from torch.utils._triton import has_triton_package
+print(repr(sys.modules.get("triton", "absent")), has_triton_package())
+"""
+
+
+def test_a_cpu_server_and_engine_keep_triton_out_and_torchvision_still_works():
+    """torchvision.ops imports torch._dynamo, which loads triton (80 MiB) whenever it is installed; the server and
+    the offline engine (CLIs, Ray workers) on the CPU mark it absent first, and torch takes it as not installed."""
+    app = ("from service.app import create_app; from service.settings import Settings; "
+           "create_app(Settings(device='cpu', models='ucm-classifier'))")
+    assert _probe(TRITON_PROBE.format(setup=app)) == "None False"
+    engine = "from service.offline import Engine; Engine.from_store(tasks='labels', device='cpu')"
+    assert _probe(TRITON_PROBE.format(setup=engine)) == "None False"
+
+
+def test_keep_triton_out_leaves_a_gpu_process_and_an_imported_triton_alone():
+    import sys
+
+    from captioning.accel import keep_triton_out
+
+    before = sys.modules.get("triton", "absent")
+    assert keep_triton_out("cuda") is (before is None)  # no GPU needed: only the device type is read
+    assert sys.modules.get("triton", "absent") is before
+    loaded = _probe("import sys, triton\nfrom captioning.accel import keep_triton_out\n"
+                    "print(keep_triton_out('cpu'), sys.modules['triton'] is not None)")
+    assert loaded == "False True"
+    twice = _probe("import sys\nfrom captioning.accel import keep_triton_out\n"
+                   "print(keep_triton_out('cpu'), keep_triton_out('cpu'), sys.modules['triton'])")
+    assert twice == "True True None"
