@@ -1,8 +1,9 @@
 """Where the serving process's memory goes: resident memory after each library the serve path imports, after
 each served model loads, and the server's idle and peak RSS under the caption route's load (32 clients,
 batching on, the defaults): a first start (every OpenVINO network converted), a later one (read back from the
-network cache), a later one whose process imported triton first (as every server did before
-``captioning.accel.keep_triton_out``) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side
+network cache), a later one whose process first imported every training module (as ``captioner serve`` did
+when building its command line, and with them torchvision's ops and triton, before
+``captioning.accel.keep_triton_out`` could act) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side
 in the same run.
 
     .venv/bin/python bench/memory.py                                  # default store, 3 rounds of 15 s
@@ -90,6 +91,11 @@ for model, request in nets:
     request.infer({0: np.random.default_rng(0).random(shape, dtype=np.float32)})
 """
 
+BEFORE = "read from the cache, training modules and triton imported first (as before)"
+IMPORT_TRAINING = ("import importlib\nfrom training.cli import TABLES\n"
+                   "for table in TABLES.values():\n    for module, _ in table.values():\n"
+                   "        importlib.import_module(module)\nimport triton")
+
 
 def torch_free(cache: Path) -> list[dict]:
     return probe([("python, torch marked absent (importing it would fail)", "sys.modules['torch'] = None"),
@@ -143,8 +149,8 @@ def smaps_split(pid: int) -> dict:
 def servers_under_load(store: Path, work: Path, args) -> dict:
     """Four servers on one OpenVINO network cache, started in this order: the first finds it empty (converts
     every network, as a first start does, and fills it), the second reads the networks back (every later start),
-    the third too, its process importing triton first (what every server loaded before keep_triton_out), the
-    fourth too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks this large are
+    the third too, its process importing every training module first (what ``captioner serve`` did before it
+    parsed lazily: torchvision's ops and triton came with them), the fourth too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks this large are
     mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises after each large free,
     up to 32 MiB). Then alternating rounds of the caption route at 32 clients (wrk)."""
     served = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
@@ -152,12 +158,11 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
     cache = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache")}
     variants = {"serve (defaults), networks converted at start": cache,
                 "serve (defaults), networks read from the cache": cache,
-                "read from the cache, triton imported (as before)": cache,
+                BEFORE: cache,
                 "read from the cache, MALLOC_MMAP_THRESHOLD_=4194304": {**cache, "MALLOC_MMAP_THRESHOLD_": "4194304"}}
     envs = {name: server_env(store, work, f"server{i}", served, 8, run_args, **extra)
             for i, (name, extra) in enumerate(variants.items())}
-    servers, startup = start_servers(envs, work, preamble={"read from the cache, triton imported (as before)":
-                                                           "import triton"})
+    servers, startup = start_servers(envs, work, preamble={BEFORE: IMPORT_TRAINING})
     result = {"variants": {}}
     try:
         time.sleep(2)  # settle: what start-up leaves behind is freed
@@ -200,8 +205,9 @@ def markdown(r: dict) -> str:
               f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
               "every server serves every default model with the default settings, on one OpenVINO network cache: "
               "the first started with it empty (converts every network, as a first start), the others read the "
-              "networks back (every later start); the third's process imported triton first (every server did "
-              "before `keep_triton_out`), the fourth runs with glibc's mmap threshold fixed at 4 MiB.",
+              "networks back (every later start); the third's process first imported every training module, "
+              "torchvision's ops and triton (what `captioner serve` did while parsing its command line, before "
+              "this round), the fourth runs with glibc's mmap threshold fixed at 4 MiB.",
               "",
               "| server | start-up s | idle RSS (2 s after all started) | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
               "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
