@@ -1,13 +1,12 @@
 """Where the serving process's memory goes: resident memory after each library the serve path imports, after
 each served model loads, and the server's idle and peak RSS under the caption route's load (32 clients,
 batching on, the defaults): a first start (every OpenVINO network converted), a later one (read back from the
-network cache), a later one whose process first imported every training module (as ``captioner serve`` did
-when building its command line, and with them torchvision's ops and triton, before
-``captioning.accel.keep_triton_out`` could act) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side
-in the same run.
+network cache) and a later one with glibc's mmap threshold fixed at 4 MiB, side by side in the same run; with
+``--baseline REV`` the same first and later start of another revision's code beside them (before/after).
 
     .venv/bin/python bench/memory.py                                  # default store, 3 rounds of 15 s
     .venv/bin/python bench/memory.py --cpu-torch-python /tmp/cpu/bin/python   # + `import torch` of a CPU-only wheel
+    .venv/bin/python bench/memory.py --baseline 0190b22               # + servers of that revision
 
 Every figure is read from /proc (VmRSS, VmHWM, RssAnon, RssFile) of a fresh child process, so one stage's
 memory does not leak into the next. ``--cpu-torch-python``: an interpreter with a CPU-only torch (no
@@ -91,12 +90,6 @@ for model, request in nets:
     request.infer({0: np.random.default_rng(0).random(shape, dtype=np.float32)})
 """
 
-BEFORE = "read from the cache, training modules and triton imported first (as before)"
-IMPORT_TRAINING = ("import importlib\nfrom training.cli import TABLES\n"
-                   "for table in TABLES.values():\n    for module, _ in table.values():\n"
-                   "        importlib.import_module(module)\nimport triton")
-
-
 def torch_free(cache: Path) -> list[dict]:
     return probe([("python, torch marked absent (importing it would fail)", "sys.modules['torch'] = None"),
                   ("+ the libraries (OpenVINO, numba, numpy, Pillow, tokenizers, safetensors, the web stack)",
@@ -147,42 +140,60 @@ def smaps_split(pid: int) -> dict:
 
 
 def servers_under_load(store: Path, work: Path, args) -> dict:
-    """Four servers on one OpenVINO network cache, started in this order: the first finds it empty (converts
-    every network, as a first start does, and fills it), the second reads the networks back (every later start),
-    the third too, its process importing every training module first (what ``captioner serve`` did before it
-    parsed lazily: torchvision's ops and triton came with them), the fourth too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks this large are
-    mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises after each large free,
-    up to 32 MiB). Then alternating rounds of the caption route at 32 clients (wrk)."""
+    """Servers of this code on one OpenVINO network cache, started in this order: the first finds it empty
+    (converts every network, as a first start does, and fills it), the second reads the networks back (every
+    later start), the third too, with glibc's mmap threshold fixed at 4 MiB (``MALLOC_MMAP_THRESHOLD_``: blocks
+    this large are mapped and unmapped on free instead of kept in the heap; glibc's own threshold rises after
+    each large free, up to 32 MiB). With ``--baseline REV``, two servers of that revision's code and embedded
+    store follow, on a cache of their own: converting, then reading back. Then alternating rounds of the caption
+    route at 32 clients (wrk)."""
     served = ["lightcap", "ucm-captioner", "ucm-classifier", "concepts"]
     run_args = argparse.Namespace(max_wait_ms=5.0, threads=0, precision=None)
     cache = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache")}
     variants = {"serve (defaults), networks converted at start": cache,
                 "serve (defaults), networks read from the cache": cache,
-                BEFORE: cache,
                 "read from the cache, MALLOC_MMAP_THRESHOLD_=4194304": {**cache, "MALLOC_MMAP_THRESHOLD_": "4194304"}}
     envs = {name: server_env(store, work, f"server{i}", served, 8, run_args, **extra)
             for i, (name, extra) in enumerate(variants.items())}
-    servers, startup = start_servers(envs, work, preamble={BEFORE: IMPORT_TRAINING})
-    result = {"variants": {}}
+    cwd: dict[str, Path] = {}
+    tree = None
+    if args.baseline:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        tree = work / f"baseline-{commit}"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                       capture_output=True)
+        before = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache-before"), "PYTHONPATH": str(tree)}
+        for i, state in enumerate(("converted at start", "read from the cache")):
+            name = f"before ({commit}), networks {state}"
+            envs[name] = server_env(tree / "model_store", work, f"before{i}", served, 8, run_args, **before)
+            cwd[name] = tree
+    result = {"variants": {}, "baseline": args.baseline or None}
     try:
-        time.sleep(2)  # settle: what start-up leaves behind is freed
-        for name, server in servers.items():
-            result["variants"][name] = {"startup_s": startup[name], "idle_rss_mib": rss_mib(server.proc.pid, "VmRSS"),
-                                        "idle": smaps_split(server.proc.pid), "rps": []}
-        image = scene_images(1)[0]
-        for _ in range(args.rounds):
+        servers, startup = start_servers(envs, work, cwd=cwd)
+        try:
+            time.sleep(2)  # settle: what start-up leaves behind is freed
             for name, server in servers.items():
-                cell = run_wrk(server.url, "/v1/caption", image, 32, args.duration, args.warmup, work)
-                result["variants"][name]["rps"].append(cell["throughput_rps"])
-                print(f"{name:32s} {cell['throughput_rps']:7.2f} req/s  peak {rss_mib(server.proc.pid)} MiB",
-                      flush=True)
-        for name, server in servers.items():
-            v = result["variants"][name]
-            v["peak_rss_mib"] = rss_mib(server.proc.pid)
-            v["after"] = smaps_split(server.proc.pid)
-            v["median_rps"] = round(statistics.median(v["rps"]), 2)
+                result["variants"][name] = {"startup_s": startup[name], "rps": [],
+                                            "idle_rss_mib": rss_mib(server.proc.pid, "VmRSS"),
+                                            "idle": smaps_split(server.proc.pid)}
+            image = scene_images(1)[0]
+            for _ in range(args.rounds):
+                for name, server in servers.items():
+                    cell = run_wrk(server.url, "/v1/caption", image, 32, args.duration, args.warmup, work)
+                    result["variants"][name]["rps"].append(cell["throughput_rps"])
+                    print(f"{name:48s} {cell['throughput_rps']:7.2f} req/s  peak {rss_mib(server.proc.pid)} MiB",
+                          flush=True)
+            for name, server in servers.items():
+                v = result["variants"][name]
+                v["peak_rss_mib"] = rss_mib(server.proc.pid)
+                v["after"] = smaps_split(server.proc.pid)
+                v["median_rps"] = round(statistics.median(v["rps"]), 2)
+        finally:
+            stop_servers(servers)
     finally:
-        stop_servers(servers)
+        if tree is not None:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     return result
 
 
@@ -205,9 +216,10 @@ def markdown(r: dict) -> str:
               f"{r['rounds']} alternating rounds of {r['duration']} s (after {r['warmup']} s of warm-up each); "
               "every server serves every default model with the default settings, on one OpenVINO network cache: "
               "the first started with it empty (converts every network, as a first start), the others read the "
-              "networks back (every later start); the third's process first imported every training module, "
-              "torchvision's ops and triton (what `captioner serve` did while parsing its command line, before "
-              "this round), the fourth runs with glibc's mmap threshold fixed at 4 MiB.",
+              "networks back (every later start); the third runs with glibc's mmap threshold fixed at 4 MiB."
+              + (f" Then two servers of revision `{r['servers']['baseline']}` (`--baseline`: its own code and "
+                 "embedded store, the same default models) on a cache of their own, converting and reading back."
+                 if r["servers"].get("baseline") else ""),
               "",
               "| server | start-up s | idle RSS (2 s after all started) | idle anon / file | peak RSS (VmHWM) | after: anon / file | req/s "
               "(rounds) | median req/s |", "|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -233,6 +245,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cpu-torch-python", default=None, help="an interpreter with a CPU-only torch")
+    parser.add_argument("--baseline", default="", help="also run servers of this git revision (before/after)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "memory")
     args = parser.parse_args()
     if not shutil.which("wrk"):

@@ -246,15 +246,13 @@ def side_by_side(servers: dict[str, ServerProcess], routes: list[tuple], levels:
     return cells
 
 
-def start_servers(envs: dict[str, dict], work: Path, cwd: dict[str, Path] | None = None,
-                  preamble: dict[str, str] | None = None) -> tuple[dict, dict]:
+def start_servers(envs: dict[str, dict], work: Path, cwd: dict[str, Path] | None = None) -> tuple[dict, dict]:
     servers, startup = {}, {}
     try:
         for name, env in envs.items():
             started = time.perf_counter()
             log = work / f"server-{re.sub(r'[^a-z0-9]+', '-', name.lower())}.log"
-            servers[name] = ServerProcess(env, log_path=log, cwd=(cwd or {}).get(name),
-                                          preamble=(preamble or {}).get(name)).start()
+            servers[name] = ServerProcess(env, log_path=log, cwd=(cwd or {}).get(name)).start()
             startup[name] = round(time.perf_counter() - started, 1)
     except Exception:
         stop_servers(servers)

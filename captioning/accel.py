@@ -12,6 +12,7 @@
 * ``describe_cpu()`` / ``openmp_spin()``: the CPU and the OpenMP spin setting in effect, for benchmark records.
 * ``to_device(tensor, device, dtype)``: a CPU batch onto the runtime's device (pinned + ``non_blocking`` for CUDA).
 * ``keep_triton_out(device)``: a process that runs on the CPU never loads triton (see there).
+* ``trim_heap()``: hand the C heap's free pages back to the system after loading models (glibc's malloc_trim).
 """
 
 from __future__ import annotations
@@ -125,6 +126,32 @@ def keep_triton_out(device: str | torch.device) -> bool:
     if torch.device(device).type != "cpu":
         return False
     sys.modules["triton"] = None
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def trim_heap() -> bool:
+    """Hand the free pages of the C heap back to the system (glibc's ``malloc_trim(0)``) -> whether it ran.
+
+    Loading a model frees most of what it allocated on the way (read buffers, the float32 copies converted to
+    OpenVINO, the conversion's own graph), but glibc keeps freed pages in its heap, where they count as resident
+    until reused. The server and the offline engine call it after each load: a server that converts its networks
+    at start is then about 90 MiB smaller (bench/results/memory.md). Elsewhere than glibc: nothing to do."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
     return True
 
 

@@ -106,7 +106,9 @@ class OpenVinoNet:
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
                 self.model = ov.convert_model(plain, example_input=example[:1].float().contiguous(),
                                               input=[(-1, *self.sample_shape)])
-            self._write_cached()
+            if self._write_cached():  # hold what was written, as a later start will: the converted graph shares
+                self.model = self._read_cached() or self.model  # the torch copy's tensors, keeping them alive
+        del plain
         self._compiled: dict[int, object] = {}
         self._lock = threading.Lock()
         self._requests: dict[int, tuple] = {}
@@ -131,12 +133,12 @@ class OpenVinoNet:
                 shutil.rmtree(damaged, ignore_errors=True)
             return None
 
-    def _write_cached(self) -> None:
+    def _write_cached(self) -> bool:
         """Publish the converted IR as its fingerprint's folder: written in a folder beside it, then renamed into
         place in one step, so a reader finds the whole entry or none and concurrent writers (uvicorn workers
-        loading at once) leave one."""
+        loading at once) leave one. -> whether the entry is there now."""
         if self.cached is None:
-            return
+            return False
         import openvino as ov
 
         entry = self.cached.parent
@@ -152,6 +154,7 @@ class OpenVinoNet:
         finally:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
+        return self.cached.is_file()
 
     def compiled_for(self, threads: int):
         """The network compiled for ``threads`` inference threads (compiled on first use)."""

@@ -92,7 +92,7 @@ class Engine:
                    ) -> Engine:
         """Load the kinds' models from the store (``CAPTIONER_*`` settings fill what is not given) and resolve
         ``options`` (request parameters: beam_size, max_length, threshold, top_k, min_score, group) against them."""
-        from captioning.accel import keep_triton_out
+        from captioning.accel import keep_triton_out, trim_heap
         from captioning.store import ModelStore
 
         overrides = {"model_store": store_root, "device": device, "precision": precision}
@@ -112,6 +112,7 @@ class Engine:
             params = spec.params.model_validate({k: v for k, v in options.items() if k in spec.params.model_fields})
             runtimes.append(runtime)
             resolved.append(spec.resolve(runtime, params, Limits()))
+        trim_heap()  # as the server does after each load
         return cls(runtimes, resolved, settings)
 
     def preparer(self) -> Preparer:

@@ -78,9 +78,14 @@ class ModelRegistry:
         return [name for name in sorted(TASKS) if name in available and self.settings.alias in self.store.aliases(name)]
 
     def load(self, spec: str) -> Any:
+        from captioning.accel import trim_heap
+
         s = self.settings
-        return self.loader(self.store, spec, device=s.device_name, precision=s.precision_name,
-                           vision_runtime=s.vision_runtime_name)
+        try:
+            return self.loader(self.store, spec, device=s.device_name, precision=s.precision_name,
+                               vision_runtime=s.vision_runtime_name)
+        finally:
+            trim_heap()  # what loading freed (buffers, converted copies) leaves the heap, not just the objects
 
     async def start(self) -> None:
         """Load every wanted model (one at a time, in a thread) and start its pool. A model that fails is

@@ -73,15 +73,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m captioning.cli serve`` with ``env`` (CAPTIONER_* settings) on a free loopback port.
+    """``python -m captioning.cli serve`` with ``env`` (CAPTIONER_* settings) on a free loopback port."""
 
-    ``preamble``: Python statements the process runs before the server's own code (benchmarks compare a server
-    against one whose process was put in another state first, e.g. ``import triton``)."""
-
-    def __init__(self, env: dict[str, str], *, log_path: Path | None = None, cwd: Path | None = None,
-                 preamble: str | None = None):
+    def __init__(self, env: dict[str, str], *, log_path: Path | None = None, cwd: Path | None = None):
         self.port = free_port()
-        self.preamble = preamble
         self.env = {**os.environ, **env, "CAPTIONER_HOST": "127.0.0.1", "CAPTIONER_PORT": str(self.port)}
         self.log_path = log_path
         self.cwd = cwd
@@ -90,11 +85,8 @@ class ServerProcess:
 
     def start(self, ready_timeout: float = 180.0) -> ServerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        command = [sys.executable, "-m", "captioning.cli", "serve"]
-        if self.preamble:
-            command[1:3] = ["-c", f"{self.preamble}\nimport runpy\nrunpy.run_module('captioning.cli', run_name='__main__')"]
         self.proc = subprocess.Popen(
-            command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "captioning.cli", "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
             cwd=self.cwd,
         )
         try:

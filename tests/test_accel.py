@@ -233,3 +233,46 @@ def test_keep_triton_out_leaves_a_gpu_process_and_an_imported_triton_alone():
     twice = _probe("import sys\nfrom captioning.accel import keep_triton_out\n"
                    "print(keep_triton_out('cpu'), keep_triton_out('cpu'), sys.modules['triton'])")
     assert twice == "True True None"
+
+
+TRIM_PROBE = """
+import ctypes
+from captioning.accel import trim_heap
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def rss():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) // 1024
+blocks = [libc.malloc(4096) for _ in range(40000)]  # 160 MiB in blocks below the mmap threshold: on the heap
+for block in blocks:
+    ctypes.memset(block, 1, 4096)
+last = libc.malloc(4096)  # in use above them: free() alone cannot shrink the heap
+for block in blocks:
+    libc.free(block)
+before = rss()
+ran = trim_heap()
+print(ran, before - rss() > 100)
+"""
+
+
+def test_trim_heap_hands_freed_heap_pages_back():
+    """What a load freed stays resident in glibc's heap until trimmed (the server trims after each load)."""
+    assert _probe(TRIM_PROBE) == "True True"
+
+
+def test_the_server_and_the_engine_trim_the_heap_after_loading(monkeypatch):
+    from captioning import accel
+    from service.offline import Engine
+    from service.registry import ModelRegistry
+    from service.settings import Settings
+
+    trims = []
+    monkeypatch.setattr(accel, "trim_heap", lambda: trims.append(1) or True)
+    registry = ModelRegistry(Settings(device="cpu"), store=None, metrics=None, loader=lambda *a, **k: "runtime")
+    assert registry.load("any@production") == "runtime" and trims == [1]
+    failing = ModelRegistry(Settings(device="cpu"), store=None, metrics=None,
+                            loader=lambda *a, **k: (_ for _ in ()).throw(RuntimeError("broken")))
+    with pytest.raises(RuntimeError):
+        failing.load("any@production")  # what a failed load freed is handed back too
+    assert trims == [1, 1]
+    Engine.from_store(tasks="labels", device="cpu")
+    assert trims == [1, 1, 1]

@@ -150,6 +150,34 @@ def test_a_converted_network_is_cached_by_what_it_converts_and_read_back(tmp_pat
 
 
 @needs_openvino
+def test_a_network_converted_into_the_cache_holds_no_second_copy_of_the_weights(tmp_path, monkeypatch):
+    """The converted graph shares the tensors of the float32 copy it was converted from; once written to the cache
+    the network holds what it wrote (as a later start does), so only the module's own weights stay alive. Without
+    a cache the converted graph is kept, and with it the copy."""
+    import gc
+
+    def live_weight_tensors(shape: tuple[int, ...]) -> int:
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) and tuple(o.shape) == shape for o in gc.get_objects())
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 7, 5), nn.ReLU()).eval()  # a weight shape no other test keeps alive
+    example, x = torch.rand(1, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    shape = tuple(net[0].weight.shape)
+    own = live_weight_tensors(shape)  # the module's (and any other test left for the collector)
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", str(tmp_path / "ov"))
+    cached = OpenVinoNet(net, example)
+    assert live_weight_tensors(shape) == own
+    with torch.no_grad():
+        torch.testing.assert_close(cached(x), net(x), atol=1e-5, rtol=1e-4)
+    monkeypatch.setenv("CAPTIONER_OV_CACHE_DIR", "off")
+    uncached = OpenVinoNet(net, example)
+    assert live_weight_tensors(shape) == own + 1
+    del uncached
+    assert live_weight_tensors(shape) == own
+
+
+@needs_openvino
 def test_lightcap_and_the_concepts_runtime_of_one_version_are_one_object_and_other_versions_share_networks():
     from pathlib import Path
 
