@@ -146,8 +146,9 @@ def trim_heap() -> bool:
 
     Loading a model frees most of what it allocated on the way (read buffers, the float32 copies converted to
     OpenVINO, the conversion's own graph), but glibc keeps freed pages in its heap, where they count as resident
-    until reused. The server and the offline engine call it after each load: a server that converts its networks
-    at start is then about 90 MiB smaller (bench/results/memory.md). Elsewhere than glibc: nothing to do."""
+    until reused. The server and the offline engine call it after each load (in one process loading the four
+    default models and converting their networks it released about 100 MiB, about 25 after reading them back).
+    Elsewhere than glibc: nothing to do."""
     trim = _malloc_trim()
     if trim is None:
         return False
