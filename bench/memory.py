@@ -19,6 +19,7 @@ Writes ``bench/results/memory.json`` and ``bench/results/memory.md``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -264,8 +265,9 @@ def main() -> int:
         version = subprocess.run([python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                  text=True, check=True).stdout.strip()
         result["alone"] += probe([(f"import torch {version} ({label})", "import torch")], python=python)[-1:]
-    result["alone"] += probe([("import torchvision.ops, triton loaded (every server before keep_triton_out)",
-                               "import torchvision.ops; assert sys.modules['triton'] is not None")])[-1:]
+    if importlib.util.find_spec("triton") is not None:  # the CUDA wheel's dependency; CPU-only wheels have none
+        result["alone"] += probe([("import torchvision.ops, triton loaded (every server before keep_triton_out)",
+                                   "import torchvision.ops; assert sys.modules['triton'] is not None")])[-1:]
     result["alone"] += probe([("import torchvision.ops, triton kept out (keep_triton_out)",
                                "from captioning.accel import keep_triton_out; keep_triton_out('cpu'); "
                                "import torchvision.ops")])[-1:]
