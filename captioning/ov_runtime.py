@@ -23,7 +23,9 @@ on the CPU, and torch.compile needs a C++ compiler on the serving machine and co
   same network (a restart, a CLI call, a hot swap back) reads it (about 0.1 s) instead of converting (about 1 s
   per network: most of the service's start-up). ``CAPTIONER_OV_CACHE_DIR``: the folder (default
   ``$XDG_CACHE_HOME/captioner-openvino``, ``~/.cache/...``, else under the temp dir); ``off`` converts every time.
-  A cache that cannot be written or read is skipped with a warning; the network is then converted.
+  A cache that cannot be written or read is skipped with a warning; the network is then converted. A network
+  converted and written holds the IR it wrote, as a later load does: the converted graph shares the tensors
+  of the float32 copy it was made from and would keep a second copy of the weights alive.
 """
 
 from __future__ import annotations
