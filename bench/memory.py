@@ -19,6 +19,7 @@ Writes ``bench/results/memory.json`` and ``bench/results/memory.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from service_bench import (  # noqa: E402
+    baseline_tree,
     loadavg,
     machine,
     record,
@@ -157,20 +159,15 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
     envs = {name: server_env(store, work, f"server{i}", served, 8, run_args, **extra)
             for i, (name, extra) in enumerate(variants.items())}
     cwd: dict[str, Path] = {}
-    tree = None
-    if args.baseline:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        tree = work / f"baseline-{commit}"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
-                       capture_output=True)
-        before = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache-before"), "PYTHONPATH": str(tree)}
-        for i, state in enumerate(("converted at start", "read from the cache")):
-            name = f"before ({commit}), networks {state}"
-            envs[name] = server_env(tree / "model_store", work, f"before{i}", served, 8, run_args, **before)
-            cwd[name] = tree
     result = {"variants": {}, "baseline": args.baseline or None}
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.baseline:
+            commit, tree = stack.enter_context(baseline_tree(args.baseline, work))
+            before = {"CAPTIONER_OV_CACHE_DIR": str(work / "openvino-cache-before"), "PYTHONPATH": str(tree)}
+            for i, state in enumerate(("converted at start", "read from the cache")):
+                name = f"before ({commit}), networks {state}"
+                envs[name] = server_env(tree / "model_store", work, f"before{i}", served, 8, run_args, **before)
+                cwd[name] = tree
         servers, startup = start_servers(envs, work, cwd=cwd)
         try:
             time.sleep(2)  # settle: what start-up leaves behind is freed
@@ -192,9 +189,6 @@ def servers_under_load(store: Path, work: Path, args) -> dict:
                 v["median_rps"] = round(statistics.median(v["rps"]), 2)
         finally:
             stop_servers(servers)
-    finally:
-        if tree is not None:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
     return result
 
 

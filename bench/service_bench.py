@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -327,12 +328,7 @@ def compare_baseline(rev: str, store: Path, work: Path, images: list[bytes], arg
     store), both with their default settings, side by side in one run at 1, 8 and 32 clients, with wrk (when
     installed) and the Python clients: the before/after ratio on today's machine, not against a figure
     recorded on another day."""
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    tree = work / f"baseline-{commit}"
-    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
-                   capture_output=True)
-    try:
+    with baseline_tree(rev, work) as (commit, tree):
         envs = {f"before ({commit})": {**server_env(tree / "model_store", work, "baseline", ["lightcap"], 8, args),
                                        "PYTHONPATH": str(tree)},
                 "now": server_env(store, work, "now", ["lightcap"], 8, args)}
@@ -346,9 +342,22 @@ def compare_baseline(rev: str, store: Path, work: Path, images: list[bytes], arg
             peak = {k: rss_mib(s.proc.pid) for k, s in servers.items()}
         finally:
             stop_servers(servers)
+    return {"rev": rev, "commit": commit, "cells": cells, "startup_s": startup, "peak_rss_mib": peak}
+
+
+@contextlib.contextmanager
+def baseline_tree(rev: str, work: Path):
+    """A detached git worktree of revision ``rev`` under ``work`` (its code and embedded store, for servers run
+    from it with ``PYTHONPATH`` and ``cwd`` set to it) -> ``(short commit, folder)``; removed on exit."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    tree = work / f"baseline-{commit}"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), commit], check=True,
+                   capture_output=True)
+    try:
+        yield commit, tree
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
-    return {"rev": rev, "commit": commit, "cells": cells, "startup_s": startup, "peak_rss_mib": peak}
 
 
 def run_wrk(url: str, path: str, image: bytes, concurrency: int, duration: float, warmup: float, work: Path) -> dict:
